@@ -1,0 +1,80 @@
+//! Request and response bodies of the seeder's HTTP API, and its bounded set of error kinds.
+
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::envelope::SignedEnvelope;
+use crate::manifest::{CertificatePurpose, Manifest};
+use crate::names::Region;
+
+/// What a node knows about itself: from the DigitalOcean metadata service or a facts file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeFacts {
+    pub droplet_id: u64,
+    pub region: Region,
+    pub public_ipv4: Ipv4Addr,
+    pub private_ipv4: Ipv4Addr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    pub token: String,
+    pub csr_pem: String,
+    pub facts: NodeFacts,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollResponse {
+    /// The node's client certificate, then the campaign CA.
+    pub cert_chain_pem: String,
+    pub manifest: SignedEnvelope<Manifest>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertRequest {
+    pub purpose: CertificatePurpose,
+    pub csr_pem: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertResponse {
+    pub cert_chain_pem: String,
+}
+
+/// The bounded set of error kinds the seeder answers with (`{"kind", "message"}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    BadRequest,
+    BadToken,
+    BadCsr,
+    SourceMismatch,
+    Unauthenticated,
+    Revoked,
+    Forbidden,
+    NotFound,
+    Conflict,
+    TooLarge,
+    RateLimited,
+    Internal,
+}
+
+impl ErrorKind {
+    /// Whether a client should retry the same request later.
+    pub fn retryable(self) -> bool {
+        matches!(self, ErrorKind::RateLimited | ErrorKind::Internal)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{kind:?}: {message}")]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+}

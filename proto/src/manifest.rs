@@ -1,0 +1,678 @@
+//! The manifest: one node's desired state, a list of resources of a closed set of kinds.
+//!
+//! The seeder renders and signs it; the agent verifies it (signature, node, expiry, digest,
+//! generation) before anything is planned. Everything in it is concrete: the agent never computes
+//! fleet topology.
+
+use std::collections::BTreeSet;
+
+use ed25519_dalek::VerifyingKey;
+use serde::{Deserialize, Serialize};
+
+use crate::envelope::{canonical_bytes, EnvelopeError, Signable, SignedEnvelope};
+use crate::names::{
+    AbsPath, Campaign, FileMode, Generation, NodeName, Region, ResourceId, RoleName, Sha256,
+};
+
+pub const MANIFEST_VERSION: u8 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub v: u8,
+    pub campaign: Campaign,
+    pub node: NodeName,
+    pub role: RoleName,
+    pub region: Region,
+    pub generation: Generation,
+    /// Unix seconds.
+    pub issued_at: u64,
+    /// Unix seconds; an agent refuses the manifest after this.
+    pub not_after: u64,
+    /// SHA-256 of the canonical bytes of `resources`: the content identity of this generation.
+    pub digest: Sha256,
+    /// How often the agent reports while idle; the seeder counts a node silent for 2x this as missing.
+    pub report_interval_secs: u32,
+    pub resources: Vec<Resource>,
+}
+
+impl Signable for Manifest {
+    const CONTEXT: &'static str = "hiveseed/manifest/v1";
+}
+
+impl Manifest {
+    /// The digest a manifest with these resources must carry.
+    pub fn digest_of(resources: &[Resource]) -> Sha256 {
+        Sha256::digest(&canonical_bytes(&resources))
+    }
+
+    /// Internal consistency: digest, unique ids, `notify` edges to existing earlier resources.
+    pub fn check_consistency(&self) -> Result<(), ManifestError> {
+        if self.v != MANIFEST_VERSION {
+            return Err(ManifestError::UnsupportedVersion(self.v));
+        }
+        if Self::digest_of(&self.resources) != self.digest {
+            return Err(ManifestError::DigestMismatch);
+        }
+        if self.not_after <= self.issued_at {
+            return Err(ManifestError::Invalid(
+                "not_after is not after issued_at".into(),
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        for r in &self.resources {
+            if let Resource::Service(s) = r {
+                for input in &s.notify {
+                    if !seen.contains(input) {
+                        return Err(ManifestError::Invalid(format!(
+                            "service {} is notified by {input}, which is not an earlier resource",
+                            s.id
+                        )));
+                    }
+                }
+            }
+            if !seen.insert(r.id().clone()) {
+                return Err(ManifestError::Invalid(format!(
+                    "resource id {} appears twice",
+                    r.id()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The closed set of resource kinds. Anything else in a manifest is refused at parse time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Resource {
+    Package(Package),
+    Directory(Directory),
+    File(File),
+    User(User),
+    Certificate(Certificate),
+    Command(Command),
+    Service(Service),
+    Wait(Wait),
+    Check(Check),
+}
+
+impl Resource {
+    pub fn id(&self) -> &ResourceId {
+        match self {
+            Resource::Package(r) => &r.id,
+            Resource::Directory(r) => &r.id,
+            Resource::File(r) => &r.id,
+            Resource::User(r) => &r.id,
+            Resource::Certificate(r) => &r.id,
+            Resource::Command(r) => &r.id,
+            Resource::Service(r) => &r.id,
+            Resource::Wait(r) => &r.id,
+            Resource::Check(r) => &r.id,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Resource::Package(_) => "package",
+            Resource::Directory(_) => "directory",
+            Resource::File(_) => "file",
+            Resource::User(_) => "user",
+            Resource::Certificate(_) => "certificate",
+            Resource::Command(_) => "command",
+            Resource::Service(_) => "service",
+            Resource::Wait(_) => "wait",
+            Resource::Check(_) => "check",
+        }
+    }
+}
+
+/// Debian packages installed in one apt transaction, optionally from an extra apt source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Package {
+    pub id: ResourceId,
+    pub packages: Vec<PackagePin>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<AptSource>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackagePin {
+    pub name: String,
+    /// `Exact` installs `name=version`; `Prefix` accepts any candidate starting with it (distro
+    /// suites keep only the newest point release, so exact pins rot there).
+    pub version: VersionPin,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum VersionPin {
+    Exact(String),
+    Prefix(String),
+    Any,
+}
+
+/// An extra apt repository: its sources entry and the keyring it is signed with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AptSource {
+    pub name: String,
+    pub uri: String,
+    pub suite: String,
+    pub components: Vec<String>,
+    /// The armored or binary keyring, base64; written to `/usr/share/keyrings/<name>.gpg`.
+    pub keyring_b64: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ownership {
+    pub owner: String,
+    pub group: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Directory {
+    pub id: ResourceId,
+    pub path: AbsPath,
+    pub mode: FileMode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Ownership>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    pub id: ResourceId,
+    pub path: AbsPath,
+    pub mode: FileMode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Ownership>,
+    pub content: FileContent,
+    /// Secret content is never logged, never reported, and must not be readable by group/others.
+    #[serde(default)]
+    pub secret: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum FileContent {
+    Text {
+        text: String,
+    },
+    /// Fetched from the seeder's content-addressed artifact store and verified against the digest.
+    Artifact {
+        sha256: Sha256,
+        size: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    pub id: ResourceId,
+    pub name: String,
+    #[serde(default)]
+    pub system: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home: Option<AbsPath>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shell: Option<AbsPath>,
+}
+
+/// Which certificate the seeder signs for a CSR: it picks subject and SANs from accepted facts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CertificatePurpose {
+    /// TLS server for the node's public address (ai-memory API).
+    Server,
+    /// TLS server for the node's private and public address (PostgreSQL).
+    PgServer,
+    /// TLS client identity (mesh client, allowlisted by fingerprint).
+    Client,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Certificate {
+    pub id: ResourceId,
+    pub purpose: CertificatePurpose,
+    /// Private key, generated on the node, never sent anywhere.
+    pub key_path: AbsPath,
+    pub cert_path: AbsPath,
+    pub key_mode: FileMode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Ownership>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Command {
+    pub id: ResourceId,
+    /// Run directly, never through a shell.
+    pub argv: Vec<String>,
+    /// Skip when this path exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creates: Option<AbsPath>,
+    /// Skip when this argv exits 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unless: Option<Vec<String>>,
+    /// Fed on stdin: the only way a secret reaches a command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Re-run when one of these resources changed in this apply.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refresh_on: Vec<ResourceId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub id: ResourceId,
+    /// Unit name, e.g. `ai-memory.service`.
+    pub unit: String,
+    /// The full unit file text; under systemd it is written to /etc/systemd/system, elsewhere the
+    /// agent's supervisor runs it.
+    pub unit_text: String,
+    /// Restart the service when any of these resources changed in this apply.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notify: Vec<ResourceId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Wait {
+    pub id: ResourceId,
+    pub target: WaitTarget,
+    pub timeout_secs: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum WaitTarget {
+    /// Another node's readiness gate, as the seeder knows it.
+    Node { node: NodeName, gate: String },
+    /// A TCP connect.
+    Tcp { host: String, port: u16 },
+    /// HTTPS GET with the node's client certificate; success is a 2xx.
+    Https {
+        url: String,
+        ca_path: AbsPath,
+        cert_path: AbsPath,
+        key_path: AbsPath,
+    },
+    /// PostgreSQL login over `sslmode=verify-full`, then the schema must exist.
+    Postgres {
+        host: String,
+        port: u16,
+        dbname: String,
+        user: String,
+        password_file: AbsPath,
+        ca_path: AbsPath,
+        schema: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Check {
+    pub id: ResourceId,
+    /// The check's name in reports, e.g. `binary.sha256`.
+    pub check: String,
+    pub expected: String,
+    pub probe: Probe,
+}
+
+/// How a node-local check observes its value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Probe {
+    FileSha256 {
+        path: AbsPath,
+    },
+    /// stdout of argv must contain `expected`.
+    CommandOutput {
+        argv: Vec<String>,
+    },
+    /// A JSON field of an HTTPS GET made with the node's client certificate.
+    HttpsJson {
+        url: String,
+        field: String,
+        ca_path: AbsPath,
+        cert_path: AbsPath,
+        key_path: AbsPath,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        api_key_file: Option<AbsPath>,
+    },
+    /// A single-value SQL query over the local socket as the given OS user.
+    Sql {
+        dbname: String,
+        query: String,
+    },
+    /// How many running processes have this exact argv[0] + first argument.
+    ProcessCount {
+        exe: AbsPath,
+        arg: String,
+    },
+    /// Whether the service manager reports the unit running.
+    ServiceActive {
+        unit: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    #[error(transparent)]
+    Envelope(#[from] EnvelopeError),
+    #[error("manifest version {0} is not supported")]
+    UnsupportedVersion(u8),
+    #[error("manifest is for node {got}, this node is {expected}")]
+    WrongNode { expected: NodeName, got: NodeName },
+    #[error("manifest is for campaign {got}, not {expected}")]
+    WrongCampaign { expected: Campaign, got: Campaign },
+    #[error("manifest expired at {not_after} (now {now})")]
+    Expired { not_after: u64, now: u64 },
+    #[error("manifest digest does not match its resources")]
+    DigestMismatch,
+    #[error("manifest is invalid: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Generation(#[from] GenerationError),
+}
+
+/// What the agent last applied: the generation rules compare against it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    pub generation: Generation,
+    pub digest: Sha256,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GenerationVerdict {
+    /// Nothing applied yet.
+    First,
+    /// A newer generation: converge to it.
+    Newer,
+    /// Same generation and digest: re-plan to repair drift (usually an empty plan).
+    Same,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum GenerationError {
+    #[error("manifest generation {offered} is older than the applied generation {applied}")]
+    RolledBack {
+        applied: Generation,
+        offered: Generation,
+    },
+    #[error("manifest generation {generation} was already applied with a different digest")]
+    DigestConflict { generation: Generation },
+}
+
+/// The generation rules (omicron ledgers): older → refuse; same generation with another digest →
+/// refuse; same generation and digest → repair; newer → converge.
+pub fn check_generation(
+    applied: Option<Applied>,
+    generation: Generation,
+    digest: Sha256,
+) -> Result<GenerationVerdict, GenerationError> {
+    let Some(applied) = applied else {
+        return Ok(GenerationVerdict::First);
+    };
+    match generation.cmp(&applied.generation) {
+        std::cmp::Ordering::Less => Err(GenerationError::RolledBack {
+            applied: applied.generation,
+            offered: generation,
+        }),
+        std::cmp::Ordering::Equal if digest != applied.digest => {
+            Err(GenerationError::DigestConflict { generation })
+        }
+        std::cmp::Ordering::Equal => Ok(GenerationVerdict::Same),
+        std::cmp::Ordering::Greater => Ok(GenerationVerdict::Newer),
+    }
+}
+
+/// A manifest that passed every check an agent makes before planning.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedManifest {
+    pub manifest: Manifest,
+    pub verdict: GenerationVerdict,
+}
+
+/// Everything an agent checks, in order: signature, campaign, node, expiry, consistency, generation.
+pub fn verify_manifest(
+    envelope: &SignedEnvelope<Manifest>,
+    key: &VerifyingKey,
+    campaign: &Campaign,
+    node: &NodeName,
+    now: u64,
+    applied: Option<Applied>,
+) -> Result<VerifiedManifest, ManifestError> {
+    let manifest = envelope.verify(key)?;
+    if &manifest.campaign != campaign {
+        return Err(ManifestError::WrongCampaign {
+            expected: campaign.clone(),
+            got: manifest.campaign,
+        });
+    }
+    if &manifest.node != node {
+        return Err(ManifestError::WrongNode {
+            expected: node.clone(),
+            got: manifest.node,
+        });
+    }
+    if now >= manifest.not_after {
+        return Err(ManifestError::Expired {
+            not_after: manifest.not_after,
+            now,
+        });
+    }
+    manifest.check_consistency()?;
+    let verdict = check_generation(applied, manifest.generation, manifest.digest)?;
+    Ok(VerifiedManifest { manifest, verdict })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::SigningKey;
+    use rand::rngs::OsRng;
+
+    fn resources() -> Vec<Resource> {
+        vec![
+            Resource::Directory(Directory {
+                id: "dir:tls".parse().unwrap(),
+                path: "/etc/ai-memory/tls".parse().unwrap(),
+                mode: "0700".parse().unwrap(),
+                owner: None,
+            }),
+            Resource::File(File {
+                id: "file:env".parse().unwrap(),
+                path: "/etc/ai-memory/ai-memory.env".parse().unwrap(),
+                mode: "0400".parse().unwrap(),
+                owner: None,
+                content: FileContent::Text {
+                    text: "A=1\n".into(),
+                },
+                secret: true,
+            }),
+            Resource::Service(Service {
+                id: "service:ai-memory".parse().unwrap(),
+                unit: "ai-memory.service".into(),
+                unit_text: "[Service]\nExecStart=/bin/true\n".into(),
+                notify: vec!["file:env".parse().unwrap()],
+            }),
+        ]
+    }
+
+    fn manifest(generation: u64) -> Manifest {
+        let resources = resources();
+        Manifest {
+            v: MANIFEST_VERSION,
+            campaign: "do-1461".parse().unwrap(),
+            node: "do-1461-peer-nyc3-01".parse().unwrap(),
+            role: "peer".parse().unwrap(),
+            region: "nyc3".parse().unwrap(),
+            generation: Generation(generation),
+            issued_at: 100,
+            not_after: 10_000,
+            digest: Manifest::digest_of(&resources),
+            report_interval_secs: 30,
+            resources,
+        }
+    }
+
+    fn check(
+        env: &SignedEnvelope<Manifest>,
+        key: &SigningKey,
+        applied: Option<Applied>,
+    ) -> Result<VerifiedManifest, ManifestError> {
+        verify_manifest(
+            env,
+            &key.verifying_key(),
+            &"do-1461".parse().unwrap(),
+            &"do-1461-peer-nyc3-01".parse().unwrap(),
+            500,
+            applied,
+        )
+    }
+
+    #[test]
+    fn generation_rules() {
+        let d1 = Sha256::digest(b"1");
+        let d2 = Sha256::digest(b"2");
+        let at = |g| {
+            Some(Applied {
+                generation: Generation(g),
+                digest: d1,
+            })
+        };
+        assert_eq!(
+            check_generation(None, Generation(1), d1),
+            Ok(GenerationVerdict::First)
+        );
+        assert_eq!(
+            check_generation(at(3), Generation(4), d2),
+            Ok(GenerationVerdict::Newer)
+        );
+        assert_eq!(
+            check_generation(at(3), Generation(3), d1),
+            Ok(GenerationVerdict::Same)
+        );
+        assert_eq!(
+            check_generation(at(3), Generation(2), d1),
+            Err(GenerationError::RolledBack {
+                applied: Generation(3),
+                offered: Generation(2)
+            })
+        );
+        assert_eq!(
+            check_generation(at(3), Generation(3), d2),
+            Err(GenerationError::DigestConflict {
+                generation: Generation(3)
+            })
+        );
+    }
+
+    #[test]
+    fn verify_accepts_good_and_refuses_each_fault() {
+        let key = SigningKey::generate(&mut OsRng);
+        let env = SignedEnvelope::sign(&manifest(2), &key);
+        let ok = check(&env, &key, None).unwrap();
+        assert_eq!(ok.verdict, GenerationVerdict::First);
+
+        let other = SigningKey::generate(&mut OsRng);
+        assert!(matches!(
+            check(&env, &other, None),
+            Err(ManifestError::Envelope(_))
+        ));
+
+        let mut m = manifest(2);
+        m.node = "do-1461-peer-nyc3-02".parse().unwrap();
+        let e = SignedEnvelope::sign(&m, &key);
+        assert!(matches!(
+            check(&e, &key, None),
+            Err(ManifestError::WrongNode { .. })
+        ));
+
+        let mut m = manifest(2);
+        m.campaign = "other".parse().unwrap();
+        let e = SignedEnvelope::sign(&m, &key);
+        assert!(matches!(
+            check(&e, &key, None),
+            Err(ManifestError::WrongCampaign { .. })
+        ));
+
+        let mut m = manifest(2);
+        m.not_after = 400;
+        let e = SignedEnvelope::sign(&m, &key);
+        assert!(matches!(
+            check(&e, &key, None),
+            Err(ManifestError::Expired { .. })
+        ));
+
+        let mut m = manifest(2);
+        m.digest = Sha256::digest(b"other");
+        let e = SignedEnvelope::sign(&m, &key);
+        assert_eq!(check(&e, &key, None), Err(ManifestError::DigestMismatch));
+
+        let applied = Applied {
+            generation: Generation(3),
+            digest: manifest(3).digest,
+        };
+        assert!(matches!(
+            check(&env, &key, Some(applied)),
+            Err(ManifestError::Generation(
+                GenerationError::RolledBack { .. }
+            ))
+        ));
+
+        let mut m = manifest(2);
+        if let Resource::Service(s) = &mut m.resources[2] {
+            s.notify = vec!["file:missing".parse().unwrap()];
+        }
+        m.digest = Manifest::digest_of(&m.resources);
+        let e = SignedEnvelope::sign(&m, &key);
+        assert!(matches!(
+            check(&e, &key, None),
+            Err(ManifestError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn unknown_resource_kind_and_fields_are_refused() {
+        let mut v = serde_json::to_value(manifest(1)).unwrap();
+        v["resources"][0]["kind"] = "shell".into();
+        let err = serde_json::from_value::<Manifest>(v)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown variant `shell`"), "{err}");
+
+        let mut v = serde_json::to_value(manifest(1)).unwrap();
+        v["resources"][1]["path"] = "/etc/../root/x".into();
+        assert!(serde_json::from_value::<Manifest>(v).is_err());
+
+        let mut v = serde_json::to_value(manifest(1)).unwrap();
+        v["resources"][1]["surprise"] = true.into();
+        assert!(serde_json::from_value::<Manifest>(v).is_err());
+    }
+
+    #[test]
+    fn digest_covers_only_resources() {
+        let a = manifest(1);
+        let mut b = manifest(7);
+        b.issued_at = 5;
+        assert_eq!(a.digest, b.digest);
+        let mut c = manifest(1);
+        if let Resource::File(f) = &mut c.resources[1] {
+            f.content = FileContent::Text {
+                text: "A=2\n".into(),
+            };
+        }
+        assert_ne!(Manifest::digest_of(&c.resources), a.digest);
+    }
+}

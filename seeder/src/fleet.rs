@@ -1,0 +1,721 @@
+//! `fleet.toml`: the operator's description of a campaign, parsed (`FleetConfig`) then validated
+//! (`Fleet`). Every refusal names the field, the way the seed's Terraform validations do.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+
+use hiveseed_proto::manifest::VersionPin;
+use hiveseed_proto::{Campaign, NodeName, Region, RoleName, Sha256};
+use serde::{Deserialize, Serialize};
+
+/// The roles the reference hive knows. Role files in `roles/` must be one of these.
+pub const KNOWN_ROLES: [&str; 4] = ["pg", "peer", "agent", "ctrl"];
+/// Node names carry a two-digit index.
+const MAX_PER_ROLE: u32 = 99;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FleetError {
+    #[error("fleet file {path}: {message}")]
+    Read { path: String, message: String },
+    #[error("fleet.toml: {message}")]
+    Parse { message: String },
+    #[error("fleet.toml field `{field}`: {problem}")]
+    Field { field: String, problem: String },
+}
+
+fn field(field: impl Into<String>, problem: impl Into<String>) -> FleetError {
+    FleetError::Field {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+// ---- raw input -------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    pub campaign: String,
+    pub seeder_url: String,
+    /// Extra names or addresses for the seeder's server certificate (load balancer, lab address).
+    #[serde(default)]
+    pub seeder_extra_sans: Vec<String>,
+    pub regions: BTreeMap<String, RegionConfig>,
+    #[serde(default)]
+    pub sizes: SizesConfig,
+    #[serde(default)]
+    pub federation: FederationConfig,
+    #[serde(default)]
+    pub ttl: TtlConfig,
+    pub pins: PinsConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionConfig {
+    #[serde(default)]
+    pub pg: u32,
+    #[serde(default)]
+    pub peer: u32,
+    #[serde(default)]
+    pub agent: u32,
+    #[serde(default)]
+    pub ctrl: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SizesConfig {
+    pub pg: String,
+    pub peer: String,
+    pub agent: String,
+    pub ctrl: String,
+}
+
+impl Default for SizesConfig {
+    fn default() -> Self {
+        Self {
+            pg: "s-4vcpu-8gb".into(),
+            peer: "s-4vcpu-8gb".into(),
+            agent: "s-1vcpu-2gb".into(),
+            ctrl: "s-1vcpu-2gb".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FederationConfig {
+    pub port: u16,
+    /// Requested synchronous write quorum (local commit counts as one); clamped to 1..=peers+1.
+    pub quorum_w: u32,
+    pub quorum_timeout_ms: u32,
+    pub catchup_interval_secs: u32,
+    pub shutdown_grace_secs: u32,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        Self {
+            port: 9077,
+            quorum_w: 2,
+            quorum_timeout_ms: 8000,
+            catchup_interval_secs: 30,
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TtlConfig {
+    pub join_token_secs: u64,
+    pub certificate_secs: u64,
+    pub credential_secs: u64,
+    pub manifest_secs: u64,
+    pub report_interval_secs: u32,
+}
+
+impl Default for TtlConfig {
+    fn default() -> Self {
+        Self {
+            join_token_secs: 7 * 24 * 3600,
+            certificate_secs: 30 * 24 * 3600,
+            credential_secs: 7 * 24 * 3600,
+            manifest_secs: 7 * 24 * 3600,
+            report_interval_secs: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PinsConfig {
+    pub postgres: PostgresPinsConfig,
+    pub ai_memory: AiMemoryPinsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresPinsConfig {
+    pub major: u32,
+    /// `pgdg` adds apt.postgresql.org for `pgdg_suite`; `distro` uses the node's own suites.
+    pub source: String,
+    #[serde(default)]
+    pub pgdg_suite: Option<String>,
+    /// Version pins: `"18.4-1.pgdg24.04+1"` is exact, `"17.*"` a prefix, `"*"` any.
+    pub server: String,
+    pub pgvector: String,
+    pub age: String,
+    /// What the live server must report (`server_version`, `extversion`s).
+    pub expect_server: String,
+    pub expect_pgvector: String,
+    pub expect_age: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AiMemoryPinsConfig {
+    pub version: String,
+    pub sha256: String,
+    pub schema: u32,
+}
+
+// ---- validated -------------------------------------------------------------------------------
+
+/// A validated fleet: every node named, every pin parsed, W clamped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Fleet {
+    pub campaign: Campaign,
+    pub seeder: SeederEndpoint,
+    pub seeder_extra_sans: Vec<String>,
+    pub regions: BTreeMap<Region, RegionCounts>,
+    pub nodes: Vec<NodeSpec>,
+    pub federation: Federation,
+    pub ttl: Ttl,
+    pub pins: Pins,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SeederEndpoint {
+    /// `https://host:port`, no path.
+    pub url: String,
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct RegionCounts {
+    pub pg: u32,
+    pub peer: u32,
+    pub agent: u32,
+    pub ctrl: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeSpec {
+    pub name: NodeName,
+    pub role: RoleName,
+    pub region: Region,
+    /// 1-based position among the nodes of this role in this region (the seed's `ic_peer_K`).
+    pub index: u32,
+    pub size: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Federation {
+    pub port: u16,
+    /// Effective W after clamping to 1..=peers+1 (reference spec §1.3).
+    pub quorum_w: u32,
+    pub quorum_w_requested: u32,
+    pub quorum_timeout_ms: u32,
+    pub catchup_interval_secs: u32,
+    pub shutdown_grace_secs: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Ttl {
+    pub join_token_secs: u64,
+    pub certificate_secs: u64,
+    pub credential_secs: u64,
+    pub manifest_secs: u64,
+    pub report_interval_secs: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Pins {
+    pub postgres: PostgresPins,
+    pub ai_memory: AiMemoryPins,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PackageSource {
+    Pgdg,
+    Distro,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PostgresPins {
+    pub major: u32,
+    pub source: PackageSource,
+    pub pgdg_suite: Option<String>,
+    pub server: VersionPin,
+    pub pgvector: VersionPin,
+    pub age: VersionPin,
+    pub expect_server: String,
+    pub expect_pgvector: String,
+    pub expect_age: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AiMemoryPins {
+    pub version: String,
+    pub sha256: Sha256,
+    pub schema: u32,
+}
+
+impl fmt::Display for RegionCounts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "pg={} peer={} agent={} ctrl={}",
+            self.pg, self.peer, self.agent, self.ctrl
+        )
+    }
+}
+
+impl Fleet {
+    pub fn load(path: &Path) -> Result<Self, FleetError> {
+        let text = std::fs::read_to_string(path).map_err(|e| FleetError::Read {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Self::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<Self, FleetError> {
+        let raw: FleetConfig = toml::from_str(text).map_err(|e| FleetError::Parse {
+            message: e.to_string(),
+        })?;
+        Self::validate(raw)
+    }
+
+    pub fn validate(raw: FleetConfig) -> Result<Self, FleetError> {
+        let campaign: Campaign = raw
+            .campaign
+            .parse()
+            .map_err(|e: hiveseed_proto::NameError| field("campaign", e.reason))?;
+        let seeder = parse_seeder_url(&raw.seeder_url)?;
+        for (i, san) in raw.seeder_extra_sans.iter().enumerate() {
+            if san.is_empty() || san.len() > 253 || san.contains(char::is_whitespace) {
+                return Err(field(
+                    format!("seeder_extra_sans[{i}]"),
+                    "must be a DNS name or an IP address",
+                ));
+            }
+        }
+
+        if raw.regions.is_empty() {
+            return Err(field("regions", "at least one region is required"));
+        }
+        let mut regions = BTreeMap::new();
+        for (name, counts) in &raw.regions {
+            let region: Region = name.parse().map_err(|e: hiveseed_proto::NameError| {
+                field(format!("regions.{name}"), e.reason)
+            })?;
+            for (role, n) in [
+                ("pg", counts.pg),
+                ("peer", counts.peer),
+                ("agent", counts.agent),
+                ("ctrl", counts.ctrl),
+            ] {
+                if n > MAX_PER_ROLE {
+                    return Err(field(
+                        format!("regions.{name}.{role}"),
+                        format!("at most {MAX_PER_ROLE} nodes per role and region"),
+                    ));
+                }
+            }
+            if counts.pg > 1 {
+                return Err(field(
+                    format!("regions.{name}.pg"),
+                    "a region has at most one pg node",
+                ));
+            }
+            if counts.peer > 0 && counts.pg != 1 {
+                return Err(field(
+                    format!("regions.{name}.pg"),
+                    "a region with peers needs exactly one pg node",
+                ));
+            }
+            let c = RegionCounts {
+                pg: counts.pg,
+                peer: counts.peer,
+                agent: counts.agent,
+                ctrl: counts.ctrl,
+            };
+            if c == RegionCounts::default() {
+                return Err(field(format!("regions.{name}"), "declares no nodes"));
+            }
+            regions.insert(region, c);
+        }
+
+        let sizes = &raw.sizes;
+        for (role, size) in [
+            ("pg", &sizes.pg),
+            ("peer", &sizes.peer),
+            ("agent", &sizes.agent),
+            ("ctrl", &sizes.ctrl),
+        ] {
+            if size.is_empty() || !size.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+                return Err(field(
+                    format!("sizes.{role}"),
+                    "must be a droplet size slug",
+                ));
+            }
+        }
+
+        let mut nodes = Vec::new();
+        for (region, c) in &regions {
+            for (role, n, size) in [
+                ("pg", c.pg, &sizes.pg),
+                ("peer", c.peer, &sizes.peer),
+                ("agent", c.agent, &sizes.agent),
+                ("ctrl", c.ctrl, &sizes.ctrl),
+            ] {
+                for index in 1..=n {
+                    let name = format!("{campaign}-{role}-{region}-{index:02}");
+                    let name: NodeName = name.parse().map_err(|e: hiveseed_proto::NameError| {
+                        field("campaign", format!("node name {name}: {}", e.reason))
+                    })?;
+                    nodes.push(NodeSpec {
+                        name,
+                        role: role.parse().expect("known roles are valid names"),
+                        region: region.clone(),
+                        index,
+                        size: size.clone(),
+                    });
+                }
+            }
+        }
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+
+        let f = &raw.federation;
+        if f.port == 0 {
+            return Err(field("federation.port", "must not be 0"));
+        }
+        if f.quorum_timeout_ms == 0 {
+            return Err(field("federation.quorum_timeout_ms", "must be positive"));
+        }
+        if f.shutdown_grace_secs == 0 {
+            return Err(field("federation.shutdown_grace_secs", "must be positive"));
+        }
+        let peers: u32 = regions.values().map(|c| c.peer).sum();
+        // Reference spec §1.3: W counts the local commit; clamp to 1..=peers+1.
+        let quorum_w = f.quorum_w.clamp(1, peers + 1);
+        let federation = Federation {
+            port: f.port,
+            quorum_w,
+            quorum_w_requested: f.quorum_w,
+            quorum_timeout_ms: f.quorum_timeout_ms,
+            catchup_interval_secs: f.catchup_interval_secs,
+            shutdown_grace_secs: f.shutdown_grace_secs,
+        };
+
+        let t = &raw.ttl;
+        for (name, v) in [
+            ("ttl.join_token_secs", t.join_token_secs),
+            ("ttl.certificate_secs", t.certificate_secs),
+            ("ttl.credential_secs", t.credential_secs),
+            ("ttl.manifest_secs", t.manifest_secs),
+        ] {
+            if v < 60 {
+                return Err(field(name, "must be at least 60 seconds"));
+            }
+        }
+        if t.report_interval_secs == 0 {
+            return Err(field("ttl.report_interval_secs", "must be positive"));
+        }
+        if t.credential_secs < 3 * u64::from(t.report_interval_secs) {
+            return Err(field(
+                "ttl.credential_secs",
+                "too short to be renewed at 2/3 of its lifetime",
+            ));
+        }
+        let ttl = Ttl {
+            join_token_secs: t.join_token_secs,
+            certificate_secs: t.certificate_secs,
+            credential_secs: t.credential_secs,
+            manifest_secs: t.manifest_secs,
+            report_interval_secs: t.report_interval_secs,
+        };
+
+        let pins = validate_pins(&raw.pins)?;
+
+        Ok(Fleet {
+            campaign,
+            seeder,
+            seeder_extra_sans: raw.seeder_extra_sans,
+            regions,
+            nodes,
+            federation,
+            ttl,
+            pins,
+        })
+    }
+
+    pub fn node(&self, name: &NodeName) -> Option<&NodeSpec> {
+        self.nodes.iter().find(|n| &n.name == name)
+    }
+
+    pub fn nodes_with_role<'a>(&'a self, role: &'a str) -> impl Iterator<Item = &'a NodeSpec> {
+        self.nodes.iter().filter(move |n| n.role.as_str() == role)
+    }
+}
+
+fn parse_seeder_url(s: &str) -> Result<SeederEndpoint, FleetError> {
+    let url = url::Url::parse(s).map_err(|e| field("seeder_url", e.to_string()))?;
+    if url.scheme() != "https" {
+        return Err(field("seeder_url", "must be an https:// URL"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(field("seeder_url", "must not carry credentials"));
+    }
+    if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+        return Err(field(
+            "seeder_url",
+            "must be scheme://host[:port] with no path",
+        ));
+    }
+    let host = match url.host() {
+        Some(url::Host::Domain(d)) => d.to_owned(),
+        Some(url::Host::Ipv4(a)) => a.to_string(),
+        Some(url::Host::Ipv6(_)) => {
+            return Err(field("seeder_url", "IPv6 hosts are not supported"))
+        }
+        None => return Err(field("seeder_url", "has no host")),
+    };
+    let port = url.port_or_known_default().unwrap_or(443);
+    Ok(SeederEndpoint {
+        url: format!("https://{host}:{port}"),
+        host,
+        port,
+    })
+}
+
+fn parse_pin(name: &str, s: &str) -> Result<VersionPin, FleetError> {
+    if s.is_empty() || s.contains(char::is_whitespace) || s.contains('=') {
+        return Err(field(
+            name,
+            "must be an exact version, a prefix ending in '*', or '*'",
+        ));
+    }
+    if s == "*" {
+        return Ok(VersionPin::Any);
+    }
+    match s.strip_suffix('*') {
+        Some(prefix) if !prefix.contains('*') => Ok(VersionPin::Prefix(prefix.to_owned())),
+        Some(_) => Err(field(name, "only one trailing '*' is allowed")),
+        None if s.contains('*') => Err(field(name, "'*' may only end the version")),
+        None => Ok(VersionPin::Exact(s.to_owned())),
+    }
+}
+
+fn validate_pins(p: &PinsConfig) -> Result<Pins, FleetError> {
+    let pg = &p.postgres;
+    if !(12..=99).contains(&pg.major) {
+        return Err(field(
+            "pins.postgres.major",
+            "must be a PostgreSQL major version",
+        ));
+    }
+    let source = match pg.source.as_str() {
+        "pgdg" => PackageSource::Pgdg,
+        "distro" => PackageSource::Distro,
+        _ => {
+            return Err(field(
+                "pins.postgres.source",
+                "must be \"pgdg\" or \"distro\"",
+            ))
+        }
+    };
+    if source == PackageSource::Pgdg && pg.pgdg_suite.as_deref().unwrap_or("").is_empty() {
+        return Err(field(
+            "pins.postgres.pgdg_suite",
+            "is required when source = \"pgdg\"",
+        ));
+    }
+    for (name, v) in [
+        ("pins.postgres.expect_server", &pg.expect_server),
+        ("pins.postgres.expect_pgvector", &pg.expect_pgvector),
+        ("pins.postgres.expect_age", &pg.expect_age),
+    ] {
+        if v.is_empty() {
+            return Err(field(name, "must not be empty"));
+        }
+    }
+    let am = &p.ai_memory;
+    if am.version.is_empty() {
+        return Err(field("pins.ai_memory.version", "must not be empty"));
+    }
+    let sha256: Sha256 = am
+        .sha256
+        .parse()
+        .map_err(|e: hiveseed_proto::NameError| field("pins.ai_memory.sha256", e.reason))?;
+    if am.schema == 0 {
+        return Err(field("pins.ai_memory.schema", "must be positive"));
+    }
+    Ok(Pins {
+        postgres: PostgresPins {
+            major: pg.major,
+            source,
+            pgdg_suite: pg.pgdg_suite.clone(),
+            server: parse_pin("pins.postgres.server", &pg.server)?,
+            pgvector: parse_pin("pins.postgres.pgvector", &pg.pgvector)?,
+            age: parse_pin("pins.postgres.age", &pg.age)?,
+            expect_server: pg.expect_server.clone(),
+            expect_pgvector: pg.expect_pgvector.clone(),
+            expect_age: pg.expect_age.clone(),
+        },
+        ai_memory: AiMemoryPins {
+            version: am.version.clone(),
+            sha256,
+            schema: am.schema,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../roles/fleet.example.toml");
+
+    #[test]
+    fn reference_fleet_parses() {
+        let f = Fleet::parse(EXAMPLE).unwrap();
+        assert_eq!(f.campaign.as_str(), "do-1461");
+        assert_eq!(f.nodes.len(), 12);
+        assert_eq!(f.nodes_with_role("peer").count(), 9);
+        assert_eq!(f.nodes_with_role("pg").count(), 3);
+        assert_eq!(f.federation.quorum_w, 2);
+        assert_eq!(f.federation.quorum_timeout_ms, 8000);
+        assert_eq!(f.ttl.credential_secs, 604_800);
+        assert_eq!(f.pins.ai_memory.schema, 57);
+        assert_eq!(
+            f.pins.postgres.server,
+            VersionPin::Exact("18.4-1.pgdg24.04+1".into())
+        );
+        let p = f.node(&"do-1461-peer-sgp1-03".parse().unwrap()).unwrap();
+        assert_eq!(
+            (p.role.as_str(), p.region.as_str(), p.index),
+            ("peer", "sgp1", 3)
+        );
+        assert_eq!(f.seeder.port, 8443);
+    }
+
+    #[test]
+    fn w_is_clamped_to_the_peer_count() {
+        let one_peer = EXAMPLE
+            .replace("quorum_w = 2", "quorum_w = 50")
+            .replace("[regions.fra1]\npg = 1\npeer = 3\n", "")
+            .replace("[regions.sgp1]\npg = 1\npeer = 3\n", "")
+            .replace(
+                "[regions.nyc3]\npg = 1\npeer = 3",
+                "[regions.nyc3]\npg = 1\npeer = 1",
+            );
+        let f = Fleet::parse(&one_peer).unwrap();
+        assert_eq!(f.nodes_with_role("peer").count(), 1);
+        assert_eq!(
+            (f.federation.quorum_w, f.federation.quorum_w_requested),
+            (2, 50)
+        );
+        let zero = EXAMPLE.replace("quorum_w = 2", "quorum_w = 0");
+        assert_eq!(Fleet::parse(&zero).unwrap().federation.quorum_w, 1);
+    }
+
+    /// Each broken variant must be refused with a message that names the offending field.
+    #[test]
+    fn broken_variants_name_the_field() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "campaign = \"do-1461\"",
+                "campaign = \"DO_1461\"",
+                "campaign",
+            ),
+            (
+                "seeder_url = \"https://seeder.do-1461.example:8443\"",
+                "seeder_url = \"http://seeder.do-1461.example:8443\"",
+                "seeder_url",
+            ),
+            (
+                "seeder_url = \"https://seeder.do-1461.example:8443\"",
+                "seeder_url = \"https://seeder.do-1461.example:8443/x?y\"",
+                "seeder_url",
+            ),
+            (
+                "[regions.nyc3]\npg = 1\n",
+                "[regions.nyc3]\npg = 0\n",
+                "regions.nyc3.pg",
+            ),
+            (
+                "[regions.fra1]\npg = 1\n",
+                "[regions.fra1]\npg = 2\n",
+                "regions.fra1.pg",
+            ),
+            (
+                "[regions.sgp1]\npg = 1\npeer = 3\n",
+                "[regions.sgp1]\npg = 1\npeer = 3\ngpu = 1\n",
+                "gpu",
+            ),
+            ("[regions.sgp1]", "[regions.SGP1]", "regions.SGP1"),
+            (
+                "[regions.sgp1]\npg = 1\npeer = 3\n",
+                "[regions.sgp1]\npg = 1\npeer = 300\n",
+                "regions.sgp1.peer",
+            ),
+            (
+                "quorum_timeout_ms = 8000",
+                "quorum_timeout_ms = 0",
+                "federation.quorum_timeout_ms",
+            ),
+            ("quorum_w = 2", "quorum_w = -1", "quorum_w"),
+            (
+                "credential_secs = 604800",
+                "credential_secs = 10",
+                "ttl.credential_secs",
+            ),
+            ("schema = 57", "schema = 0", "pins.ai_memory.schema"),
+            ("sha256 = \"537a", "sha256 = \"XYZ", "pins.ai_memory.sha256"),
+            (
+                "source = \"pgdg\"",
+                "source = \"ppa\"",
+                "pins.postgres.source",
+            ),
+            (
+                "server = \"18.4-1.pgdg24.04+1\"",
+                "server = \"18.*.1\"",
+                "pins.postgres.server",
+            ),
+            (
+                "campaign = \"do-1461\"",
+                "campaign = \"do-1461\"\nsurprise = 1",
+                "surprise",
+            ),
+            ("peer = \"s-4vcpu-8gb\"", "peer = \"s 4vcpu\"", "sizes.peer"),
+        ];
+        for (from, to, needle) in cases {
+            assert!(EXAMPLE.contains(from), "fixture lost {from:?}");
+            let broken = EXAMPLE.replacen(from, to, 1);
+            let err = Fleet::parse(&broken).expect_err(to).to_string();
+            assert!(
+                err.contains(needle),
+                "{to:?}: error {err:?} does not name {needle:?}"
+            );
+        }
+        assert!(cases.len() >= 8);
+    }
+
+    #[test]
+    fn a_fleet_without_regions_is_refused() {
+        let start = EXAMPLE.find("[regions.").unwrap();
+        let end = EXAMPLE.find("[sizes]").unwrap();
+        let mut text = EXAMPLE.to_string();
+        text.replace_range(start..end, "[regions]\n");
+        let err = Fleet::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("`regions`"), "{err}");
+    }
+
+    #[test]
+    fn pins_parse_prefix_and_any() {
+        assert_eq!(
+            parse_pin("x", "17.*").unwrap(),
+            VersionPin::Prefix("17.".into())
+        );
+        assert_eq!(parse_pin("x", "*").unwrap(), VersionPin::Any);
+        assert!(parse_pin("x", "=17").is_err());
+        assert!(parse_pin("x", "").is_err());
+    }
+}
