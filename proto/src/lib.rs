@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod envelope;
+pub mod join;
 pub mod manifest;
 pub mod names;
 pub mod status;
