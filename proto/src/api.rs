@@ -21,7 +21,7 @@ pub struct NodeFacts {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EnrollRequest {
-    pub token: String,
+    /// The join token travels in the join URL's query string, not here.
     pub csr_pem: String,
     pub facts: NodeFacts,
 }
@@ -45,6 +45,17 @@ pub struct CertRequest {
 #[serde(deny_unknown_fields)]
 pub struct CertResponse {
     pub cert_chain_pem: String,
+}
+
+/// Whether a node has reached a readiness gate (`GET /v1/ready/{node}/{gate}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Readiness {
+    pub node: crate::names::NodeName,
+    pub gate: String,
+    pub ready: bool,
+    /// The node's last reported phase, for `waiting blocked_on=` messages.
+    pub phase: String,
 }
 
 /// The bounded set of error kinds the seeder answers with (`{"kind", "message"}`).

@@ -45,6 +45,8 @@ pub struct CampaignFile {
     pub campaign: String,
     /// Absolute path of the fleet.toml this campaign serves; `publish` re-reads it.
     pub fleet: PathBuf,
+    /// Absolute path of the roles directory (role files + templates/).
+    pub roles: PathBuf,
 }
 
 impl CampaignDir {
@@ -99,6 +101,24 @@ impl CampaignDir {
     }
     pub fn api_key(&self) -> PathBuf {
         self.secrets_dir().join("api-key")
+    }
+    pub fn operator_cert(&self) -> PathBuf {
+        self.root.join("operator.pem")
+    }
+    pub fn operator_key(&self) -> PathBuf {
+        self.root.join("operator.key")
+    }
+    pub fn state_db(&self) -> PathBuf {
+        self.root.join("state.db")
+    }
+    pub fn artifacts_dir(&self) -> PathBuf {
+        self.root.join("artifacts")
+    }
+    pub fn reports_dir(&self) -> PathBuf {
+        self.root.join("reports")
+    }
+    pub fn serve_lock(&self) -> PathBuf {
+        self.root.join("serve.lock")
     }
 
     pub fn read_campaign_file(&self) -> Result<CampaignFile> {
@@ -211,6 +231,7 @@ fn alphanumeric(n: usize) -> String {
 pub fn init(
     dir: &CampaignDir,
     fleet_path: &Path,
+    roles_dir: &Path,
     fleet: &Fleet,
     now: SystemTime,
 ) -> Result<Vec<String>> {
@@ -230,9 +251,12 @@ pub fn init(
             );
         }
     }
+    let roles_abs = fs::canonicalize(roles_dir)
+        .with_context(|| format!("resolving {}", roles_dir.display()))?;
     let cf = CampaignFile {
         campaign: campaign.to_owned(),
         fleet: fleet_abs,
+        roles: roles_abs,
     };
     let cf_text = toml::to_string(&cf)?;
     if fs::read_to_string(dir.campaign_file()).ok().as_deref() != Some(cf_text.as_str()) {
@@ -303,6 +327,23 @@ pub fn init(
     } else {
         ensure_file(&dir.seeder_key(), PRIVATE, &mut log, || unreachable!())?;
         ensure_file(&dir.seeder_cert(), PUBLIC, &mut log, || unreachable!())?;
+    }
+
+    // The operator's client identity: the fleet view, and the ctrl identity `seeder test` uses.
+    if !(dir.operator_cert().exists() && dir.operator_key().exists()) {
+        let (cert, key) = ca.issue_with_new_key(&LeafSpec {
+            common_name: format!("{campaign}-operator"),
+            sans: vec![],
+            usage: LeafUsage::Client,
+            not_before: now,
+            lifetime: Duration::from_secs(825 * 24 * 3600),
+        })?;
+        write_atomic(&dir.operator_key(), key.as_bytes(), PRIVATE)?;
+        write_atomic(&dir.operator_cert(), cert.as_bytes(), PUBLIC)?;
+        log.push(format!("created {}", dir.operator_cert().display()));
+    } else {
+        ensure_file(&dir.operator_key(), PRIVATE, &mut log, || unreachable!())?;
+        ensure_file(&dir.operator_cert(), PUBLIC, &mut log, || unreachable!())?;
     }
 
     // Manifest + join-token signing key.
@@ -400,7 +441,14 @@ mod tests {
     fn init_creates_files_with_modes_and_is_idempotent() {
         let (tmp, fleet_path, fleet) = setup();
         let dir = CampaignDir::new(tmp.path().join("campaign"));
-        init(&dir, &fleet_path, &fleet, SystemTime::now()).unwrap();
+        init(
+            &dir,
+            &fleet_path,
+            fleet_path.parent().unwrap(),
+            &fleet,
+            SystemTime::now(),
+        )
+        .unwrap();
 
         let snap = snapshot(dir.root());
         let mode = |p: PathBuf| {
@@ -416,6 +464,7 @@ mod tests {
             dir.seeder_key(),
             dir.manifest_key(),
             dir.federation_priv("do-1461"),
+            dir.operator_key(),
             dir.pg_password(),
             dir.api_key(),
         ] {
@@ -441,7 +490,14 @@ mod tests {
         );
 
         // Second run: byte-for-byte and mode-for-mode the same, and it says it kept everything.
-        let log = init(&dir, &fleet_path, &fleet, SystemTime::now()).unwrap();
+        let log = init(
+            &dir,
+            &fleet_path,
+            fleet_path.parent().unwrap(),
+            &fleet,
+            SystemTime::now(),
+        )
+        .unwrap();
         assert_eq!(snapshot(dir.root()), snap);
         assert!(log.iter().all(|l| l.starts_with("kept")), "{log:#?}");
     }
@@ -450,12 +506,26 @@ mod tests {
     fn init_refuses_another_campaign_and_half_a_ca() {
         let (tmp, fleet_path, fleet) = setup();
         let dir = CampaignDir::new(tmp.path().join("campaign"));
-        init(&dir, &fleet_path, &fleet, SystemTime::now()).unwrap();
+        init(
+            &dir,
+            &fleet_path,
+            fleet_path.parent().unwrap(),
+            &fleet,
+            SystemTime::now(),
+        )
+        .unwrap();
 
         let other =
             Fleet::parse(&EXAMPLE.replace("campaign = \"do-1461\"", "campaign = \"other\""))
                 .unwrap();
-        let err = init(&dir, &fleet_path, &other, SystemTime::now()).unwrap_err();
+        let err = init(
+            &dir,
+            &fleet_path,
+            fleet_path.parent().unwrap(),
+            &other,
+            SystemTime::now(),
+        )
+        .unwrap_err();
         assert!(
             err.to_string().contains("belongs to campaign do-1461"),
             "{err}"
@@ -463,7 +533,14 @@ mod tests {
 
         let before = fs::read(dir.ca_cert()).unwrap();
         fs::remove_file(dir.ca_key()).unwrap();
-        let err = init(&dir, &fleet_path, &fleet, SystemTime::now()).unwrap_err();
+        let err = init(
+            &dir,
+            &fleet_path,
+            fleet_path.parent().unwrap(),
+            &fleet,
+            SystemTime::now(),
+        )
+        .unwrap_err();
         assert!(
             err.to_string().contains("only one of ca.pem and ca.key"),
             "{err}"
@@ -479,12 +556,26 @@ mod tests {
     fn loose_modes_are_tightened_and_a_changed_seeder_host_reissues_only_its_cert() {
         let (tmp, fleet_path, fleet) = setup();
         let dir = CampaignDir::new(tmp.path().join("campaign"));
-        init(&dir, &fleet_path, &fleet, SystemTime::now()).unwrap();
+        init(
+            &dir,
+            &fleet_path,
+            fleet_path.parent().unwrap(),
+            &fleet,
+            SystemTime::now(),
+        )
+        .unwrap();
         fs::set_permissions(dir.pg_password(), fs::Permissions::from_mode(0o644)).unwrap();
         let ca_before = fs::read(dir.ca_key()).unwrap();
 
         let moved = Fleet::parse(&EXAMPLE.replace("seeder.do-1461.example", "127.0.9.1")).unwrap();
-        let log = init(&dir, &fleet_path, &moved, SystemTime::now()).unwrap();
+        let log = init(
+            &dir,
+            &fleet_path,
+            fleet_path.parent().unwrap(),
+            &moved,
+            SystemTime::now(),
+        )
+        .unwrap();
         assert_eq!(
             fs::metadata(dir.pg_password())
                 .unwrap()

@@ -1,13 +1,27 @@
 //! The `seeder` command line: one subcommand per operator step.
+//!
+//! Commands other than `serve` work on the campaign directory's state database directly, so they
+//! run whether or not a seeder is serving. A running `serve` notices what they change (published
+//! inputs, revocations, artifacts) within half a second.
 
-use std::path::PathBuf;
-use std::time::SystemTime;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
-use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use hiveseed_proto::token::{JoinClaims, TOKEN_VERSION};
+use hiveseed_proto::{JoinToken, NodeName, Sha256};
 
-use crate::campaign::{self, CampaignDir};
+use crate::campaign::{self, write_atomic, CampaignDir};
 use crate::fleet::Fleet;
+use crate::report;
+use crate::state::{self, Policy, ReenrollPolicy, Seeder};
+use crate::store::Store;
 
 #[derive(Debug, Parser)]
 #[command(name = "seeder", version, about = "hiveseed control plane")]
@@ -16,14 +30,23 @@ pub struct Cli {
     pub command: Command,
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Reenroll {
+    Supersede,
+    Refuse,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Create the campaign directory: CA, seeder certificate, signing keys, fleet secrets.
-    /// Keeps whatever already exists.
+    /// Create the campaign directory: CA, seeder and operator certificates, signing keys, fleet
+    /// secrets. Keeps whatever already exists.
     Init {
         /// The fleet description.
         #[arg(long)]
         fleet: PathBuf,
+        /// The roles directory (default: the directory of the fleet file).
+        #[arg(long)]
+        roles: Option<PathBuf>,
         /// The campaign directory (created 0700).
         #[arg(long)]
         dir: PathBuf,
@@ -33,14 +56,164 @@ pub enum Command {
         #[arg(long)]
         fleet: PathBuf,
     },
+    /// Serve the control plane over TLS (mTLS for node routes).
+    Serve {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0:8443")]
+        listen: SocketAddr,
+        /// Do not require an enrollment to come from the public IPv4 it claims (behind a load balancer).
+        #[arg(long)]
+        no_source_check: bool,
+        /// What a second enrollment of the same node with a new key does.
+        #[arg(long, value_enum, default_value = "supersede")]
+        reenroll: Reenroll,
+        /// Seconds after the first peer enrolls to release the mesh with the peers present.
+        #[arg(long, default_value_t = 600)]
+        mesh_deadline: u64,
+        /// Enrollments per second allowed from one source address (burst twice that).
+        #[arg(long, default_value_t = 5.0)]
+        enroll_rate_per_source: f64,
+    },
+    /// Publish fleet.toml and roles/ as they are on disk: a new generation for every node whose
+    /// manifest changes, none for the rest.
+    Publish {
+        #[arg(long)]
+        dir: PathBuf,
+        /// How long to wait for a running seeder to render.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Content-addressed artifacts the seeder serves (the bootstrap binary, ai-memory, model files).
+    Artifact {
+        #[command(subcommand)]
+        command: ArtifactCommand,
+    },
+    /// Write terraform/nodes.auto.tfvars.json: per node role, region, size and join URL; the CA,
+    /// the manifest key and the bootstrap URL + sha256.
+    Tfvars {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "terraform/nodes.auto.tfvars.json")]
+        out: PathBuf,
+    },
+    /// The fleet view.
+    Status {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wait until every node is converged on its current generation.
+    Wait {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Seconds.
+        #[arg(long, default_value_t = 900)]
+        timeout: u64,
+    },
+    /// The validation report: reports/verify-<ts>.json and a table; exit 0 iff every check passes.
+    Report {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Revoke every certificate of a node; it must enroll again.
+    Revoke {
+        #[arg(long)]
+        dir: PathBuf,
+        node: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ArtifactCommand {
+    /// Add a file under a name; `ai-memory` must match the fleet's pinned sha256.
+    Add {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        file: PathBuf,
+    },
+    /// List artifacts.
+    List {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+fn unix_now() -> u64 {
+    (state::system_clock())()
+}
+
+fn open_store(dir: &CampaignDir) -> Result<Store> {
+    if !dir.campaign_file().exists() {
+        bail!(
+            "{} is not a campaign directory (run `seeder init`)",
+            dir.root().display()
+        );
+    }
+    Store::open(&dir.state_db()).context("opening the state database")
+}
+
+/// The published fleet, or the one on disk when nothing was published yet.
+fn current_fleet(dir: &CampaignDir, store: &Store) -> Result<Fleet> {
+    match store.latest_inputs()? {
+        Some(p) => Ok(Fleet::parse(&p.fleet)?),
+        None => {
+            let cf = dir.read_campaign_file()?;
+            Ok(Fleet::load(&cf.fleet)?)
+        }
+    }
+}
+
+/// Tells a running `serve` to re-render.
+fn bump_epoch(store: &Store) -> Result<()> {
+    let e: u64 = store
+        .meta("epoch")?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    store.set_meta("epoch", &(e + 1).to_string())?;
+    Ok(())
+}
+
+/// Whether a `serve` holds the campaign's lock.
+fn serve_running(dir: &CampaignDir) -> Result<bool> {
+    let f = match std::fs::File::open(dir.serve_lock()) {
+        Ok(f) => f,
+        Err(_) => return Ok(false),
+    };
+    match rustix::fs::flock(f.as_fd(), rustix::fs::FlockOperation::NonBlockingLockShared) {
+        Ok(()) => Ok(false),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(true),
+        Err(e) => Err(e.into()),
+    }
 }
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Init { fleet, dir } => {
+        Command::Init { fleet, roles, dir } => {
             let parsed = Fleet::load(&fleet)?;
-            let log = campaign::init(&CampaignDir::new(&dir), &fleet, &parsed, SystemTime::now())
-                .with_context(|| format!("initialising {}", dir.display()))?;
+            let roles = roles.unwrap_or_else(|| {
+                fleet
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| PathBuf::from("."))
+            });
+            let roles = if roles.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                roles
+            };
+            let log = campaign::init(
+                &CampaignDir::new(&dir),
+                &fleet,
+                &roles,
+                &parsed,
+                SystemTime::now(),
+            )
+            .with_context(|| format!("initialising {}", dir.display()))?;
             for line in log {
                 println!("{line}");
             }
@@ -61,5 +234,399 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Serve {
+            dir,
+            listen,
+            no_source_check,
+            reenroll,
+            mesh_deadline,
+            enroll_rate_per_source,
+        } => {
+            let policy = Policy {
+                check_source: !no_source_check,
+                reenroll: match reenroll {
+                    Reenroll::Supersede => ReenrollPolicy::Supersede,
+                    Reenroll::Refuse => ReenrollPolicy::Refuse,
+                },
+                mesh_deadline_secs: mesh_deadline,
+                enroll_rate_per_source,
+                ..Policy::default()
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(serve(CampaignDir::new(dir), listen, policy))
+        }
+        Command::Publish { dir, timeout } => publish(&CampaignDir::new(dir), timeout),
+        Command::Artifact { command } => match command {
+            ArtifactCommand::Add { dir, name, file } => {
+                artifact_add(&CampaignDir::new(dir), &name, &file)
+            }
+            ArtifactCommand::List { dir } => {
+                let store = open_store(&CampaignDir::new(dir))?;
+                for (name, sha, size) in store.artifacts()? {
+                    println!("{name:<24} {sha} {size}");
+                }
+                Ok(())
+            }
+        },
+        Command::Tfvars { dir, out } => tfvars(&CampaignDir::new(dir), &out),
+        Command::Status { dir, json } => {
+            let dir = CampaignDir::new(dir);
+            let store = open_store(&dir)?;
+            let fleet = current_fleet(&dir, &store)?;
+            let view = report::fleet_view(&store, &fleet, unix_now())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                print!("{}", report::status_table(&view));
+            }
+            Ok(())
+        }
+        Command::Wait { dir, timeout } => {
+            wait(&CampaignDir::new(dir), Duration::from_secs(timeout))
+        }
+        Command::Report { dir } => {
+            let dir = CampaignDir::new(dir);
+            let passed = write_report(&dir)?;
+            if !passed {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::Revoke { dir, node } => {
+            let dir = CampaignDir::new(dir);
+            let store = open_store(&dir)?;
+            let node: NodeName = node.parse()?;
+            let n = store.revoke_node(&node, unix_now())?;
+            store.event(
+                unix_now(),
+                Some(&node),
+                "revoked",
+                &format!("operator revoked {n} certificate(s)"),
+            )?;
+            bump_epoch(&store)?;
+            println!("revoked {n} certificate(s) of {node}; it must enroll again");
+            Ok(())
+        }
     }
+}
+
+async fn serve(dir: CampaignDir, listen: SocketAddr, policy: Policy) -> Result<()> {
+    // One serving seeder per campaign directory.
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.serve_lock())
+        .with_context(|| format!("opening {}", dir.serve_lock().display()))?;
+    if rustix::fs::flock(
+        lock.as_fd(),
+        rustix::fs::FlockOperation::NonBlockingLockExclusive,
+    )
+    .is_err()
+    {
+        bail!("another seeder is already serving {}", dir.root().display());
+    }
+    let seeder = Seeder::open(dir.clone(), policy, state::system_clock())?;
+    let ca = std::fs::read_to_string(dir.ca_cert())?;
+    let cert = std::fs::read_to_string(dir.seeder_cert())?;
+    let key = std::fs::read_to_string(dir.seeder_key())?;
+    let config = crate::tls::server_config(&ca, &cert, &key)?;
+    seeder.rerender("startup").await?;
+    seeder
+        .store
+        .set_meta("rendered_inputs", &seeder.inputs().id.to_string())?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    let bound = listener.local_addr()?;
+    tracing::info!(listen = %bound, campaign = %seeder.inputs().fleet.campaign, "seeder serving");
+    // The first line on stdout is the bound address (tests and the lab listen on port 0).
+    println!("listening on {bound}");
+    let _ = std::io::stdout().flush();
+    tokio::spawn(watch_changes(seeder.clone()));
+    let app = crate::api::app(seeder.clone());
+    crate::tls::serve(listener, config, app, shutdown_signal()).await?;
+    tracing::info!("seeder stopped");
+    drop(lock);
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Picks up what other `seeder` commands changed, and refreshes manifests periodically (mesh
+/// deadline, signature lifetime).
+async fn watch_changes(seeder: Arc<Seeder>) {
+    let mut epoch = seeder.store.meta("epoch").ok().flatten();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut since_refresh = 0u32;
+    loop {
+        tick.tick().await;
+        since_refresh += 1;
+        let mut reason = None;
+        match seeder.reload_inputs() {
+            Ok(true) => reason = Some("publish"),
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "published inputs are unreadable"),
+        }
+        let now_epoch = seeder.store.meta("epoch").ok().flatten();
+        if now_epoch != epoch {
+            epoch = now_epoch;
+            reason = reason.or(Some("operator change"));
+        }
+        if since_refresh >= 60 {
+            reason = reason.or(Some("refresh"));
+        }
+        if let Some(reason) = reason {
+            since_refresh = 0;
+            match seeder.rerender(reason).await {
+                Ok(_) => {
+                    let _ = seeder
+                        .store
+                        .set_meta("rendered_inputs", &seeder.inputs().id.to_string());
+                }
+                Err(e) => tracing::error!(error = %format!("{e:#}"), "rendering failed"),
+            }
+        }
+    }
+}
+
+fn publish(dir: &CampaignDir, timeout: u64) -> Result<()> {
+    let store = open_store(dir)?;
+    let (fleet_text, roles) = state::read_inputs_from_disk(dir)?;
+    let fleet = Fleet::parse(&fleet_text)?;
+    let cf = dir.read_campaign_file()?;
+    if fleet.campaign.as_str() != cf.campaign {
+        bail!(
+            "{} describes campaign {}, this directory serves {}",
+            cf.fleet.display(),
+            fleet.campaign,
+            cf.campaign
+        );
+    }
+    state::validate_roles(&fleet, &roles).context("the roles do not render")?;
+    check_artifact_pins(&store, &fleet)?;
+    let digest = crate::render::inputs_digest(&fleet_text, &roles);
+    let before = store.latest_inputs()?.map(|p| p.id);
+    let p = store.publish_inputs(
+        digest,
+        &fleet_text,
+        &serde_json::to_string(&roles)?,
+        unix_now(),
+    )?;
+    if before == Some(p.id) {
+        println!("inputs unchanged (digest {}); nothing published", digest);
+    } else {
+        println!("published inputs #{} (digest {})", p.id, digest);
+    }
+    let last_event = store.events(1)?.first().map(|e| e.id).unwrap_or(0);
+    if serve_running(dir)? {
+        let deadline = std::time::Instant::now() + Duration::from_secs(timeout);
+        loop {
+            let rendered: i64 = store
+                .meta("rendered_inputs")?
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if rendered >= p.id {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "the running seeder did not render inputs #{} within {timeout}s",
+                    p.id
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let mut changed: Vec<_> = store
+            .events(10_000)?
+            .into_iter()
+            .filter(|e| e.id > last_event && e.kind == "generation")
+            .collect();
+        changed.reverse();
+        for e in &changed {
+            println!("{:<28} {}", e.node.as_deref().unwrap_or("-"), e.message);
+        }
+        println!("{} node(s) got a new generation", changed.len());
+    } else {
+        let seeder = Seeder::open(dir.clone(), Policy::default(), state::system_clock())?;
+        seeder.reload_inputs()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let changed = rt.block_on(seeder.rerender("publish"))?;
+        store.set_meta("rendered_inputs", &p.id.to_string())?;
+        for (node, g) in &changed {
+            println!("{node:<28} generation {g}");
+        }
+        println!(
+            "{} node(s) got a new generation (no seeder is serving; they get it when one does)",
+            changed.len()
+        );
+    }
+    Ok(())
+}
+
+/// The `ai-memory` artifact must be the pinned binary: served bytes are what the fleet pins.
+fn check_artifact_pins(store: &Store, fleet: &Fleet) -> Result<()> {
+    let pin = fleet.pins.ai_memory.sha256;
+    for (name, sha, _) in store.artifacts()? {
+        if name == "ai-memory" && sha != pin {
+            bail!("artifact ai-memory is {sha}, but pins.ai_memory.sha256 is {pin}; add the pinned binary");
+        }
+    }
+    Ok(())
+}
+
+fn artifact_add(dir: &CampaignDir, name: &str, file: &Path) -> Result<()> {
+    let store = open_store(dir)?;
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        bail!("artifact name {name:?}: use letters, digits, '-', '_' and '.'");
+    }
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let sha = Sha256::digest(&bytes);
+    if name == "ai-memory" {
+        let fleet = current_fleet(dir, &store)?;
+        if sha != fleet.pins.ai_memory.sha256 {
+            bail!(
+                "{} is {sha}, but pins.ai_memory.sha256 is {}; refusing to serve an unpinned binary",
+                file.display(),
+                fleet.pins.ai_memory.sha256
+            );
+        }
+    }
+    let adir = dir.artifacts_dir();
+    std::fs::create_dir_all(&adir)?;
+    write_atomic(&adir.join(sha.to_hex()), &bytes, 0o644)?;
+    store.put_artifact(&sha, name, bytes.len() as u64, unix_now())?;
+    bump_epoch(&store)?;
+    println!("{name} {sha} ({} bytes)", bytes.len());
+    Ok(())
+}
+
+fn tfvars(dir: &CampaignDir, out: &Path) -> Result<()> {
+    let store = open_store(dir)?;
+    let fleet = current_fleet(dir, &store)?;
+    let signing = dir.load_manifest_key()?;
+    let (_, bootstrap_sha, _) = store
+        .artifacts()?
+        .into_iter()
+        .find(|(n, _, _)| n == "bootstrap")
+        .context("no bootstrap binary: `seeder artifact add --name bootstrap <path>` first")?;
+    let now = unix_now();
+    let ttl = fleet.ttl.join_token_secs;
+    let mut nodes = BTreeMap::new();
+    for n in &fleet.nodes {
+        // Reuse a token with more than half its life left, so re-running tfvars churns nothing.
+        let token = match store.token(&n.name)? {
+            Some((t, exp)) if exp > now + ttl / 2 => t,
+            _ => {
+                let nonce: [u8; 16] = rand::random();
+                let claims = JoinClaims {
+                    v: TOKEN_VERSION,
+                    campaign: fleet.campaign.clone(),
+                    node: n.name.clone(),
+                    role: n.role.clone(),
+                    region: n.region.clone(),
+                    exp: now + ttl,
+                    nonce: hex::encode(nonce),
+                };
+                let t = JoinToken::sign(&claims, &signing).as_str().to_owned();
+                store.put_token(&n.name, &t, now + ttl)?;
+                t
+            }
+        };
+        nodes.insert(
+            n.name.to_string(),
+            serde_json::json!({
+                "role": n.role.as_str(),
+                "region": n.region.as_str(),
+                "size": n.size,
+                "join_url": format!("{}/v1/join/{}?token={token}", fleet.seeder.url, n.name),
+            }),
+        );
+    }
+    let doc = serde_json::json!({
+        "campaign": fleet.campaign.as_str(),
+        "seeder_url": fleet.seeder.url,
+        "campaign_ca_pem": std::fs::read_to_string(dir.ca_cert())?,
+        "manifest_key_pem": std::fs::read_to_string(dir.manifest_pub())?,
+        "bootstrap_url": format!("{}/v1/bootstrap/{}", fleet.seeder.url, bootstrap_sha),
+        "bootstrap_sha256": bootstrap_sha.to_hex(),
+        "nodes": nodes,
+    });
+    if let Some(parent) = out.parent() {
+        if !parent.as_os_str().is_empty() {
+            std::fs::create_dir_all(parent)?;
+        }
+    }
+    let mut text = serde_json::to_string_pretty(&doc)?;
+    text.push('\n');
+    // Join tokens are credentials: the file is the operator's alone.
+    write_atomic(out, text.as_bytes(), 0o600)?;
+    println!(
+        "wrote {} ({} nodes, join tokens valid {}s)",
+        out.display(),
+        fleet.nodes.len(),
+        ttl
+    );
+    Ok(())
+}
+
+fn wait(dir: &CampaignDir, timeout: Duration) -> Result<()> {
+    let store = open_store(dir)?;
+    let deadline = std::time::Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        let fleet = current_fleet(dir, &store)?;
+        let v = report::fleet_view(&store, &fleet, unix_now())?;
+        let line = format!(
+            "enrolled {}/{}  converged {}/{}  missing {}",
+            v.enrolled, v.total, v.converged, v.total, v.missing
+        );
+        if line != last {
+            println!("{line}");
+            let _ = std::io::stdout().flush();
+            last = line;
+        }
+        if v.all_converged {
+            println!("fleet converged");
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            print!("{}", report::status_table(&v));
+            bail!("fleet not converged after {}s", timeout.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Writes reports/verify-<ts>.json, prints the table, returns whether every check passed.
+pub fn write_report(dir: &CampaignDir) -> Result<bool> {
+    let store = open_store(dir)?;
+    let fleet = current_fleet(dir, &store)?;
+    let ts = time::OffsetDateTime::now_utc().format(&time::macros::format_description!(
+        "[year][month][day]T[hour][minute][second]Z"
+    ))?;
+    let r = report::validation_report(&store, &fleet, unix_now(), ts.clone(), vec![])?;
+    std::fs::create_dir_all(dir.reports_dir())?;
+    let path = dir.reports_dir().join(format!("verify-{ts}.json"));
+    write_atomic(&path, serde_json::to_string_pretty(&r)?.as_bytes(), 0o644)?;
+    print!("{}", report::validation_table(&r));
+    println!("report: {}", path.display());
+    Ok(r.passed())
 }

@@ -1,6 +1,14 @@
 //! The hiveseed seeder: campaign PKI, fleet description, enrollment, signed manifests, status.
 
+pub mod api;
 pub mod campaign;
 pub mod cli;
+pub mod error;
 pub mod fleet;
+pub mod limit;
 pub mod pki;
+pub mod render;
+pub mod report;
+pub mod state;
+pub mod store;
+pub mod tls;

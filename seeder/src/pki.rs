@@ -145,8 +145,12 @@ impl CampaignCa {
 
     /// Signs a node's CSR. Only the CSR's public key is used: subject, SANs, usages and lifetime
     /// are the seeder's decision, so a CSR asking for CA:true or foreign SANs gains nothing.
-    /// Returns the leaf PEM and its DER.
-    pub fn sign_csr(&self, csr_pem: &str, spec: &LeafSpec) -> Result<(String, Vec<u8>), PkiError> {
+    /// Returns the leaf PEM, its DER, and the SHA-256 (hex) of the node's public key.
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        spec: &LeafSpec,
+    ) -> Result<(String, Vec<u8>, String), PkiError> {
         if csr_pem.len() > 16 * 1024 {
             return Err(PkiError::BadCsr("larger than 16 KiB".into()));
         }
@@ -166,7 +170,9 @@ impl CampaignCa {
             .leaf_params(spec)?
             .signed_by(&csr.public_key, &self.issuer)
             .map_err(PkiError::Generate)?;
-        Ok((cert.pem(), cert.der().to_vec()))
+        use rcgen::PublicKeyData;
+        let key_fpr = hiveseed_proto::Sha256::digest(csr.public_key.der_bytes()).to_hex();
+        Ok((cert.pem(), cert.der().to_vec(), key_fpr))
     }
 }
 
@@ -227,7 +233,7 @@ mod tests {
             .push(DnType::CommonName, "do-1461-pg-nyc3-01");
         let csr = req.serialize_request(&node_key).unwrap().pem().unwrap();
 
-        let (pem, der) = ca.sign_csr(&csr, &spec(LeafUsage::Client)).unwrap();
+        let (pem, der, _) = ca.sign_csr(&csr, &spec(LeafUsage::Client)).unwrap();
         let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
         let bc = cert.basic_constraints().unwrap().map(|e| e.value.ca);
         assert_ne!(bc, Some(true), "issued certificate must not be a CA");

@@ -1,0 +1,631 @@
+//! The seeder's HTTP API. `app()` returns the router so tests can drive it in-process; the TLS
+//! listener in `tls` puts each connection's verified client certificate into the request.
+//!
+//! | route | auth | what |
+//! |---|---|---|
+//! | `POST /v1/join/{node}?token=` | server TLS, join token | enroll: CSR + facts → identity certificate + first manifest |
+//! | `GET /v1/bootstrap/{sha256}` | server TLS | the `bootstrap` binary for cloud-init |
+//! | `GET /v1/manifest?wait=` | node identity | own signed manifest; `If-None-Match` long-poll |
+//! | `POST /v1/certs` | node identity | service certificate from a CSR; names from accepted facts |
+//! | `POST /v1/identity` | node identity | renew the node's own identity certificate |
+//! | `GET /v1/artifacts/{sha256}` | node identity | an artifact the node's manifest names |
+//! | `POST /v1/status` | node identity | a status report |
+//! | `GET /v1/ready/{node}/{gate}` | node identity | whether another node reached a readiness gate |
+//! | `GET /v1/status` | operator certificate | the fleet view (JSON) |
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use hiveseed_proto::api::{
+    CertRequest, CertResponse, EnrollRequest, EnrollResponse, ErrorKind, Readiness,
+};
+use hiveseed_proto::manifest::CertificatePurpose;
+use hiveseed_proto::status::{Phase, StatusReport};
+use hiveseed_proto::{JoinToken, NodeName, Sha256};
+use serde::Deserialize;
+
+use crate::error::{ApiResult, Error};
+use crate::pki::{LeafSpec, LeafUsage};
+use crate::state::{etag, fingerprint, ReenrollPolicy, Seeder};
+use crate::store::{CertRecord, Enrollment, ReportFate};
+use crate::tls::ConnInfo;
+
+/// Bodies: 64 KiB for everything but status reports.
+const BODY_LIMIT: usize = 64 * 1024;
+const REPORT_LIMIT: usize = 1024 * 1024;
+/// The longest long-poll a client may ask for.
+const MAX_WAIT_SECS: u64 = 300;
+
+pub fn app(seeder: Arc<Seeder>) -> Router {
+    let reports = Router::new()
+        .route("/v1/status", post(post_status).get(get_fleet_status))
+        .layer(DefaultBodyLimit::max(REPORT_LIMIT));
+    Router::new()
+        .route("/v1/join/{node}", post(enroll))
+        .route("/v1/bootstrap/{sha}", get(bootstrap_binary))
+        .route("/v1/manifest", get(get_manifest))
+        .route("/v1/certs", post(post_cert))
+        .route("/v1/identity", post(renew_identity))
+        .route("/v1/artifacts/{sha}", get(get_artifact))
+        .route("/v1/ready/{node}/{gate}", get(get_ready))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .merge(reports)
+        .fallback(|| async { Error::new(ErrorKind::NotFound, "no such route") })
+        .with_state(seeder)
+}
+
+// ---- extractors ----
+
+fn conn(parts: &Parts) -> ApiResult<ConnInfo> {
+    parts
+        .extensions
+        .get::<ConnInfo>()
+        .cloned()
+        .ok_or_else(|| Error::internal("request without connection info"))
+}
+
+/// A node calling with its identity certificate (verified chain, known, not revoked).
+#[derive(Debug, Clone)]
+pub struct NodeIdentity {
+    pub node: NodeName,
+    pub fpr: String,
+}
+
+impl FromRequestParts<Arc<Seeder>> for NodeIdentity {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, s: &Arc<Seeder>) -> ApiResult<Self> {
+        let c = conn(parts)?;
+        let der = c.client_cert.ok_or_else(|| {
+            Error::new(
+                ErrorKind::Unauthenticated,
+                "a client certificate is required",
+            )
+        })?;
+        let fpr = fingerprint(&der);
+        let rec = s
+            .store
+            .cert(&fpr)?
+            .ok_or_else(|| Error::new(ErrorKind::Unauthenticated, "unknown client certificate"))?;
+        if rec.revoked_at.is_some() {
+            return Err(Error::new(
+                ErrorKind::Revoked,
+                "this certificate has been revoked",
+            ));
+        }
+        if rec.purpose != "identity" {
+            return Err(Error::new(
+                ErrorKind::Forbidden,
+                "only a node's identity certificate may call the seeder",
+            ));
+        }
+        if s.inputs().fleet.node(&rec.node).is_none() {
+            return Err(Error::new(
+                ErrorKind::Forbidden,
+                "node is no longer in the fleet",
+            ));
+        }
+        Ok(NodeIdentity {
+            node: rec.node,
+            fpr,
+        })
+    }
+}
+
+/// The operator, by the client certificate `seeder init` made.
+#[derive(Debug)]
+pub struct Operator;
+
+impl FromRequestParts<Arc<Seeder>> for Operator {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, s: &Arc<Seeder>) -> ApiResult<Self> {
+        let c = conn(parts)?;
+        let der = c.client_cert.ok_or_else(|| {
+            Error::new(
+                ErrorKind::Unauthenticated,
+                "a client certificate is required",
+            )
+        })?;
+        match &s.operator_fpr {
+            Some(op) if *op == fingerprint(&der) => Ok(Operator),
+            _ => Err(Error::new(
+                ErrorKind::Forbidden,
+                "the operator certificate is required",
+            )),
+        }
+    }
+}
+
+/// JSON body whose rejections are answered in the API's error format.
+#[derive(Debug)]
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = Error;
+
+    async fn from_request(req: Request, state: &S) -> ApiResult<Self> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(ApiJson(v)),
+            Err(JsonRejection::BytesRejection(e))
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE =>
+            {
+                Err(Error::new(ErrorKind::TooLarge, "request body is too large"))
+            }
+            Err(e) => Err(Error::new(ErrorKind::BadRequest, e.body_text())),
+        }
+    }
+}
+
+fn parse_node(s: &str) -> ApiResult<NodeName> {
+    s.parse()
+        .map_err(|e: hiveseed_proto::NameError| Error::new(ErrorKind::BadRequest, e.to_string()))
+}
+
+fn parse_sha(s: &str) -> ApiResult<Sha256> {
+    s.parse()
+        .map_err(|e: hiveseed_proto::NameError| Error::new(ErrorKind::BadRequest, e.to_string()))
+}
+
+// ---- enrollment ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenQuery {
+    token: String,
+}
+
+async fn enroll(
+    State(s): State<Arc<Seeder>>,
+    Path(node): Path<String>,
+    query: Result<Query<TokenQuery>, axum::extract::rejection::QueryRejection>,
+    parts: ConnParts,
+    ApiJson(req): ApiJson<EnrollRequest>,
+) -> ApiResult<axum::Json<EnrollResponse>> {
+    let remote = parts.0.remote;
+    if !s.limiter.allow(remote.ip(), Instant::now()) {
+        return Err(Error::new(
+            ErrorKind::RateLimited,
+            "too many enrollments; retry later",
+        ));
+    }
+    let node = parse_node(&node)?;
+    let Query(TokenQuery { token }) =
+        query.map_err(|_| Error::new(ErrorKind::BadToken, "the join URL has no token"))?;
+    let inputs = s.inputs();
+    let fleet = &inputs.fleet;
+    let now = s.now();
+    let claims = JoinToken::from_text(token)
+        .verify(&s.signing.verifying_key(), &fleet.campaign, &node, now)
+        .map_err(|e| Error::new(ErrorKind::BadToken, e.to_string()))?;
+    let spec = fleet.node(&node).ok_or_else(|| {
+        Error::new(
+            ErrorKind::BadToken,
+            format!("node {node} is not in the fleet"),
+        )
+    })?;
+    if spec.role != claims.role || spec.region != claims.region {
+        return Err(Error::new(
+            ErrorKind::BadToken,
+            format!(
+                "token says {}/{} but the fleet has {node} as {}/{}",
+                claims.role, claims.region, spec.role, spec.region
+            ),
+        ));
+    }
+    if req.facts.region != spec.region {
+        return Err(Error::new(
+            ErrorKind::BadRequest,
+            format!(
+                "facts.region is {}, the fleet has {node} in {}",
+                req.facts.region, spec.region
+            ),
+        ));
+    }
+    if s.policy.check_source && remote.ip() != std::net::IpAddr::V4(req.facts.public_ipv4) {
+        return Err(Error::new(
+            ErrorKind::SourceMismatch,
+            format!(
+                "request came from {} but facts.public_ipv4 is {}",
+                remote.ip(),
+                req.facts.public_ipv4
+            ),
+        ));
+    }
+    let (cert_pem, cert_der, key_fpr) =
+        s.ca.sign_csr(
+            &req.csr_pem,
+            &LeafSpec {
+                common_name: node.to_string(),
+                sans: vec![],
+                usage: LeafUsage::Client,
+                not_before: std::time::UNIX_EPOCH + Duration::from_secs(now),
+                lifetime: Duration::from_secs(fleet.ttl.certificate_secs),
+            },
+        )
+        .map_err(|e| Error::new(ErrorKind::BadCsr, e.to_string()))?;
+    let previous = s.store.enrollment(&node)?;
+    if let Some(prev) = &previous {
+        if prev.key_fpr != key_fpr && s.policy.reenroll == ReenrollPolicy::Refuse {
+            s.store.event(
+                now,
+                Some(&node),
+                "enroll_refused",
+                "re-enrollment with a new key refused by policy",
+            )?;
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "{node} is already enrolled with another key and policy refuses re-enrollment"
+                ),
+            ));
+        }
+    }
+    let fpr = fingerprint(&cert_der);
+    let enrollment = Enrollment {
+        node: node.clone(),
+        droplet_id: req.facts.droplet_id,
+        public_ip: req.facts.public_ipv4,
+        private_ip: req.facts.private_ipv4,
+        identity_fpr: fpr.clone(),
+        key_fpr,
+        token_nonce: claims.nonce.clone(),
+        enrolled_at: now,
+    };
+    let revoked = s.store.enroll(
+        &enrollment,
+        &CertRecord {
+            fpr,
+            node: node.clone(),
+            purpose: "identity".into(),
+            pem: cert_pem.clone(),
+            issued_at: now,
+            not_after: now + fleet.ttl.certificate_secs,
+            revoked_at: None,
+        },
+    )?;
+    let message = match (&previous, revoked.len()) {
+        (None, _) => format!("enrolled from {} (droplet {})", remote.ip(), req.facts.droplet_id),
+        (Some(_), n) => format!(
+            "re-enrolled from {} (droplet {}); superseded the old identity, revoked {n} certificate(s)",
+            remote.ip(),
+            req.facts.droplet_id
+        ),
+    };
+    s.store.event(
+        now,
+        Some(&node),
+        if previous.is_some() {
+            "superseded"
+        } else {
+            "enrolled"
+        },
+        &message,
+    )?;
+    tracing::info!(node = %node, source = %remote.ip(), superseded = previous.is_some(), "enrolled");
+    s.rerender(&format!("enrollment of {node}")).await?;
+    let m = s
+        .store
+        .manifest(&node)?
+        .ok_or_else(|| Error::internal(format!("no manifest rendered for {node}")))?;
+    Ok(axum::Json(EnrollResponse {
+        cert_chain_pem: format!("{cert_pem}{}", s.ca.cert_pem),
+        manifest: serde_json::from_str(&m.envelope)?,
+    }))
+}
+
+/// The connection info as an extractor.
+#[derive(Debug)]
+pub struct ConnParts(pub ConnInfo);
+
+impl<S: Send + Sync> FromRequestParts<S> for ConnParts {
+    type Rejection = Error;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> ApiResult<Self> {
+        Ok(ConnParts(conn(parts)?))
+    }
+}
+
+async fn bootstrap_binary(
+    State(s): State<Arc<Seeder>>,
+    Path(sha): Path<String>,
+) -> ApiResult<Response> {
+    let sha = parse_sha(&sha)?;
+    let known = s
+        .store
+        .artifacts()?
+        .into_iter()
+        .any(|(name, a, _)| name == "bootstrap" && a == sha);
+    if !known {
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            "no bootstrap binary with that sha256",
+        ));
+    }
+    artifact_response(&s, &sha).await
+}
+
+async fn artifact_response(s: &Seeder, sha: &Sha256) -> ApiResult<Response> {
+    let path = s.dir.artifacts_dir().join(sha.to_hex());
+    let bytes = tokio::fs::read(&path).await?;
+    // Served bytes are what was pinned: a file changed behind our back is never served.
+    if Sha256::digest(&bytes) != *sha {
+        return Err(Error::internal(format!(
+            "{} does not match its sha256",
+            path.display()
+        )));
+    }
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        )],
+        bytes,
+    )
+        .into_response())
+}
+
+// ---- node routes ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WaitQuery {
+    #[serde(default)]
+    wait: Option<u64>,
+}
+
+async fn get_manifest(
+    State(s): State<Arc<Seeder>>,
+    id: NodeIdentity,
+    Query(q): Query<WaitQuery>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let inm = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let wait = Duration::from_secs(q.wait.unwrap_or(0).min(MAX_WAIT_SECS));
+    let mut rx = s.watch(&id.node);
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let Some(m) = s.store.manifest(&id.node)? else {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                "no manifest has been rendered for this node yet",
+            ));
+        };
+        let tag = etag(&m);
+        if inm.as_deref() != Some(tag.as_str()) {
+            return Ok((
+                [
+                    (
+                        header::ETAG,
+                        HeaderValue::from_str(&tag).map_err(Error::internal)?,
+                    ),
+                    (
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    ),
+                ],
+                m.envelope,
+            )
+                .into_response());
+        }
+        // Unchanged: wait for a change or the deadline.
+        match tokio::time::timeout_at(deadline, rx.changed()).await {
+            Ok(Ok(())) => continue,
+            Ok(Err(_)) | Err(_) => {
+                return Ok((
+                    StatusCode::NOT_MODIFIED,
+                    [(
+                        header::ETAG,
+                        HeaderValue::from_str(&tag).map_err(Error::internal)?,
+                    )],
+                )
+                    .into_response())
+            }
+        }
+    }
+}
+
+async fn post_cert(
+    State(s): State<Arc<Seeder>>,
+    id: NodeIdentity,
+    ApiJson(req): ApiJson<CertRequest>,
+) -> ApiResult<axum::Json<CertResponse>> {
+    let e = s
+        .store
+        .enrollment(&id.node)?
+        .ok_or_else(|| Error::new(ErrorKind::Forbidden, "node is not enrolled"))?;
+    let now = s.now();
+    let lifetime = s.inputs().fleet.ttl.certificate_secs;
+    let name = id.node.to_string();
+    let (purpose, usage, cn, sans) = match req.purpose {
+        CertificatePurpose::Server => (
+            "server",
+            LeafUsage::Server,
+            name.clone(),
+            vec![e.public_ip.to_string(), name.clone()],
+        ),
+        CertificatePurpose::PgServer => (
+            "pg_server",
+            LeafUsage::Server,
+            name.clone(),
+            vec![
+                e.private_ip.to_string(),
+                e.public_ip.to_string(),
+                name.clone(),
+            ],
+        ),
+        CertificatePurpose::Client => (
+            "client",
+            LeafUsage::Client,
+            format!("{name}-client"),
+            vec![],
+        ),
+    };
+    let (pem, der, _) =
+        s.ca.sign_csr(
+            &req.csr_pem,
+            &LeafSpec {
+                common_name: cn,
+                sans,
+                usage,
+                not_before: std::time::UNIX_EPOCH + Duration::from_secs(now),
+                lifetime: Duration::from_secs(lifetime),
+            },
+        )
+        .map_err(|e| Error::new(ErrorKind::BadCsr, e.to_string()))?;
+    s.store.replace_cert(&CertRecord {
+        fpr: fingerprint(&der),
+        node: id.node.clone(),
+        purpose: purpose.into(),
+        pem: pem.clone(),
+        issued_at: now,
+        not_after: now + lifetime,
+        revoked_at: None,
+    })?;
+    s.store.event(
+        now,
+        Some(&id.node),
+        "certificate",
+        &format!("issued a {purpose} certificate"),
+    )?;
+    if req.purpose == CertificatePurpose::Client {
+        // Mesh allowlists name client certificates: every peer's manifest changes.
+        s.rerender(&format!("client certificate of {}", id.node))
+            .await?;
+    }
+    Ok(axum::Json(CertResponse {
+        cert_chain_pem: format!("{pem}{}", s.ca.cert_pem),
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdentityRequest {
+    csr_pem: String,
+}
+
+async fn renew_identity(
+    State(s): State<Arc<Seeder>>,
+    id: NodeIdentity,
+    ApiJson(req): ApiJson<IdentityRequest>,
+) -> ApiResult<axum::Json<CertResponse>> {
+    let now = s.now();
+    let lifetime = s.inputs().fleet.ttl.certificate_secs;
+    let (pem, der, _) =
+        s.ca.sign_csr(
+            &req.csr_pem,
+            &LeafSpec {
+                common_name: id.node.to_string(),
+                sans: vec![],
+                usage: LeafUsage::Client,
+                not_before: std::time::UNIX_EPOCH + Duration::from_secs(now),
+                lifetime: Duration::from_secs(lifetime),
+            },
+        )
+        .map_err(|e| Error::new(ErrorKind::BadCsr, e.to_string()))?;
+    let fpr = fingerprint(&der);
+    s.store.replace_cert(&CertRecord {
+        fpr: fpr.clone(),
+        node: id.node.clone(),
+        purpose: "identity".into(),
+        pem: pem.clone(),
+        issued_at: now,
+        not_after: now + lifetime,
+        revoked_at: None,
+    })?;
+    s.store.set_identity(&id.node, &fpr)?;
+    s.store.event(
+        now,
+        Some(&id.node),
+        "renewed",
+        "identity certificate renewed",
+    )?;
+    Ok(axum::Json(CertResponse {
+        cert_chain_pem: format!("{pem}{}", s.ca.cert_pem),
+    }))
+}
+
+async fn get_artifact(
+    State(s): State<Arc<Seeder>>,
+    id: NodeIdentity,
+    Path(sha): Path<String>,
+) -> ApiResult<Response> {
+    let sha = parse_sha(&sha)?;
+    if !s.manifest_references(&id.node, &sha)? {
+        return Err(Error::new(
+            ErrorKind::Forbidden,
+            "this node's manifest does not name that artifact",
+        ));
+    }
+    artifact_response(&s, &sha).await
+}
+
+async fn post_status(
+    State(s): State<Arc<Seeder>>,
+    id: NodeIdentity,
+    ApiJson(report): ApiJson<StatusReport>,
+) -> ApiResult<axum::Json<serde_json::Value>> {
+    report
+        .validate(&id.node)
+        .map_err(|e| Error::new(ErrorKind::BadRequest, e.to_string()))?;
+    let fate = s.store.put_report(&report, s.now())?;
+    tracing::debug!(node = %id.node, seq = report.seq, phase = %report.phase.label(), "report");
+    Ok(axum::Json(
+        serde_json::json!({ "stored": fate == ReportFate::Stored }),
+    ))
+}
+
+async fn get_ready(
+    State(s): State<Arc<Seeder>>,
+    _id: NodeIdentity,
+    Path((node, gate)): Path<(String, String)>,
+) -> ApiResult<axum::Json<Readiness>> {
+    let node = parse_node(&node)?;
+    if gate != "converged" {
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            format!("unknown readiness gate {gate:?}"),
+        ));
+    }
+    if s.inputs().fleet.node(&node).is_none() {
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            format!("{node} is not in the fleet"),
+        ));
+    }
+    let current = s.store.manifest(&node)?.map(|m| m.generation);
+    let (ready, phase) = match s.store.latest_report(&node)? {
+        Some((r, _)) => (
+            r.phase == Phase::Converged && r.generation.is_some() && r.generation == current,
+            r.phase.label(),
+        ),
+        None => (false, "not reported".into()),
+    };
+    Ok(axum::Json(Readiness {
+        node,
+        gate,
+        ready,
+        phase,
+    }))
+}
+
+async fn get_fleet_status(
+    State(s): State<Arc<Seeder>>,
+    _op: Operator,
+) -> ApiResult<axum::Json<crate::report::FleetView>> {
+    let inputs = s.inputs();
+    Ok(axum::Json(crate::report::fleet_view(
+        &s.store,
+        &inputs.fleet,
+        s.now(),
+    )?))
+}

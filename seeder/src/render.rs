@@ -1,0 +1,550 @@
+//! Rendering: published inputs (fleet.toml + `roles/`) + enrollment facts → one manifest per node.
+//!
+//! A role file (`roles/<role>.toml`) is data: an ordered list of `[[resource]]` tables in the
+//! shape of `hiveseed_proto::manifest::Resource`, where every string is a minijinja template over
+//! the node's context. Three keys are the renderer's, not the resource's:
+//! - `when = "expr"`: a minijinja expression; the resource exists only if it is true;
+//! - `template = "path"`: file content from `roles/templates/<path>`, rendered;
+//! - `artifact = "name"`: file content from the seeder's artifact store (sha256 + size).
+//!
+//! A string starting with `=` is rendered and then parsed as JSON, for typed values (numbers,
+//! lists): `port = "={{ fleet.federation.port }}"`. Undefined variables are errors, so a typo in a
+//! role never renders silently. Everything concrete (IPs, peer list, allowlist, secrets) is decided
+//! here; the agent never computes fleet topology.
+
+use std::collections::BTreeMap;
+
+use hiveseed_proto::manifest::{Resource, MANIFEST_VERSION};
+use hiveseed_proto::{Generation, Manifest, NodeName, Sha256};
+use minijinja::{Environment, UndefinedBehavior};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::fleet::{Fleet, NodeSpec};
+use crate::store::Enrollment;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RenderError {
+    #[error("role file roles/{role}.toml is missing")]
+    MissingRole { role: String },
+    #[error("roles/{file}: {message}")]
+    RoleFile { file: String, message: String },
+    #[error("roles/{role}.toml resource #{index} ({id}): {message}")]
+    Resource {
+        role: String,
+        index: usize,
+        id: String,
+        message: String,
+    },
+}
+
+/// Role files and templates by path relative to `roles/`.
+pub type RoleTree = BTreeMap<String, String>;
+
+/// Reads every `*.toml` and everything under `templates/` of a roles directory.
+pub fn read_role_tree(dir: &std::path::Path) -> std::io::Result<RoleTree> {
+    fn walk(
+        base: &std::path::Path,
+        dir: &std::path::Path,
+        out: &mut RoleTree,
+    ) -> std::io::Result<()> {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+        entries.sort_by_key(|e| e.path());
+        for e in entries {
+            let p = e.path();
+            let rel = p
+                .strip_prefix(base)
+                .expect("under base")
+                .to_string_lossy()
+                .into_owned();
+            if e.file_type()?.is_dir() {
+                walk(base, &p, out)?;
+            } else if rel.starts_with("templates/")
+                || (rel.ends_with(".toml") && !rel.contains('/'))
+            {
+                out.insert(rel, std::fs::read_to_string(&p)?);
+            }
+        }
+        Ok(())
+    }
+    let mut out = RoleTree::new();
+    walk(dir, dir, &mut out)?;
+    Ok(out)
+}
+
+/// A peer or pg as other nodes see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeView {
+    pub name: String,
+    pub role: String,
+    pub region: String,
+    pub index: u32,
+    pub public_ip: String,
+    pub private_ip: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AllowEntry {
+    pub fpr: String,
+    pub node: String,
+    pub role: String,
+}
+
+/// Whether the mesh sections may be rendered: every expected peer enrolled, or the deadline passed.
+#[derive(Debug, Clone, Serialize)]
+pub struct MeshView {
+    pub released: bool,
+    pub expected: usize,
+    pub enrolled: usize,
+    pub missing: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ArtifactView {
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// Fleet-wide facts shared by every node's rendering.
+#[derive(Debug, Clone)]
+pub struct FleetFacts {
+    pub enrollments: BTreeMap<NodeName, Enrollment>,
+    /// Current mesh client certificates' fingerprints.
+    pub allowlist: Vec<AllowEntry>,
+    pub secrets: BTreeMap<String, String>,
+    pub artifacts: BTreeMap<String, ArtifactView>,
+    pub mesh_released: bool,
+    /// Validation only: an artifact not yet added renders as a placeholder instead of failing.
+    pub placeholder_artifacts: bool,
+}
+
+pub struct Renderer<'a> {
+    fleet: &'a Fleet,
+    roles: &'a RoleTree,
+    env: Environment<'a>,
+}
+
+impl std::fmt::Debug for Renderer<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Renderer").finish_non_exhaustive()
+    }
+}
+
+fn view(spec: &NodeSpec, e: &Enrollment) -> NodeView {
+    NodeView {
+        name: spec.name.to_string(),
+        role: spec.role.to_string(),
+        region: spec.region.to_string(),
+        index: spec.index,
+        public_ip: e.public_ip.to_string(),
+        private_ip: e.private_ip.to_string(),
+    }
+}
+
+impl<'a> Renderer<'a> {
+    pub fn new(fleet: &'a Fleet, roles: &'a RoleTree) -> Self {
+        let mut env = Environment::new();
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        env.set_keep_trailing_newline(true);
+        for (path, text) in roles {
+            if let Some(name) = path.strip_prefix("templates/") {
+                // Errors surface when the template is used, naming it.
+                let _ = env.add_template(name, text.as_str());
+            }
+        }
+        Self { fleet, roles, env }
+    }
+
+    /// The context a node's role is rendered with.
+    pub fn context(&self, node: &NodeSpec, facts: &FleetFacts) -> Option<Value> {
+        let me = facts.enrollments.get(&node.name)?;
+        let f = self.fleet;
+        let enrolled = |role: &str| {
+            f.nodes_with_role(role)
+                .filter_map(|n| facts.enrollments.get(&n.name).map(|e| view(n, e)))
+                .collect::<Vec<_>>()
+        };
+        let all_peers = enrolled("peer");
+        let expected_peers: Vec<&NodeSpec> = f.nodes_with_role("peer").collect();
+        let missing: Vec<String> = expected_peers
+            .iter()
+            .filter(|n| !facts.enrollments.contains_key(&n.name))
+            .map(|n| n.name.to_string())
+            .collect();
+        let mesh = MeshView {
+            released: facts.mesh_released || missing.is_empty(),
+            expected: expected_peers.len(),
+            enrolled: expected_peers.len() - missing.len(),
+            missing,
+        };
+        let region_pg = f
+            .nodes_with_role("pg")
+            .find(|n| n.region == node.region)
+            .and_then(|n| facts.enrollments.get(&n.name).map(|e| view(n, e)));
+        let region_peers: Vec<NodeView> = all_peers
+            .iter()
+            .filter(|p| p.region == node.region.as_str())
+            .cloned()
+            .collect();
+        let counts = f.regions.get(&node.region).copied().unwrap_or_default();
+        let other_peers: Vec<NodeView> = all_peers
+            .iter()
+            .filter(|p| p.name != node.name.as_str())
+            .cloned()
+            .collect();
+        let campaign = f.campaign.as_str();
+        Some(serde_json::json!({
+            "campaign": campaign,
+            "seeder": { "url": f.seeder.url },
+            "node": {
+                "name": node.name.as_str(),
+                "role": node.role.as_str(),
+                "region": node.region.as_str(),
+                "index": node.index,
+                "public_ip": me.public_ip.to_string(),
+                "private_ip": me.private_ip.to_string(),
+                "fed_id": format!("{campaign}/{}/{}", node.region, node.name),
+                "agent_id": format!("ai:{}@{campaign}", node.name),
+            },
+            "fleet": {
+                "federation": f.federation,
+                "ttl": f.ttl,
+                "pins": f.pins,
+                "peer_count": expected_peers.len(),
+            },
+            "region": {
+                "name": node.region.as_str(),
+                "pg": region_pg,
+                "peers": region_peers,
+                "peer_count": counts.peer,
+            },
+            "peers": other_peers,
+            "mesh": mesh,
+            "allowlist": facts.allowlist,
+            "secrets": facts.secrets,
+            "artifacts": facts.artifacts,
+        }))
+    }
+
+    /// Renders a node's resources. `None` when the node has not enrolled (no facts yet).
+    pub fn resources(
+        &self,
+        node: &NodeSpec,
+        facts: &FleetFacts,
+    ) -> Result<Option<Vec<Resource>>, RenderError> {
+        let role = node.role.as_str();
+        let file = format!("{role}.toml");
+        let text = self
+            .roles
+            .get(&file)
+            .ok_or_else(|| RenderError::MissingRole { role: role.into() })?;
+        let Some(ctx) = self.context(node, facts) else {
+            return Ok(None);
+        };
+        let doc: toml::Table = toml::from_str(text).map_err(|e| RenderError::RoleFile {
+            file: file.clone(),
+            message: e.to_string(),
+        })?;
+        for key in doc.keys() {
+            if key != "resource" {
+                return Err(RenderError::RoleFile {
+                    file,
+                    message: format!("unknown top-level key `{key}` (only [[resource]] tables)"),
+                });
+            }
+        }
+        let list = match doc.get("resource") {
+            None => Vec::new(),
+            Some(toml::Value::Array(a)) => a.clone(),
+            Some(_) => {
+                return Err(RenderError::RoleFile {
+                    file,
+                    message: "`resource` must be an array of tables ([[resource]])".into(),
+                })
+            }
+        };
+        let mut out = Vec::new();
+        for (index, raw) in list.into_iter().enumerate() {
+            let id = raw
+                .get("id")
+                .and_then(|v| v.as_str())
+                .unwrap_or("?")
+                .to_owned();
+            let err = |message: String| RenderError::Resource {
+                role: role.into(),
+                index: index + 1,
+                id: id.clone(),
+                message,
+            };
+            let toml::Value::Table(mut table) = raw else {
+                return Err(err("is not a table".into()));
+            };
+            if let Some(when) = table.remove("when") {
+                let when = when
+                    .as_str()
+                    .ok_or_else(|| err("`when` must be a string".into()))?;
+                let expr = self
+                    .env
+                    .compile_expression(when)
+                    .map_err(|e| err(format!("when: {e:#}")))?;
+                let v = expr.eval(&ctx).map_err(|e| err(format!("when: {e:#}")))?;
+                if !v.is_true() {
+                    continue;
+                }
+            }
+            let mut value = serde_json::to_value(&table).map_err(|e| err(e.to_string()))?;
+            if let Value::Object(map) = &mut value {
+                if let Some(t) = map.remove("template") {
+                    let name = t
+                        .as_str()
+                        .ok_or_else(|| err("`template` must be a string".into()))?;
+                    let tpl = self
+                        .env
+                        .get_template(name)
+                        .map_err(|e| err(format!("template {name}: {e:#}")))?;
+                    let text = tpl
+                        .render(&ctx)
+                        .map_err(|e| err(format!("template {name}: {e:#}")))?;
+                    map.insert(
+                        "content".into(),
+                        serde_json::json!({"type": "text", "text": text}),
+                    );
+                }
+                if let Some(a) = map.remove("artifact") {
+                    let name = a
+                        .as_str()
+                        .ok_or_else(|| err("`artifact` must be a string".into()))?;
+                    let placeholder = ArtifactView {
+                        sha256: "0".repeat(64),
+                        size: 0,
+                    };
+                    let art = match facts.artifacts.get(name) {
+                        Some(a) => a,
+                        None if facts.placeholder_artifacts => &placeholder,
+                        None => {
+                            return Err(err(format!(
+                                "artifact {name:?} has not been added (seeder artifact add)"
+                            )))
+                        }
+                    };
+                    map.insert(
+                        "content".into(),
+                        serde_json::json!({"type": "artifact", "sha256": art.sha256, "size": art.size}),
+                    );
+                }
+            }
+            let rendered = self.render_value(value, &ctx).map_err(err)?;
+            let resource: Resource =
+                serde_json::from_value(rendered).map_err(|e| err(e.to_string()))?;
+            out.push(resource);
+        }
+        Ok(Some(out))
+    }
+
+    fn render_value(&self, v: Value, ctx: &Value) -> Result<Value, String> {
+        Ok(match v {
+            Value::String(s) => {
+                if let Some(expr) = s.strip_prefix('=') {
+                    let text = self
+                        .env
+                        .render_str(expr, ctx)
+                        .map_err(|e| format!("{e:#}"))?;
+                    serde_json::from_str(&text).map_err(|e| {
+                        format!("`={expr}` rendered {text:?}, which is not JSON: {e}")
+                    })?
+                } else if s.contains("{{") || s.contains("{%") {
+                    Value::String(self.env.render_str(&s, ctx).map_err(|e| format!("{e:#}"))?)
+                } else {
+                    Value::String(s)
+                }
+            }
+            Value::Array(a) => Value::Array(
+                a.into_iter()
+                    .map(|x| self.render_value(x, ctx))
+                    .collect::<Result<_, _>>()?,
+            ),
+            Value::Object(m) => Value::Object(
+                m.into_iter()
+                    .map(|(k, x)| Ok((k, self.render_value(x, ctx)?)))
+                    .collect::<Result<_, String>>()?,
+            ),
+            other => other,
+        })
+    }
+}
+
+/// A rendered, not yet signed manifest body for a node.
+pub fn manifest_for(
+    fleet: &Fleet,
+    node: &NodeSpec,
+    resources: Vec<Resource>,
+    generation: Generation,
+    now: u64,
+) -> Manifest {
+    Manifest {
+        v: MANIFEST_VERSION,
+        campaign: fleet.campaign.clone(),
+        node: node.name.clone(),
+        role: node.role.clone(),
+        region: node.region.clone(),
+        generation,
+        issued_at: now,
+        not_after: now + fleet.ttl.manifest_secs,
+        digest: Manifest::digest_of(&resources),
+        report_interval_secs: fleet.ttl.report_interval_secs,
+        resources,
+    }
+}
+
+/// The content identity of published inputs.
+pub fn inputs_digest(fleet_text: &str, roles: &RoleTree) -> Sha256 {
+    Sha256::digest(&hiveseed_proto::canonical_bytes(&(fleet_text, roles)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../roles/fleet.example.toml");
+
+    fn enrollment(name: &str, n: u8) -> Enrollment {
+        Enrollment {
+            node: name.parse().unwrap(),
+            droplet_id: u64::from(n),
+            public_ip: format!("203.0.113.{n}").parse().unwrap(),
+            private_ip: format!("10.0.0.{n}").parse().unwrap(),
+            identity_fpr: "f".into(),
+            key_fpr: "k".into(),
+            token_nonce: "n".into(),
+            enrolled_at: 0,
+        }
+    }
+
+    fn facts(fleet: &Fleet) -> FleetFacts {
+        let enrollments = fleet
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.name.clone(), enrollment(n.name.as_str(), i as u8 + 1)))
+            .collect();
+        FleetFacts {
+            enrollments,
+            allowlist: vec![],
+            secrets: [("pg_password".to_string(), "s3cret".to_string())].into(),
+            artifacts: BTreeMap::new(),
+            mesh_released: false,
+            placeholder_artifacts: false,
+        }
+    }
+
+    fn roles(peer: &str) -> RoleTree {
+        [
+            ("peer.toml".to_string(), peer.to_string()),
+            (
+                "templates/peers.txt".to_string(),
+                "{% for p in peers %}{{ p.public_ip }}\n{% endfor %}".to_string(),
+            ),
+        ]
+        .into()
+    }
+
+    #[test]
+    fn renders_strings_templates_typed_values_and_when() {
+        let fleet = Fleet::parse(EXAMPLE).unwrap();
+        let tree = roles(
+            r#"
+[[resource]]
+kind = "file"
+id = "file:peers"
+path = "/etc/x/{{ node.name }}.txt"
+mode = "0644"
+template = "peers.txt"
+
+[[resource]]
+kind = "wait"
+id = "wait:pg"
+when = "region.pg is not none"
+timeout_secs = "={{ fleet.federation.quorum_timeout_ms // 1000 }}"
+target = { type = "tcp", host = "{{ region.pg.private_ip }}", port = 5432 }
+
+[[resource]]
+kind = "directory"
+id = "dir:never"
+when = "false"
+path = "/never"
+mode = "0700"
+"#,
+        );
+        let r = Renderer::new(&fleet, &tree);
+        let node = fleet
+            .node(&"do-1461-peer-nyc3-01".parse().unwrap())
+            .unwrap();
+        let res = r.resources(node, &facts(&fleet)).unwrap().unwrap();
+        assert_eq!(res.len(), 2);
+        let Resource::File(f) = &res[0] else { panic!() };
+        assert_eq!(f.path.as_str(), "/etc/x/do-1461-peer-nyc3-01.txt");
+        let hiveseed_proto::manifest::FileContent::Text { text } = &f.content else {
+            panic!()
+        };
+        assert_eq!(text.lines().count(), 8, "every other peer: {text}");
+        let Resource::Wait(w) = &res[1] else { panic!() };
+        assert_eq!(w.timeout_secs, 8);
+    }
+
+    #[test]
+    fn errors_name_the_role_and_resource() {
+        let fleet = Fleet::parse(EXAMPLE).unwrap();
+        let node = fleet
+            .node(&"do-1461-peer-nyc3-01".parse().unwrap())
+            .unwrap();
+        let cases = [
+            ("[[resource]]\nkind = \"file\"\nid = \"file:a\"\npath = \"{{ nosuch }}\"\nmode = \"0600\"\ncontent = { type = \"text\", text = \"\" }\n", "file:a"),
+            ("[[resource]]\nkind = \"shell\"\nid = \"x:1\"\n", "unknown variant"),
+            ("[[resource]]\nkind = \"file\"\nid = \"file:b\"\npath = \"/a/../b\"\nmode = \"0600\"\ncontent = { type = \"text\", text = \"\" }\n", "file:b"),
+            ("[[resource]]\nkind = \"file\"\nid = \"file:c\"\npath = \"/c\"\nmode = \"0600\"\nartifact = \"ai-memory\"\n", "has not been added"),
+            ("bogus = 1\n", "unknown top-level key"),
+        ];
+        for (text, needle) in cases {
+            let tree = roles(text);
+            let err = Renderer::new(&fleet, &tree)
+                .resources(node, &facts(&fleet))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle) && err.contains("peer.toml"), "{err}");
+        }
+        let err = Renderer::new(&fleet, &RoleTree::new())
+            .resources(node, &facts(&fleet))
+            .unwrap_err();
+        assert_eq!(
+            err,
+            RenderError::MissingRole {
+                role: "peer".into()
+            }
+        );
+    }
+
+    #[test]
+    fn unenrolled_nodes_render_nothing_and_mesh_reports_missing() {
+        let fleet = Fleet::parse(EXAMPLE).unwrap();
+        let mut f = facts(&fleet);
+        let missing: NodeName = "do-1461-peer-sgp1-03".parse().unwrap();
+        f.enrollments.remove(&missing);
+        let tree = roles("");
+        let r = Renderer::new(&fleet, &tree);
+        assert_eq!(
+            r.resources(fleet.node(&missing).unwrap(), &f).unwrap(),
+            None
+        );
+        let ctx = r
+            .context(
+                fleet
+                    .node(&"do-1461-peer-nyc3-01".parse().unwrap())
+                    .unwrap(),
+                &f,
+            )
+            .unwrap();
+        assert_eq!(ctx["mesh"]["released"], false);
+        assert_eq!(ctx["mesh"]["missing"][0], "do-1461-peer-sgp1-03");
+        assert_eq!(ctx["peers"].as_array().unwrap().len(), 7);
+    }
+}

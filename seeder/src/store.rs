@@ -1,0 +1,785 @@
+//! The seeder's state in SQLite (one WAL file in the campaign directory): published inputs,
+//! enrollments, certificates issued and revoked, manifests by generation, reports, events.
+//!
+//! Every mutation is one transaction, so a seeder killed at any point restarts on consistent state.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use hiveseed_proto::status::StatusReport;
+use hiveseed_proto::{Generation, NodeName, Sha256};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state database")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("state database holds an unreadable value in {what}: {message}")]
+    Corrupt { what: &'static str, message: String },
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+fn corrupt(what: &'static str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        what,
+        message: e.to_string(),
+    }
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS inputs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    digest TEXT NOT NULL,
+    fleet TEXT NOT NULL,
+    roles TEXT NOT NULL,
+    published_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS enrollments (
+    node TEXT PRIMARY KEY,
+    droplet_id INTEGER NOT NULL,
+    public_ip TEXT NOT NULL,
+    private_ip TEXT NOT NULL,
+    identity_fpr TEXT NOT NULL,
+    key_fpr TEXT NOT NULL,
+    token_nonce TEXT NOT NULL,
+    enrolled_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS certs (
+    fpr TEXT PRIMARY KEY,
+    node TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    pem TEXT NOT NULL,
+    issued_at INTEGER NOT NULL,
+    not_after INTEGER NOT NULL,
+    revoked_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS certs_node ON certs(node, purpose);
+CREATE TABLE IF NOT EXISTS manifests (
+    node TEXT PRIMARY KEY,
+    generation INTEGER NOT NULL,
+    digest TEXT NOT NULL,
+    envelope TEXT NOT NULL,
+    published_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS reports (
+    node TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    received_at INTEGER NOT NULL,
+    report TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS report_log (
+    node TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    received_at INTEGER NOT NULL,
+    report TEXT NOT NULL,
+    PRIMARY KEY (node, seq)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at INTEGER NOT NULL,
+    node TEXT,
+    kind TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    node TEXT PRIMARY KEY,
+    token TEXT NOT NULL,
+    exp INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS artifacts (
+    sha256 TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    added_at INTEGER NOT NULL
+);
+"#;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrollment {
+    pub node: NodeName,
+    pub droplet_id: u64,
+    pub public_ip: std::net::Ipv4Addr,
+    pub private_ip: std::net::Ipv4Addr,
+    /// SHA-256 of the identity (enrollment) certificate's DER.
+    pub identity_fpr: String,
+    /// SHA-256 of the node's identity public key (SPKI), to tell a retry from a replacement.
+    pub key_fpr: String,
+    pub token_nonce: String,
+    pub enrolled_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertRecord {
+    pub fpr: String,
+    pub node: NodeName,
+    pub purpose: String,
+    pub pem: String,
+    pub issued_at: u64,
+    pub not_after: u64,
+    pub revoked_at: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StoredManifest {
+    pub node: NodeName,
+    pub generation: Generation,
+    pub digest: Sha256,
+    /// The signed envelope, JSON, exactly as served.
+    pub envelope: String,
+    pub published_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Event {
+    pub id: i64,
+    pub at: u64,
+    pub node: Option<String>,
+    pub kind: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishedInputs {
+    pub id: i64,
+    pub digest: Sha256,
+    /// fleet.toml text.
+    pub fleet: String,
+    /// Role files and templates: relative path → text, JSON object.
+    pub roles: String,
+    pub published_at: u64,
+}
+
+/// What happened to a report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportFate {
+    Stored,
+    /// Already stored (a spooled resend): accepted, changes nothing.
+    Duplicate,
+}
+
+#[derive(Debug)]
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+fn node_name(s: String) -> Result<NodeName> {
+    s.parse().map_err(|e| corrupt("node name", e))
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = Connection::open(path)?;
+        Self::setup(conn)
+    }
+
+    pub fn open_in_memory() -> Result<Self> {
+        Self::setup(Connection::open_in_memory()?)
+    }
+
+    fn setup(conn: Connection) -> Result<Self> {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll back).
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    // ---- inputs ----
+
+    pub fn publish_inputs(
+        &self,
+        digest: Sha256,
+        fleet: &str,
+        roles: &str,
+        now: u64,
+    ) -> Result<PublishedInputs> {
+        let conn = self.conn();
+        if let Some(cur) = latest_inputs(&conn)? {
+            if cur.digest == digest {
+                return Ok(cur);
+            }
+        }
+        conn.execute(
+            "INSERT INTO inputs (digest, fleet, roles, published_at) VALUES (?1, ?2, ?3, ?4)",
+            params![digest.to_hex(), fleet, roles, now as i64],
+        )?;
+        Ok(latest_inputs(&conn)?.expect("just inserted"))
+    }
+
+    pub fn latest_inputs(&self) -> Result<Option<PublishedInputs>> {
+        latest_inputs(&self.conn())
+    }
+
+    // ---- enrollments and certificates ----
+
+    pub fn enrollment(&self, node: &NodeName) -> Result<Option<Enrollment>> {
+        let conn = self.conn();
+        conn.query_row(
+            "SELECT node, droplet_id, public_ip, private_ip, identity_fpr, key_fpr, token_nonce, enrolled_at
+             FROM enrollments WHERE node = ?1",
+            params![node.as_str()],
+            row_enrollment,
+        )
+        .optional()?
+        .transpose()
+    }
+
+    pub fn enrollments(&self) -> Result<Vec<Enrollment>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT node, droplet_id, public_ip, private_ip, identity_fpr, key_fpr, token_nonce, enrolled_at
+             FROM enrollments ORDER BY node",
+        )?;
+        let rows = stmt.query_map([], row_enrollment)?;
+        rows.map(|r| r?).collect()
+    }
+
+    /// Records an enrollment and its identity certificate in one transaction, revoking every
+    /// earlier certificate of that node (a replacement supersedes the old identity).
+    /// Returns the fingerprints revoked.
+    pub fn enroll(&self, e: &Enrollment, cert: &CertRecord) -> Result<Vec<String>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let revoked: Vec<String> = {
+            let mut stmt = tx.prepare(
+                "SELECT fpr FROM certs WHERE node = ?1 AND revoked_at IS NULL ORDER BY issued_at",
+            )?;
+            let rows = stmt.query_map(params![e.node.as_str()], |r| r.get::<_, String>(0))?;
+            rows.collect::<std::result::Result<_, _>>()?
+        };
+        tx.execute(
+            "UPDATE certs SET revoked_at = ?2 WHERE node = ?1 AND revoked_at IS NULL",
+            params![e.node.as_str(), e.enrolled_at as i64],
+        )?;
+        tx.execute(
+            "INSERT INTO enrollments (node, droplet_id, public_ip, private_ip, identity_fpr, key_fpr, token_nonce, enrolled_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT(node) DO UPDATE SET droplet_id=excluded.droplet_id, public_ip=excluded.public_ip,
+               private_ip=excluded.private_ip, identity_fpr=excluded.identity_fpr, key_fpr=excluded.key_fpr,
+               token_nonce=excluded.token_nonce, enrolled_at=excluded.enrolled_at",
+            params![
+                e.node.as_str(),
+                e.droplet_id as i64,
+                e.public_ip.to_string(),
+                e.private_ip.to_string(),
+                e.identity_fpr,
+                e.key_fpr,
+                e.token_nonce,
+                e.enrolled_at as i64
+            ],
+        )?;
+        insert_cert(&tx, cert)?;
+        // A new identity starts a new report sequence.
+        tx.execute(
+            "DELETE FROM reports WHERE node = ?1",
+            params![e.node.as_str()],
+        )?;
+        tx.commit()?;
+        Ok(revoked)
+    }
+
+    /// Points a node's enrollment at its renewed identity certificate.
+    pub fn set_identity(&self, node: &NodeName, fpr: &str) -> Result<()> {
+        let conn = self.conn();
+        conn.execute(
+            "UPDATE enrollments SET identity_fpr = ?2 WHERE node = ?1",
+            params![node.as_str(), fpr],
+        )?;
+        Ok(())
+    }
+
+    pub fn add_cert(&self, cert: &CertRecord) -> Result<()> {
+        let conn = self.conn();
+        insert_cert(&conn, cert)
+    }
+
+    /// Supersedes a node's earlier certificates of one purpose by a new one.
+    pub fn replace_cert(&self, cert: &CertRecord) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "UPDATE certs SET revoked_at = ?3 WHERE node = ?1 AND purpose = ?2 AND revoked_at IS NULL",
+            params![cert.node.as_str(), cert.purpose, cert.issued_at as i64],
+        )?;
+        insert_cert(&tx, cert)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn cert(&self, fpr: &str) -> Result<Option<CertRecord>> {
+        let conn = self.conn();
+        conn.query_row(
+            "SELECT fpr, node, purpose, pem, issued_at, not_after, revoked_at FROM certs WHERE fpr = ?1",
+            params![fpr],
+            row_cert,
+        )
+        .optional()?
+        .transpose()
+    }
+
+    /// Current (unrevoked) certificates of a purpose, newest per node.
+    pub fn current_certs(&self, purpose: &str) -> Result<Vec<CertRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT fpr, node, purpose, pem, issued_at, not_after, revoked_at FROM certs
+             WHERE purpose = ?1 AND revoked_at IS NULL ORDER BY node, issued_at DESC",
+        )?;
+        let rows = stmt.query_map(params![purpose], row_cert)?;
+        let mut out: Vec<CertRecord> = Vec::new();
+        for r in rows {
+            let c = r??;
+            if out.last().map(|l| l.node != c.node).unwrap_or(true) {
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Revokes every certificate of a node and forgets its enrollment. Returns how many were revoked.
+    pub fn revoke_node(&self, node: &NodeName, now: u64) -> Result<usize> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let n = tx.execute(
+            "UPDATE certs SET revoked_at = ?2 WHERE node = ?1 AND revoked_at IS NULL",
+            params![node.as_str(), now as i64],
+        )?;
+        tx.execute(
+            "DELETE FROM enrollments WHERE node = ?1",
+            params![node.as_str()],
+        )?;
+        tx.commit()?;
+        Ok(n)
+    }
+
+    // ---- manifests ----
+
+    pub fn manifest(&self, node: &NodeName) -> Result<Option<StoredManifest>> {
+        let conn = self.conn();
+        conn.query_row(
+            "SELECT node, generation, digest, envelope, published_at FROM manifests WHERE node = ?1",
+            params![node.as_str()],
+            row_manifest,
+        )
+        .optional()?
+        .transpose()
+    }
+
+    pub fn manifests(&self) -> Result<Vec<StoredManifest>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT node, generation, digest, envelope, published_at FROM manifests ORDER BY node",
+        )?;
+        let rows = stmt.query_map([], row_manifest)?;
+        rows.map(|r| r?).collect()
+    }
+
+    /// The generation a new manifest for `node` with `digest` gets: unchanged when the digest is
+    /// the current one, else current + 1 (1 for the first).
+    pub fn next_generation(&self, node: &NodeName, digest: &Sha256) -> Result<(Generation, bool)> {
+        Ok(match self.manifest(node)? {
+            Some(m) if &m.digest == digest => (m.generation, false),
+            Some(m) => (m.generation.next(), true),
+            None => (Generation(1), true),
+        })
+    }
+
+    pub fn put_manifest(&self, m: &StoredManifest) -> Result<()> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO manifests (node, generation, digest, envelope, published_at) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(node) DO UPDATE SET generation=excluded.generation, digest=excluded.digest,
+               envelope=excluded.envelope, published_at=excluded.published_at",
+            params![
+                m.node.as_str(),
+                m.generation.0 as i64,
+                m.digest.to_hex(),
+                m.envelope,
+                m.published_at as i64
+            ],
+        )?;
+        Ok(())
+    }
+
+    // ---- reports ----
+
+    pub fn put_report(&self, report: &StatusReport, now: u64) -> Result<ReportFate> {
+        let json = serde_json::to_string(report).map_err(|e| corrupt("report", e))?;
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let inserted = tx.execute(
+            "INSERT OR IGNORE INTO report_log (node, seq, received_at, report) VALUES (?1, ?2, ?3, ?4)",
+            params![report.node.as_str(), report.seq as i64, now as i64, json],
+        )?;
+        if inserted == 0 {
+            tx.commit()?;
+            return Ok(ReportFate::Duplicate);
+        }
+        // The latest view only moves forward: a spooled older report fills the log, not the view.
+        tx.execute(
+            "INSERT INTO reports (node, seq, received_at, report) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(node) DO UPDATE SET seq=excluded.seq, received_at=excluded.received_at, report=excluded.report
+             WHERE excluded.seq > reports.seq",
+            params![report.node.as_str(), report.seq as i64, now as i64, json],
+        )?;
+        tx.commit()?;
+        Ok(ReportFate::Stored)
+    }
+
+    /// The latest report of every node with its receive time.
+    pub fn latest_reports(&self) -> Result<Vec<(StatusReport, u64)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT report, received_at FROM reports ORDER BY node")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut out = Vec::new();
+        for r in rows {
+            let (json, at) = r?;
+            let rep: StatusReport =
+                serde_json::from_str(&json).map_err(|e| corrupt("report", e))?;
+            out.push((rep, at as u64));
+        }
+        Ok(out)
+    }
+
+    pub fn latest_report(&self, node: &NodeName) -> Result<Option<(StatusReport, u64)>> {
+        let conn = self.conn();
+        let row: Option<(String, i64)> = conn
+            .query_row(
+                "SELECT report, received_at FROM reports WHERE node = ?1",
+                params![node.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        row.map(|(json, at)| {
+            serde_json::from_str(&json)
+                .map(|r| (r, at as u64))
+                .map_err(|e| corrupt("report", e))
+        })
+        .transpose()
+    }
+
+    pub fn report_seqs(&self, node: &NodeName) -> Result<Vec<u64>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT seq FROM report_log WHERE node = ?1 ORDER BY seq")?;
+        let rows = stmt.query_map(params![node.as_str()], |r| r.get::<_, i64>(0))?;
+        rows.map(|r| Ok(r? as u64)).collect()
+    }
+
+    // ---- events ----
+
+    pub fn event(&self, at: u64, node: Option<&NodeName>, kind: &str, message: &str) -> Result<()> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO events (at, node, kind, message) VALUES (?1, ?2, ?3, ?4)",
+            params![at as i64, node.map(|n| n.as_str()), kind, message],
+        )?;
+        Ok(())
+    }
+
+    pub fn events(&self, limit: u32) -> Result<Vec<Event>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT id, at, node, kind, message FROM events ORDER BY id DESC LIMIT ?1")?;
+        let rows = stmt.query_map(params![limit], |r| {
+            Ok(Event {
+                id: r.get(0)?,
+                at: r.get::<_, i64>(1)? as u64,
+                node: r.get(2)?,
+                kind: r.get(3)?,
+                message: r.get(4)?,
+            })
+        })?;
+        rows.map(|r| r.map_err(StoreError::from)).collect()
+    }
+
+    // ---- meta ----
+
+    pub fn meta(&self, key: &str) -> Result<Option<String>> {
+        let conn = self.conn();
+        Ok(conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+
+    // ---- tokens and artifacts ----
+
+    pub fn token(&self, node: &NodeName) -> Result<Option<(String, u64)>> {
+        let conn = self.conn();
+        Ok(conn
+            .query_row(
+                "SELECT token, exp FROM tokens WHERE node = ?1",
+                params![node.as_str()],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)),
+            )
+            .optional()?)
+    }
+
+    pub fn put_token(&self, node: &NodeName, token: &str, exp: u64) -> Result<()> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO tokens (node, token, exp) VALUES (?1, ?2, ?3)
+             ON CONFLICT(node) DO UPDATE SET token=excluded.token, exp=excluded.exp",
+            params![node.as_str(), token, exp as i64],
+        )?;
+        Ok(())
+    }
+
+    pub fn put_artifact(&self, sha256: &Sha256, name: &str, size: u64, now: u64) -> Result<()> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO artifacts (sha256, name, size, added_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(sha256) DO UPDATE SET name=excluded.name",
+            params![sha256.to_hex(), name, size as i64, now as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Artifacts by name: the newest added under each name.
+    pub fn artifacts(&self) -> Result<Vec<(String, Sha256, u64)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT name, sha256, size FROM artifacts a WHERE added_at = (SELECT max(added_at) FROM artifacts b WHERE b.name = a.name) ORDER BY name",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for r in rows {
+            let (name, sha, size) = r?;
+            out.push((
+                name,
+                sha.parse().map_err(|e| corrupt("artifact sha256", e))?,
+                size as u64,
+            ));
+        }
+        Ok(out)
+    }
+}
+
+fn latest_inputs(conn: &Connection) -> Result<Option<PublishedInputs>> {
+    let row: Option<(i64, String, String, String, i64)> = conn
+        .query_row(
+            "SELECT id, digest, fleet, roles, published_at FROM inputs ORDER BY id DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+        )
+        .optional()?;
+    row.map(|(id, digest, fleet, roles, at)| {
+        Ok(PublishedInputs {
+            id,
+            digest: digest.parse().map_err(|e| corrupt("inputs digest", e))?,
+            fleet,
+            roles,
+            published_at: at as u64,
+        })
+    })
+    .transpose()
+}
+
+fn insert_cert(conn: &Connection, c: &CertRecord) -> Result<()> {
+    conn.execute(
+        "INSERT INTO certs (fpr, node, purpose, pem, issued_at, not_after, revoked_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            c.fpr,
+            c.node.as_str(),
+            c.purpose,
+            c.pem,
+            c.issued_at as i64,
+            c.not_after as i64,
+            c.revoked_at.map(|v| v as i64)
+        ],
+    )?;
+    Ok(())
+}
+
+fn row_enrollment(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Enrollment>> {
+    let node: String = r.get(0)?;
+    let public: String = r.get(2)?;
+    let private: String = r.get(3)?;
+    let e = (|| {
+        Ok(Enrollment {
+            node: node_name(node)?,
+            droplet_id: r.get::<_, i64>(1).map_err(StoreError::from)? as u64,
+            public_ip: public.parse().map_err(|e| corrupt("public_ip", e))?,
+            private_ip: private.parse().map_err(|e| corrupt("private_ip", e))?,
+            identity_fpr: r.get(4)?,
+            key_fpr: r.get(5)?,
+            token_nonce: r.get(6)?,
+            enrolled_at: r.get::<_, i64>(7)? as u64,
+        })
+    })();
+    Ok(e)
+}
+
+fn row_cert(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<CertRecord>> {
+    let node: String = r.get(1)?;
+    let c = (|| {
+        Ok(CertRecord {
+            fpr: r.get(0)?,
+            node: node_name(node)?,
+            purpose: r.get(2)?,
+            pem: r.get(3)?,
+            issued_at: r.get::<_, i64>(4)? as u64,
+            not_after: r.get::<_, i64>(5)? as u64,
+            revoked_at: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
+        })
+    })();
+    Ok(c)
+}
+
+fn row_manifest(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StoredManifest>> {
+    let node: String = r.get(0)?;
+    let digest: String = r.get(2)?;
+    let m = (|| {
+        Ok(StoredManifest {
+            node: node_name(node)?,
+            generation: Generation(r.get::<_, i64>(1)? as u64),
+            digest: digest.parse().map_err(|e| corrupt("manifest digest", e))?,
+            envelope: r.get(3)?,
+            published_at: r.get::<_, i64>(4)? as u64,
+        })
+    })();
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hiveseed_proto::status::Phase;
+
+    fn node() -> NodeName {
+        "do-1461-peer-nyc3-01".parse().unwrap()
+    }
+
+    fn report(seq: u64) -> StatusReport {
+        StatusReport {
+            node: node(),
+            seq,
+            at: seq,
+            phase: Phase::Converged,
+            generation: None,
+            digest: None,
+            resources: vec![],
+            checks: vec![],
+        }
+    }
+
+    #[test]
+    fn reports_are_idempotent_and_the_view_only_moves_forward() {
+        let s = Store::open_in_memory().unwrap();
+        assert_eq!(s.put_report(&report(2), 10).unwrap(), ReportFate::Stored);
+        assert_eq!(s.put_report(&report(2), 11).unwrap(), ReportFate::Duplicate);
+        assert_eq!(s.put_report(&report(1), 12).unwrap(), ReportFate::Stored);
+        assert_eq!(s.latest_report(&node()).unwrap().unwrap().0.seq, 2);
+        assert_eq!(s.report_seqs(&node()).unwrap(), [1, 2]);
+    }
+
+    fn cert(fpr: &str, purpose: &str, at: u64) -> CertRecord {
+        CertRecord {
+            fpr: fpr.into(),
+            node: node(),
+            purpose: purpose.into(),
+            pem: "pem".into(),
+            issued_at: at,
+            not_after: at + 100,
+            revoked_at: None,
+        }
+    }
+
+    fn enrollment(fpr: &str, at: u64) -> Enrollment {
+        Enrollment {
+            node: node(),
+            droplet_id: 7,
+            public_ip: "127.1.1.11".parse().unwrap(),
+            private_ip: "127.0.1.11".parse().unwrap(),
+            identity_fpr: fpr.into(),
+            key_fpr: format!("k{fpr}"),
+            token_nonce: "n".into(),
+            enrolled_at: at,
+        }
+    }
+
+    #[test]
+    fn re_enrollment_revokes_every_earlier_certificate() {
+        let s = Store::open_in_memory().unwrap();
+        s.enroll(&enrollment("a", 1), &cert("a", "identity", 1))
+            .unwrap();
+        s.add_cert(&cert("a-client", "client", 2)).unwrap();
+        let revoked = s
+            .enroll(&enrollment("b", 3), &cert("b", "identity", 3))
+            .unwrap();
+        assert_eq!(revoked, ["a", "a-client"]);
+        assert_eq!(s.cert("a").unwrap().unwrap().revoked_at, Some(3));
+        assert_eq!(s.cert("b").unwrap().unwrap().revoked_at, None);
+        assert!(s.current_certs("client").unwrap().is_empty());
+        assert_eq!(s.enrollment(&node()).unwrap().unwrap().identity_fpr, "b");
+    }
+
+    #[test]
+    fn generations_move_only_on_a_new_digest() {
+        let s = Store::open_in_memory().unwrap();
+        let d1 = Sha256::digest(b"1");
+        assert_eq!(
+            s.next_generation(&node(), &d1).unwrap(),
+            (Generation(1), true)
+        );
+        s.put_manifest(&StoredManifest {
+            node: node(),
+            generation: Generation(1),
+            digest: d1,
+            envelope: "{}".into(),
+            published_at: 1,
+        })
+        .unwrap();
+        assert_eq!(
+            s.next_generation(&node(), &d1).unwrap(),
+            (Generation(1), false)
+        );
+        assert_eq!(
+            s.next_generation(&node(), &Sha256::digest(b"2")).unwrap(),
+            (Generation(2), true)
+        );
+    }
+
+    #[test]
+    fn state_survives_reopening_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let s = Store::open(&path).unwrap();
+            s.put_report(&report(5), 1).unwrap();
+            s.event(1, Some(&node()), "enrolled", "first").unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.latest_report(&node()).unwrap().unwrap().0.seq, 5);
+        assert_eq!(s.events(10).unwrap()[0].kind, "enrolled");
+    }
+}

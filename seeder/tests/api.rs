@@ -1,0 +1,604 @@
+#![allow(clippy::unwrap_used)]
+//! The seeder over real TLS: the real `seeder serve` process on an ephemeral loopback port,
+//! certificates and keys made in the test, clients bound to their nodes' source addresses.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use hiveseed_proto::api::{CertRequest, CertResponse, EnrollRequest, Readiness};
+use hiveseed_proto::manifest::{CertificatePurpose, FileContent};
+use hiveseed_proto::status::{CheckRecord, Phase, StatusReport};
+use hiveseed_proto::{verify_manifest, Generation, Manifest, Resource, SignedEnvelope};
+
+const PG: &str = "t1-pg-r1-01";
+const P1: &str = "t1-peer-r1-01";
+const P2: &str = "t1-peer-r1-02";
+
+fn manifest_key(c: &Campaign) -> ed25519_dalek::VerifyingKey {
+    c.signing_key().verifying_key()
+}
+
+async fn fetch(agent: &Agent, server: &Server, etag: Option<&str>, wait: u64) -> reqwest::Response {
+    let mut req = agent
+        .mtls()
+        .get(server.url(&format!("/v1/manifest?wait={wait}")));
+    if let Some(e) = etag {
+        req = req.header("if-none-match", e);
+    }
+    req.send().await.unwrap()
+}
+
+fn text_of(m: &Manifest, id: &str) -> String {
+    m.resources
+        .iter()
+        .find_map(|r| match r {
+            Resource::File(f) if f.id.as_str() == id => match &f.content {
+                FileContent::Text { text } => Some(text.clone()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no text file {id}"))
+}
+
+fn report(node: &str, seq: u64, phase: Phase, m: Option<&Manifest>) -> StatusReport {
+    StatusReport {
+        node: node.parse().unwrap(),
+        seq,
+        at: now(),
+        phase,
+        generation: m.map(|m| m.generation),
+        digest: m.map(|m| m.digest),
+        resources: vec![],
+        checks: vec![CheckRecord::compare(
+            node.parse().unwrap(),
+            "demo.check",
+            "ok",
+            "ok",
+        )],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enroll_fetch_long_poll_publish_report_fleet_view() {
+    let c = Campaign::new("t1");
+    let server = c.serve(&[]);
+    let key = manifest_key(&c);
+
+    let mut pg = Agent::new(PG, "127.1.1.10", "127.0.1.10", &c.ca_pem());
+    let mut p1 = Agent::new(P1, "127.1.1.11", "127.0.1.11", &c.ca_pem());
+
+    let r = pg.enroll(&server, &c.token(PG, "pg", 600)).await;
+    let m = verify_manifest(
+        &r.manifest,
+        &key,
+        &"t1".parse().unwrap(),
+        &PG.parse().unwrap(),
+        now(),
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        text_of(&m.manifest, "file:motd"),
+        "pg t1-pg-r1-01 at 127.0.1.10\n"
+    );
+
+    let r = p1.enroll(&server, &c.token(P1, "peer", 600)).await;
+    let m1 = r.manifest.verify(&key).unwrap();
+    assert_eq!(text_of(&m1, "file:settings"), "catchup=30\npg=127.0.1.10\n");
+
+    // Fetch with mTLS: 200 + ETag; the same ETag with wait=0 answers 304 at once.
+    let resp = fetch(&p1, &server, None, 0).await;
+    assert_eq!(resp.status(), 200);
+    let etag = resp.headers()["etag"].to_str().unwrap().to_owned();
+    let env: SignedEnvelope<Manifest> = resp.json().await.unwrap();
+    assert_eq!(env.verify(&key).unwrap().generation, m1.generation);
+    assert_eq!(fetch(&p1, &server, Some(&etag), 0).await.status(), 304);
+
+    // A long-poll is woken by a publish that changes this node's manifest.
+    let poll = {
+        let etag = etag.clone();
+        let p1_client = p1.mtls();
+        let url = server.url("/v1/manifest?wait=60");
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let resp = p1_client
+                .get(url)
+                .header("if-none-match", etag)
+                .send()
+                .await
+                .unwrap();
+            (resp.status(), started.elapsed(), resp.text().await.unwrap())
+        })
+    };
+    let fleet = std::fs::read_to_string(&c.fleet).unwrap();
+    std::fs::write(
+        &c.fleet,
+        fleet.replace("catchup_interval_secs = 30", "catchup_interval_secs = 7"),
+    )
+    .unwrap();
+    let out = c.seeder(&["publish"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "publish: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(P1) && !stdout.contains(PG),
+        "only the peer changes: {stdout}"
+    );
+    let (status, waited, body) = poll.await.unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        waited < Duration::from_secs(30),
+        "woken by the publish, not the timeout"
+    );
+    let env: SignedEnvelope<Manifest> = serde_json::from_str(&body).unwrap();
+    let m2 = env.verify(&key).unwrap();
+    assert_eq!(m2.generation, Generation(m1.generation.0 + 1));
+    assert!(text_of(&m2, "file:settings").starts_with("catchup=7\n"));
+    // The pg node's generation did not move.
+    let pg_env: SignedEnvelope<Manifest> = fetch(&pg, &server, None, 0).await.json().await.unwrap();
+    assert_eq!(pg_env.verify(&key).unwrap().generation, Generation(1));
+
+    // A no-op publish changes nobody.
+    let out = c.seeder(&["publish"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing published"));
+
+    // Reports, readiness and the fleet view.
+    let pg_m = pg_env.verify(&key).unwrap();
+    let ready = |client: reqwest::Client, url: String| async move {
+        client
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .json::<Readiness>()
+            .await
+            .unwrap()
+    };
+    let r = ready(p1.mtls(), server.url(&format!("/v1/ready/{PG}/converged"))).await;
+    assert!(!r.ready);
+    let resp = pg
+        .mtls()
+        .post(server.url("/v1/status"))
+        .json(&report(PG, 1, Phase::Converged, Some(&pg_m)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let r = ready(p1.mtls(), server.url(&format!("/v1/ready/{PG}/converged"))).await;
+    assert!(r.ready, "{r:?}");
+    // A spooled resend of the same report is accepted and changes nothing.
+    let resp = pg
+        .mtls()
+        .post(server.url("/v1/status"))
+        .json(&report(PG, 1, Phase::Converged, Some(&pg_m)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.json::<serde_json::Value>().await.unwrap()["stored"],
+        false
+    );
+
+    let out = c.seeder(&["status", "--json"]);
+    let view: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pg_row = view["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == PG)
+        .unwrap();
+    assert_eq!(pg_row["converged"], true);
+    assert_eq!(view["enrolled"], 2);
+    assert_eq!(view["all_converged"], false);
+
+    // The operator's fleet view over HTTPS needs the operator certificate.
+    let op_pem = format!(
+        "{}{}",
+        std::fs::read_to_string(c.dir.join("operator.key")).unwrap(),
+        std::fs::read_to_string(c.dir.join("operator.pem")).unwrap()
+    );
+    let op = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(c.ca_pem().as_bytes()).unwrap())
+        .identity(reqwest::Identity::from_pem(op_pem.as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let v: serde_json::Value = op
+        .get(server.url("/v1/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["total"], 3);
+    let resp = p1
+        .mtls()
+        .get(server.url("/v1/status"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_tokens_are_refused_with_their_kind_and_change_nothing() {
+    let c = Campaign::new("t1");
+    let server = c.serve(&["--reenroll", "refuse", "--enroll-rate-per-source", "100"]);
+    let mut p1 = Agent::new(P1, "127.1.1.11", "127.0.1.11", &c.ca_pem());
+    let body = EnrollRequest {
+        csr_pem: p1.csr(),
+        facts: p1.facts(),
+    };
+
+    let other_key = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
+    let good = c.token(P1, "peer", 600);
+    let mut flipped = good.clone().into_bytes();
+    let i = flipped.len() - 5;
+    flipped[i] = if flipped[i] == b'A' { b'B' } else { b'A' };
+    let cases: Vec<(String, &str, &str)> = vec![
+        (
+            c.token_with(&other_key, "t1", P1, "peer", 600),
+            "bad_token",
+            "forged",
+        ),
+        (
+            String::from_utf8(flipped).unwrap(),
+            "bad_token",
+            "flipped byte",
+        ),
+        (c.token(P1, "peer", -10), "bad_token", "expired"),
+        (
+            c.token_with(&c.signing_key(), "other", P1, "peer", 600),
+            "bad_token",
+            "other campaign",
+        ),
+        (
+            c.token(P2, "peer", 600),
+            "bad_token",
+            "token for another node",
+        ),
+        (
+            c.token(P1, "pg", 600),
+            "bad_token",
+            "role differs from the fleet",
+        ),
+        ("garbage".into(), "bad_token", "malformed"),
+    ];
+    for (token, kind, what) in &cases {
+        let resp = p1.enroll_raw(&server, token, &body).await;
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        assert_eq!(status, 401, "{what}: {text}");
+        assert_eq!(error_kind(&text), *kind, "{what}");
+    }
+    // Unknown node: the path names a node the fleet does not have.
+    let resp = p1
+        .anonymous()
+        .post(server.url(&format!(
+            "/v1/join/t1-peer-r1-09?token={}",
+            c.token("t1-peer-r1-09", "peer", 600)
+        )))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert!(resp.text().await.unwrap().contains("not in the fleet"));
+
+    // Source address that is not the claimed public IP.
+    let mut liar = Agent::new(P1, "127.1.1.99", "127.0.1.11", &c.ca_pem());
+    liar.public_ip = "127.1.1.99".parse().unwrap();
+    let mut lie = EnrollRequest {
+        csr_pem: liar.csr(),
+        facts: liar.facts(),
+    };
+    lie.facts.public_ipv4 = "127.1.1.11".parse().unwrap();
+    let resp = liar.enroll_raw(&server, &good, &lie).await;
+    assert_eq!(resp.status(), 403);
+    assert_eq!(error_kind(&resp.text().await.unwrap()), "source_mismatch");
+
+    // A CSR that is not one.
+    let bad_csr = EnrollRequest {
+        csr_pem: "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
+            .into(),
+        facts: p1.facts(),
+    };
+    let resp = p1.enroll_raw(&server, &good, &bad_csr).await;
+    assert_eq!(resp.status(), 400);
+    assert_eq!(error_kind(&resp.text().await.unwrap()), "bad_csr");
+
+    // Nothing above changed state.
+    let out = c.seeder(&["status", "--json"]);
+    let view: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(view["enrolled"], 0, "{view}");
+
+    // Now a good enrollment; a second one with another key is refused by policy.
+    p1.enroll(&server, &good).await;
+    let other = Agent::new(P1, "127.1.1.11", "127.0.1.11", &c.ca_pem());
+    let resp = other
+        .enroll_raw(
+            &server,
+            &good,
+            &EnrollRequest {
+                csr_pem: other.csr(),
+                facts: other.facts(),
+            },
+        )
+        .await;
+    assert_eq!(resp.status(), 409);
+    assert_eq!(error_kind(&resp.text().await.unwrap()), "conflict");
+    // The first identity still works.
+    assert_eq!(fetch(&p1, &server, None, 0).await.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_missing_unknown_revoked_and_superseded() {
+    let c = Campaign::new("t1");
+    let server = c.serve(&[]);
+    let mut p1 = Agent::new(P1, "127.1.1.11", "127.0.1.11", &c.ca_pem());
+    p1.enroll(&server, &c.token(P1, "peer", 600)).await;
+
+    // No client certificate on an mTLS route.
+    let resp = p1
+        .anonymous()
+        .get(server.url("/v1/manifest"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(error_kind(&resp.text().await.unwrap()), "unauthenticated");
+
+    // A certificate from another CA is refused at the handshake.
+    let rogue_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let rogue = rcgen::CertificateParams::new(vec![])
+        .unwrap()
+        .self_signed(&rogue_key)
+        .unwrap();
+    let pem = format!("{}{}", rogue_key.serialize_pem(), rogue.pem());
+    let client = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(c.ca_pem().as_bytes()).unwrap())
+        .identity(reqwest::Identity::from_pem(pem.as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    assert!(client.get(server.url("/v1/manifest")).send().await.is_err());
+
+    // A CA-signed certificate the seeder never issued to a node (the operator's) is not a node.
+    let op_pem = format!(
+        "{}{}",
+        std::fs::read_to_string(c.dir.join("operator.key")).unwrap(),
+        std::fs::read_to_string(c.dir.join("operator.pem")).unwrap()
+    );
+    let op = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(c.ca_pem().as_bytes()).unwrap())
+        .identity(reqwest::Identity::from_pem(op_pem.as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let resp = op.get(server.url("/v1/manifest")).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+
+    // A service certificate: the seeder picks the names; a CSR for foreign names gains nothing.
+    let svc_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params =
+        rcgen::CertificateParams::new(vec!["evil.example".into(), "10.9.9.9".into()]).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let csr = params.serialize_request(&svc_key).unwrap().pem().unwrap();
+    let resp = p1
+        .mtls()
+        .post(server.url("/v1/certs"))
+        .json(&CertRequest {
+            purpose: CertificatePurpose::Server,
+            csr_pem: csr,
+        })
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let chain = resp.json::<CertResponse>().await.unwrap().cert_chain_pem;
+    let mut sans = hiveseed_seeder::pki::cert_sans(&chain).unwrap();
+    sans.sort();
+    assert_eq!(sans, ["127.1.1.11", P1]);
+    let (_, pem) = x509_parser::pem::parse_x509_pem(chain.as_bytes()).unwrap();
+    let cert = pem.parse_x509().unwrap();
+    assert_ne!(
+        cert.basic_constraints().unwrap().map(|b| b.value.ca),
+        Some(true)
+    );
+
+    // Re-enrollment with a new key (node replacement) supersedes the old identity.
+    let mut replacement = Agent::new(P1, "127.1.1.11", "127.0.1.11", &c.ca_pem());
+    replacement.enroll(&server, &c.token(P1, "peer", 600)).await;
+    let resp = p1
+        .mtls()
+        .get(server.url("/v1/manifest"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    assert_eq!(error_kind(&resp.text().await.unwrap()), "revoked");
+    assert_eq!(fetch(&replacement, &server, None, 0).await.status(), 200);
+
+    // Operator revocation.
+    let out = c.seeder(&["revoke", P1]);
+    assert!(out.status.success());
+    let resp = replacement
+        .mtls()
+        .get(server.url("/v1/manifest"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_artifacts_and_rate_limits() {
+    let c = Campaign::new("t1");
+    let tool = c.tmp.path().join("tool.bin");
+    std::fs::write(&tool, b"#!/bin/sh\necho tool\n").unwrap();
+    let out = c.seeder(&["artifact", "add", "--name", "tool", path_str(&tool)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // An ai-memory binary that is not the pinned one is refused.
+    let out = c.seeder(&["artifact", "add", "--name", "ai-memory", path_str(&tool)]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pins.ai_memory.sha256"));
+
+    let server = c.serve(&[]);
+    let mut pg = Agent::new(PG, "127.1.1.10", "127.0.1.10", &c.ca_pem());
+    let mut p1 = Agent::new(P1, "127.1.1.11", "127.0.1.11", &c.ca_pem());
+    pg.enroll(&server, &c.token(PG, "pg", 600)).await;
+    let r = p1.enroll(&server, &c.token(P1, "peer", 600)).await;
+    let m = r.manifest.verify(&manifest_key(&c)).unwrap();
+    let sha = m
+        .resources
+        .iter()
+        .find_map(|r| match r {
+            Resource::File(f) => match &f.content {
+                FileContent::Artifact { sha256, .. } => Some(*sha256),
+                _ => None,
+            },
+            _ => None,
+        })
+        .expect("peer manifest names the tool artifact");
+
+    let url = server.url(&format!("/v1/artifacts/{sha}"));
+    let got = p1.mtls().get(&url).send().await.unwrap();
+    assert_eq!(got.status(), 200);
+    assert_eq!(
+        got.bytes().await.unwrap().as_ref(),
+        b"#!/bin/sh\necho tool\n"
+    );
+    // The pg node's manifest does not name it.
+    let resp = pg.mtls().get(&url).send().await.unwrap();
+    assert_eq!(resp.status(), 403);
+    assert_eq!(error_kind(&resp.text().await.unwrap()), "forbidden");
+    let resp = p1
+        .mtls()
+        .get(server.url("/v1/artifacts/not-a-sha"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+
+    // Malformed and oversized bodies.
+    let resp = p1
+        .mtls()
+        .post(server.url("/v1/status"))
+        .header("content-type", "application/json")
+        .body("{nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    assert_eq!(error_kind(&resp.text().await.unwrap()), "bad_request");
+    let huge = format!("{{\"csr_pem\":\"{}\"}}", "A".repeat(200 * 1024));
+    let resp = p1
+        .mtls()
+        .post(server.url("/v1/certs"))
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    assert_eq!(error_kind(&resp.text().await.unwrap()), "too_large");
+    // A report about another node, or with an unknown field.
+    let resp = p1
+        .mtls()
+        .post(server.url("/v1/status"))
+        .json(&report(PG, 1, Phase::Converged, None))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    assert!(resp.text().await.unwrap().contains("field node"));
+    let mut v = serde_json::to_value(report(P1, 1, Phase::Enrolling, None)).unwrap();
+    v["admin"] = true.into();
+    let resp = p1
+        .mtls()
+        .post(server.url("/v1/status"))
+        .json(&v)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+
+    // Enrollment rate limit per source: the burst is 10, then 429 with Retry-After.
+    let p2 = Agent::new(P2, "127.1.1.12", "127.0.1.12", &c.ca_pem());
+    let body = EnrollRequest {
+        csr_pem: p2.csr(),
+        facts: p2.facts(),
+    };
+    let mut limited = None;
+    for _ in 0..30 {
+        let resp = p2.enroll_raw(&server, "bad", &body).await;
+        if resp.status() == 429 {
+            limited = Some(resp);
+            break;
+        }
+    }
+    let resp = limited.expect("rate limited within 30 attempts");
+    assert_eq!(resp.headers()["retry-after"], "2");
+    assert_eq!(error_kind(&resp.text().await.unwrap()), "rate_limited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_seeder_keeps_every_identity_and_report() {
+    let c = Campaign::new("t1");
+    let mut server = c.serve(&[]);
+    let mut p1 = Agent::new(P1, "127.1.1.11", "127.0.1.11", &c.ca_pem());
+    let r = p1.enroll(&server, &c.token(P1, "peer", 600)).await;
+    let m = r.manifest.verify(&manifest_key(&c)).unwrap();
+    let resp = p1
+        .mtls()
+        .post(server.url("/v1/status"))
+        .json(&report(P1, 1, Phase::Converged, Some(&m)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+
+    // Killed mid-way (SIGKILL: no clean shutdown), restarted on the same directory.
+    server.kill();
+    let server = c.serve(&[]);
+    // The node continues with its existing certificate: no re-enrollment.
+    let resp = fetch(&p1, &server, None, 0).await;
+    assert_eq!(resp.status(), 200);
+    let env: SignedEnvelope<Manifest> = resp.json().await.unwrap();
+    assert_eq!(
+        env.verify(&manifest_key(&c)).unwrap().generation,
+        m.generation,
+        "no new generation on restart"
+    );
+    let resp = p1
+        .mtls()
+        .post(server.url("/v1/status"))
+        .json(&report(P1, 2, Phase::Converged, Some(&m)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let out = c.seeder(&["status", "--json"]);
+    let view: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = view["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == P1)
+        .unwrap();
+    assert_eq!(row["converged"], true, "{row}");
+}
