@@ -33,7 +33,7 @@ use serde::Deserialize;
 
 use crate::error::{ApiResult, Error};
 use crate::pki::{LeafSpec, LeafUsage};
-use crate::state::{etag, fingerprint, ReenrollPolicy, Seeder};
+use crate::state::{fingerprint, Change, ReenrollPolicy, Seeder};
 use crate::store::{CertRecord, Enrollment, ReportFate};
 use crate::tls::ConnInfo;
 
@@ -91,10 +91,9 @@ impl FromRequestParts<Arc<Seeder>> for NodeIdentity {
         })?;
         let fpr = fingerprint(&der);
         let rec = s
-            .store
-            .cert(&fpr)?
+            .cert_info(&fpr)?
             .ok_or_else(|| Error::new(ErrorKind::Unauthenticated, "unknown client certificate"))?;
-        if rec.revoked_at.is_some() {
+        if rec.revoked {
             return Err(Error::new(
                 ErrorKind::Revoked,
                 "this certificate has been revoked",
@@ -310,14 +309,19 @@ async fn enroll(
         &message,
     )?;
     tracing::info!(node = %node, source = %remote.ip(), superseded = previous.is_some(), "enrolled");
-    s.rerender(&format!("enrollment of {node}")).await?;
+    s.note_revoked(&revoked);
+    s.note_enrollment(&enrollment);
+    s.rerender(
+        Change::Enrolled(node.clone()),
+        &format!("enrollment of {node}"),
+    )
+    .await?;
     let m = s
-        .store
-        .manifest(&node)?
+        .manifest(&node)
         .ok_or_else(|| Error::internal(format!("no manifest rendered for {node}")))?;
     Ok(axum::Json(EnrollResponse {
         cert_chain_pem: format!("{cert_pem}{}", s.ca.cert_pem),
-        manifest: serde_json::from_str(&m.envelope)?,
+        manifest: serde_json::from_str(&m.stored.envelope)?,
     }))
 }
 
@@ -394,13 +398,13 @@ async fn get_manifest(
     let mut rx = s.watch(&id.node);
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        let Some(m) = s.store.manifest(&id.node)? else {
+        let Some(m) = s.manifest(&id.node) else {
             return Err(Error::new(
                 ErrorKind::NotFound,
                 "no manifest has been rendered for this node yet",
             ));
         };
-        let tag = etag(&m);
+        let tag = m.etag.clone();
         if inm.as_deref() != Some(tag.as_str()) {
             return Ok((
                 [
@@ -413,7 +417,7 @@ async fn get_manifest(
                         HeaderValue::from_static("application/json"),
                     ),
                 ],
-                m.envelope,
+                m.stored.envelope.clone(),
             )
                 .into_response());
         }
@@ -482,8 +486,16 @@ async fn post_cert(
             },
         )
         .map_err(|e| Error::new(ErrorKind::BadCsr, e.to_string()))?;
+    let fpr = fingerprint(&der);
+    let superseded: Vec<String> = s
+        .store
+        .current_certs(purpose)?
+        .into_iter()
+        .filter(|c| c.node == id.node)
+        .map(|c| c.fpr)
+        .collect();
     s.store.replace_cert(&CertRecord {
-        fpr: fingerprint(&der),
+        fpr: fpr.clone(),
         node: id.node.clone(),
         purpose: purpose.into(),
         pem: pem.clone(),
@@ -497,10 +509,15 @@ async fn post_cert(
         "certificate",
         &format!("issued a {purpose} certificate"),
     )?;
+    s.note_revoked(&superseded);
     if req.purpose == CertificatePurpose::Client {
         // Mesh allowlists name client certificates: every peer's manifest changes.
-        s.rerender(&format!("client certificate of {}", id.node))
-            .await?;
+        s.note_client_cert(&id.node, &fpr);
+        s.rerender(
+            Change::ClientCert(id.node.clone()),
+            &format!("client certificate of {}", id.node),
+        )
+        .await?;
     }
     Ok(axum::Json(CertResponse {
         cert_chain_pem: format!("{pem}{}", s.ca.cert_pem),
@@ -543,6 +560,7 @@ async fn renew_identity(
         revoked_at: None,
     })?;
     s.store.set_identity(&id.node, &fpr)?;
+    s.note_revoked(std::slice::from_ref(&id.fpr));
     s.store.event(
         now,
         Some(&id.node),
@@ -602,7 +620,7 @@ async fn get_ready(
             format!("{node} is not in the fleet"),
         ));
     }
-    let current = s.store.manifest(&node)?.map(|m| m.generation);
+    let current = s.manifest(&node).map(|m| m.stored.generation);
     let (ready, phase) = match s.store.latest_report(&node)? {
         Some((r, _)) => (
             r.phase == Phase::Converged && r.generation.is_some() && r.generation == current,

@@ -168,14 +168,32 @@ fn current_fleet(dir: &CampaignDir, store: &Store) -> Result<Fleet> {
     }
 }
 
-/// Tells a running `serve` to re-render.
-fn bump_epoch(store: &Store) -> Result<()> {
+/// Tells a running `serve` that the state changed underneath it (revocation, artifacts), and
+/// waits until it has dropped its caches and re-rendered, so the change is in effect on return.
+fn bump_epoch(dir: &CampaignDir, store: &Store) -> Result<()> {
     let e: u64 = store
         .meta("epoch")?
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    store.set_meta("epoch", &(e + 1).to_string())?;
-    Ok(())
+        .unwrap_or(0)
+        + 1;
+    store.set_meta("epoch", &e.to_string())?;
+    if !serve_running(dir)? {
+        return Ok(());
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let seen: u64 = store
+            .meta("seen_epoch")?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if seen >= e {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the running seeder did not pick up the change within 30s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Whether a `serve` holds the campaign's lock.
@@ -305,7 +323,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 "revoked",
                 &format!("operator revoked {n} certificate(s)"),
             )?;
-            bump_epoch(&store)?;
+            bump_epoch(&dir, &store)?;
             println!("revoked {n} certificate(s) of {node}; it must enroll again");
             Ok(())
         }
@@ -333,7 +351,7 @@ async fn serve(dir: CampaignDir, listen: SocketAddr, policy: Policy) -> Result<(
     let cert = std::fs::read_to_string(dir.seeder_cert())?;
     let key = std::fs::read_to_string(dir.seeder_key())?;
     let config = crate::tls::server_config(&ca, &cert, &key)?;
-    seeder.rerender("startup").await?;
+    seeder.rerender(state::Change::All, "startup").await?;
     seeder
         .store
         .set_meta("rendered_inputs", &seeder.inputs().id.to_string())?;
@@ -368,7 +386,7 @@ async fn shutdown_signal() {
 /// deadline, signature lifetime).
 async fn watch_changes(seeder: Arc<Seeder>) {
     let mut epoch = seeder.store.meta("epoch").ok().flatten();
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut since_refresh = 0u32;
     loop {
         tick.tick().await;
@@ -382,18 +400,22 @@ async fn watch_changes(seeder: Arc<Seeder>) {
         let now_epoch = seeder.store.meta("epoch").ok().flatten();
         if now_epoch != epoch {
             epoch = now_epoch;
+            seeder.forget_caches();
             reason = reason.or(Some("operator change"));
         }
-        if since_refresh >= 60 {
+        if since_refresh >= 150 {
             reason = reason.or(Some("refresh"));
         }
         if let Some(reason) = reason {
             since_refresh = 0;
-            match seeder.rerender(reason).await {
+            match seeder.rerender(state::Change::All, reason).await {
                 Ok(_) => {
                     let _ = seeder
                         .store
                         .set_meta("rendered_inputs", &seeder.inputs().id.to_string());
+                    if let Some(e) = &epoch {
+                        let _ = seeder.store.set_meta("seen_epoch", e);
+                    }
                 }
                 Err(e) => tracing::error!(error = %format!("{e:#}"), "rendering failed"),
             }
@@ -464,7 +486,7 @@ fn publish(dir: &CampaignDir, timeout: u64) -> Result<()> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let changed = rt.block_on(seeder.rerender("publish"))?;
+        let changed = rt.block_on(seeder.rerender(state::Change::All, "publish"))?;
         store.set_meta("rendered_inputs", &p.id.to_string())?;
         for (node, g) in &changed {
             println!("{node:<28} generation {g}");
@@ -513,7 +535,7 @@ fn artifact_add(dir: &CampaignDir, name: &str, file: &Path) -> Result<()> {
     std::fs::create_dir_all(&adir)?;
     write_atomic(&adir.join(sha.to_hex()), &bytes, 0o644)?;
     store.put_artifact(&sha, name, bytes.len() as u64, unix_now())?;
-    bump_epoch(&store)?;
+    bump_epoch(dir, &store)?;
     println!("{name} {sha} ({} bytes)", bytes.len());
     Ok(())
 }

@@ -175,6 +175,9 @@ pub struct Fleet {
     pub federation: Federation,
     pub ttl: Ttl,
     pub pins: Pins,
+    /// Node name → position in `nodes`.
+    #[serde(skip)]
+    index: std::collections::HashMap<NodeName, usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -433,6 +436,11 @@ impl Fleet {
         };
 
         let pins = validate_pins(&raw.pins)?;
+        let index = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.name.clone(), i))
+            .collect();
 
         Ok(Fleet {
             campaign,
@@ -443,11 +451,12 @@ impl Fleet {
             federation,
             ttl,
             pins,
+            index,
         })
     }
 
     pub fn node(&self, name: &NodeName) -> Option<&NodeSpec> {
-        self.nodes.iter().find(|n| &n.name == name)
+        self.index.get(name).map(|&i| &self.nodes[i])
     }
 
     pub fn nodes_with_role<'a>(&'a self, role: &'a str) -> impl Iterator<Item = &'a NodeSpec> {

@@ -141,7 +141,70 @@ fn view(spec: &NodeSpec, e: &Enrollment) -> NodeView {
     }
 }
 
+/// Context keys that grow with the fleet; a role that does not name them does not get them, and
+/// does not re-render when they change.
+pub const FLEET_WIDE: [&str; 4] = ["peers", "region", "mesh", "allowlist"];
+
+/// Every string of a TOML value, for dependency analysis.
+fn strings<'v>(v: &'v toml::Value, out: &mut Vec<(&'v str, bool)>, is_when: bool) {
+    match v {
+        toml::Value::String(s) => out.push((s.as_str(), is_when)),
+        toml::Value::Array(a) => a.iter().for_each(|x| strings(x, out, false)),
+        toml::Value::Table(t) => t.iter().for_each(|(k, x)| strings(x, out, k == "when")),
+        _ => {}
+    }
+}
+
 impl<'a> Renderer<'a> {
+    /// The top-level context variables a role refers to (`None`: cannot tell, assume all).
+    pub fn role_deps(&self, role: &str) -> Option<std::collections::BTreeSet<String>> {
+        let text = self.roles.get(&format!("{role}.toml"))?;
+        let doc: toml::Value = toml::from_str(text).ok()?;
+        let mut all = Vec::new();
+        strings(&doc, &mut all, false);
+        let mut deps = std::collections::BTreeSet::new();
+        let mut templates = Vec::new();
+        if let Some(list) = doc.get("resource").and_then(|r| r.as_array()) {
+            for r in list {
+                if let Some(t) = r.get("template").and_then(|t| t.as_str()) {
+                    templates.push(t.to_owned());
+                }
+            }
+        }
+        for (s, is_when) in all {
+            let vars = if is_when {
+                self.env
+                    .compile_expression(s)
+                    .ok()?
+                    .undeclared_variables(false)
+            } else {
+                let s = s.strip_prefix('=').unwrap_or(s);
+                self.env
+                    .template_from_str(s)
+                    .ok()?
+                    .undeclared_variables(false)
+            };
+            deps.extend(vars);
+        }
+        for name in templates {
+            let src = self.roles.get(&format!("templates/{name}"))?;
+            if src.contains("{% include")
+                || src.contains("{%- include")
+                || src.contains("{% import")
+                || src.contains("{% extends")
+            {
+                return None;
+            }
+            deps.extend(
+                self.env
+                    .get_template(&name)
+                    .ok()?
+                    .undeclared_variables(false),
+            );
+        }
+        Some(deps)
+    }
+
     pub fn new(fleet: &'a Fleet, roles: &'a RoleTree) -> Self {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
@@ -155,8 +218,18 @@ impl<'a> Renderer<'a> {
         Self { fleet, roles, env }
     }
 
-    /// The context a node's role is rendered with.
+    /// The whole context a node could be rendered with (for inspection); rendering builds
+    /// fleet-wide keys only for roles that use them.
     pub fn context(&self, node: &NodeSpec, facts: &FleetFacts) -> Option<Value> {
+        self.context_with(node, facts, &|_: &str| true)
+    }
+
+    fn context_with(
+        &self,
+        node: &NodeSpec,
+        facts: &FleetFacts,
+        wants: &dyn Fn(&str) -> bool,
+    ) -> Option<Value> {
         let me = facts.enrollments.get(&node.name)?;
         let f = self.fleet;
         let enrolled = |role: &str| {
@@ -164,7 +237,12 @@ impl<'a> Renderer<'a> {
                 .filter_map(|n| facts.enrollments.get(&n.name).map(|e| view(n, e)))
                 .collect::<Vec<_>>()
         };
-        let all_peers = enrolled("peer");
+        let needs_peers = wants("peers") || wants("region");
+        let all_peers = if needs_peers {
+            enrolled("peer")
+        } else {
+            Vec::new()
+        };
         let expected_peers: Vec<&NodeSpec> = f.nodes_with_role("peer").collect();
         let missing: Vec<String> = expected_peers
             .iter()
@@ -193,6 +271,12 @@ impl<'a> Renderer<'a> {
             .cloned()
             .collect();
         let campaign = f.campaign.as_str();
+        let empty = Vec::<AllowEntry>::new();
+        let allowlist = if wants("allowlist") {
+            &facts.allowlist
+        } else {
+            &empty
+        };
         Some(serde_json::json!({
             "campaign": campaign,
             "seeder": { "url": f.seeder.url },
@@ -220,7 +304,7 @@ impl<'a> Renderer<'a> {
             },
             "peers": other_peers,
             "mesh": mesh,
-            "allowlist": facts.allowlist,
+            "allowlist": allowlist,
             "secrets": facts.secrets,
             "artifacts": facts.artifacts,
         }))
@@ -238,7 +322,9 @@ impl<'a> Renderer<'a> {
             .roles
             .get(&file)
             .ok_or_else(|| RenderError::MissingRole { role: role.into() })?;
-        let Some(ctx) = self.context(node, facts) else {
+        let deps = self.role_deps(role);
+        let wants = |k: &str| deps.as_ref().map(|d| d.contains(k)).unwrap_or(true);
+        let Some(ctx) = self.context_with(node, facts, &wants) else {
             return Ok(None);
         };
         let doc: toml::Table = toml::from_str(text).map_err(|e| RenderError::RoleFile {
@@ -520,6 +606,24 @@ mode = "0700"
             RenderError::MissingRole {
                 role: "peer".into()
             }
+        );
+    }
+
+    #[test]
+    fn role_deps_name_the_fleet_wide_keys_a_role_uses() {
+        let fleet = Fleet::parse(EXAMPLE).unwrap();
+        let tree = roles(
+            "[[resource]]\nkind = \"file\"\nid = \"file:a\"\nwhen = \"mesh.released\"\npath = \"/a/{{ node.name }}\"\nmode = \"0600\"\ntemplate = \"peers.txt\"\n",
+        );
+        let r = Renderer::new(&fleet, &tree);
+        let deps = r.role_deps("peer").unwrap();
+        assert!(
+            deps.contains("mesh") && deps.contains("peers") && deps.contains("node"),
+            "{deps:?}"
+        );
+        assert!(
+            !deps.contains("allowlist") && !deps.contains("region"),
+            "{deps:?}"
         );
     }
 

@@ -75,6 +75,32 @@ pub struct Inputs {
 /// Signals that a node's manifest changed: the value is the current ETag.
 type Watchers = Mutex<HashMap<NodeName, watch::Sender<String>>>;
 
+/// What changed, so that only the manifests that can depend on it are re-rendered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Inputs, artifacts, revocations, periodic refresh: everything.
+    All,
+    /// A node enrolled (or re-enrolled): itself, and roles that name fleet-wide keys.
+    Enrolled(NodeName),
+    /// A node got a mesh client certificate: roles that name the allowlist.
+    ClientCert(NodeName),
+}
+
+/// A certificate as the request path needs it.
+#[derive(Debug, Clone)]
+pub struct CertInfo {
+    pub node: NodeName,
+    pub purpose: String,
+    pub revoked: bool,
+}
+
+/// A stored manifest with its ETag, shared with request handlers without copying.
+#[derive(Debug)]
+pub struct ManifestEntry {
+    pub stored: StoredManifest,
+    pub etag: String,
+}
+
 pub struct Seeder {
     pub dir: CampaignDir,
     pub store: Store,
@@ -84,10 +110,20 @@ pub struct Seeder {
     pub clock: Clock,
     inputs: RwLock<Arc<Inputs>>,
     watchers: Watchers,
-    render_lock: tokio::sync::Mutex<()>,
+    render_lock: tokio::sync::Mutex<RenderMemo>,
     pub limiter: crate::limit::EnrollLimiter,
     /// Fingerprint of the operator's client certificate (fleet view, admin).
     pub operator_fpr: Option<String>,
+    /// Rendering facts, kept in memory and updated as enrollments and certificates happen.
+    facts: Mutex<Option<FleetFacts>>,
+    manifests: RwLock<HashMap<NodeName, Arc<ManifestEntry>>>,
+    certs: RwLock<HashMap<String, CertInfo>>,
+}
+
+/// What the last render saw, to notice when the mesh release flips.
+#[derive(Debug, Default)]
+struct RenderMemo {
+    mesh_released: Option<bool>,
 }
 
 impl std::fmt::Debug for Seeder {
@@ -163,6 +199,20 @@ impl Seeder {
             policy.enroll_rate_per_source,
             policy.enroll_rate_total,
         );
+        let manifests = store
+            .manifests()?
+            .into_iter()
+            .map(|m| {
+                let tag = etag(&m);
+                (
+                    m.node.clone(),
+                    Arc::new(ManifestEntry {
+                        stored: m,
+                        etag: tag,
+                    }),
+                )
+            })
+            .collect();
         Ok(Arc::new(Self {
             dir,
             store,
@@ -172,9 +222,12 @@ impl Seeder {
             clock,
             inputs: RwLock::new(Arc::new(inputs)),
             watchers: Mutex::new(HashMap::new()),
-            render_lock: tokio::sync::Mutex::new(()),
+            render_lock: tokio::sync::Mutex::new(RenderMemo::default()),
             limiter,
             operator_fpr,
+            facts: Mutex::new(None),
+            manifests: RwLock::new(manifests),
+            certs: RwLock::new(HashMap::new()),
         }))
     }
 
@@ -199,7 +252,62 @@ impl Seeder {
         }
         let parsed = parse_inputs(p.id, &p.fleet, &p.roles)?;
         *self.inputs.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(parsed);
+        self.forget_caches();
         Ok(true)
+    }
+
+    /// Drops every in-memory cache; the next use reloads from the state database. Used when
+    /// another process changed the state (revocation, artifacts, publish).
+    pub fn forget_caches(&self) {
+        *self.facts.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.certs
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    /// A certificate by fingerprint, from memory or the state database.
+    pub fn cert_info(&self, fpr: &str) -> Result<Option<CertInfo>> {
+        if let Some(c) = self
+            .certs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(fpr)
+        {
+            return Ok(Some(c.clone()));
+        }
+        let Some(rec) = self.store.cert(fpr)? else {
+            return Ok(None);
+        };
+        let info = CertInfo {
+            node: rec.node,
+            purpose: rec.purpose,
+            revoked: rec.revoked_at.is_some(),
+        };
+        let mut certs = self.certs.write().unwrap_or_else(|e| e.into_inner());
+        if certs.len() > 200_000 {
+            certs.clear();
+        }
+        certs.insert(fpr.to_owned(), info.clone());
+        Ok(Some(info))
+    }
+
+    /// Marks cached certificates revoked after the store revoked them.
+    pub fn note_revoked(&self, fprs: &[String]) {
+        let mut certs = self.certs.write().unwrap_or_else(|e| e.into_inner());
+        for f in fprs {
+            if let Some(c) = certs.get_mut(f) {
+                c.revoked = true;
+            }
+        }
+    }
+
+    pub fn manifest(&self, node: &NodeName) -> Option<Arc<ManifestEntry>> {
+        self.manifests
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(node)
+            .cloned()
     }
 
     /// A receiver that changes whenever `node`'s manifest does.
@@ -208,11 +316,8 @@ impl Seeder {
         w.entry(node.clone())
             .or_insert_with(|| {
                 let current = self
-                    .store
                     .manifest(node)
-                    .ok()
-                    .flatten()
-                    .map(|m| etag(&m))
+                    .map(|m| m.etag.clone())
                     .unwrap_or_default();
                 watch::channel(current).0
             })
@@ -226,8 +331,8 @@ impl Seeder {
         }
     }
 
-    /// Everything rendering needs besides the inputs.
-    fn facts(&self, fleet: &Fleet) -> Result<FleetFacts> {
+    /// Everything rendering needs besides the inputs, loaded from the state database.
+    fn load_facts(&self, fleet: &Fleet) -> Result<FleetFacts> {
         let enrollments: BTreeMap<_, _> = self
             .store
             .enrollments()?
@@ -272,7 +377,63 @@ impl Seeder {
                 )
             })
             .collect();
-        let first_peer = enrollments
+        Ok(FleetFacts {
+            enrollments,
+            allowlist,
+            secrets,
+            artifacts,
+            mesh_released: false,
+            placeholder_artifacts: false,
+        })
+    }
+
+    /// Updates the in-memory facts after the store recorded an enrollment.
+    pub fn note_enrollment(&self, e: &crate::store::Enrollment) {
+        let mut f = self.facts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = f.as_mut() {
+            f.enrollments.insert(e.node.clone(), e.clone());
+            // A re-enrolled node's old client certificate was revoked with its identity.
+            f.allowlist.retain(|a| a.node != e.node.as_str());
+        }
+    }
+
+    /// Updates the in-memory allowlist after the store recorded a client certificate.
+    pub fn note_client_cert(&self, node: &NodeName, fpr: &str) {
+        let role = self
+            .inputs()
+            .fleet
+            .node(node)
+            .map(|n| n.role.to_string())
+            .unwrap_or_default();
+        let mut f = self.facts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = f.as_mut() {
+            f.allowlist.retain(|a| a.node != node.as_str());
+            f.allowlist.push(AllowEntry {
+                fpr: fpr.to_owned(),
+                node: node.to_string(),
+                role,
+            });
+            f.allowlist.sort_by(|a, b| a.node.cmp(&b.node));
+        }
+    }
+
+    /// Re-renders what `change` can affect; stores and announces a new generation for each node
+    /// whose resources changed, and re-signs unchanged ones whose signature is past half its
+    /// lifetime. Returns the nodes that got a new generation.
+    pub async fn rerender(&self, change: Change, reason: &str) -> Result<Vec<(NodeName, u64)>> {
+        let mut memo = self.render_lock.lock().await;
+        let inputs = self.inputs();
+        let fleet = &inputs.fleet;
+        let mut facts = {
+            let mut cached = self.facts.lock().unwrap_or_else(|e| e.into_inner());
+            if cached.is_none() {
+                *cached = Some(self.load_facts(fleet)?);
+            }
+            cached.clone().expect("just filled")
+        };
+        let now = self.now();
+        let first_peer = facts
+            .enrollments
             .values()
             .filter(|e| {
                 fleet
@@ -282,46 +443,70 @@ impl Seeder {
             })
             .map(|e| e.enrolled_at)
             .min();
-        let mesh_released = first_peer
-            .map(|t| self.now() >= t + self.policy.mesh_deadline_secs)
+        facts.mesh_released = first_peer
+            .map(|t| now >= t + self.policy.mesh_deadline_secs)
             .unwrap_or(false);
-        Ok(FleetFacts {
-            enrollments,
-            allowlist,
-            secrets,
-            artifacts,
-            mesh_released,
-            placeholder_artifacts: false,
-        })
-    }
-
-    /// Renders every enrolled node; stores and announces a new generation for each node whose
-    /// resources changed, and re-signs unchanged ones whose signature is past half its lifetime.
-    /// Returns the nodes that got a new generation.
-    pub async fn rerender(&self, reason: &str) -> Result<Vec<(NodeName, u64)>> {
-        let _guard = self.render_lock.lock().await;
-        let inputs = self.inputs();
-        let fleet = &inputs.fleet;
-        let facts = self.facts(fleet)?;
         let renderer = render::Renderer::new(fleet, &inputs.roles);
-        let now = self.now();
-        let mut changed = Vec::new();
+        // The mesh release flipping changes every peer: render everything then.
+        let change = if memo.mesh_released != Some(facts.mesh_released) {
+            memo.mesh_released = Some(facts.mesh_released);
+            Change::All
+        } else {
+            change
+        };
+        let mut deps: HashMap<&str, Option<std::collections::BTreeSet<String>>> = HashMap::new();
+        let mut uses = |role: &'_ str, key: &str, renderer: &render::Renderer<'_>| -> bool {
+            let d = deps
+                .entry(fleet_role(fleet, role))
+                .or_insert_with(|| renderer.role_deps(role));
+            d.as_ref().map(|d| d.contains(key)).unwrap_or(true)
+        };
+        let mut targets: Vec<&crate::fleet::NodeSpec> = Vec::new();
         for node in &fleet.nodes {
+            if !facts.enrollments.contains_key(&node.name) {
+                continue;
+            }
+            let role = node.role.as_str();
+            let wanted = match &change {
+                Change::All => true,
+                Change::Enrolled(x) => {
+                    &node.name == x
+                        || uses(role, "peers", &renderer)
+                        || uses(role, "mesh", &renderer)
+                        || (uses(role, "region", &renderer)
+                            && fleet
+                                .node(x)
+                                .map(|n| n.region == node.region)
+                                .unwrap_or(true))
+                }
+                Change::ClientCert(_) => uses(role, "allowlist", &renderer),
+            };
+            if wanted {
+                targets.push(node);
+            }
+        }
+        let mut changed = Vec::new();
+        for node in targets {
             let Some(resources) = renderer.resources(node, &facts)? else {
                 continue;
             };
             let digest = Manifest::digest_of(&resources);
-            let (generation, is_new) = self.store.next_generation(&node.name, &digest)?;
+            let current = self.manifest(&node.name);
+            let (generation, is_new) = match &current {
+                Some(m) if m.stored.digest == digest => (m.stored.generation, false),
+                Some(m) => (m.stored.generation.next(), true),
+                None => (hiveseed_proto::Generation(1), true),
+            };
             if !is_new {
-                let stale = self.store.manifest(&node.name)?.map(|m| {
-                    let signed: Option<SignedEnvelope<Manifest>> =
-                        serde_json::from_str(&m.envelope).ok();
-                    signed
-                        .and_then(|s| s.verify(&self.signing.verifying_key()).ok())
-                        .map(|mf| now >= mf.issued_at + (mf.not_after - mf.issued_at) / 2)
-                        .unwrap_or(true)
-                });
-                if stale != Some(true) {
+                let stale = current
+                    .as_ref()
+                    .and_then(|m| {
+                        serde_json::from_str::<SignedEnvelope<Manifest>>(&m.stored.envelope).ok()
+                    })
+                    .and_then(|s| s.verify(&self.signing.verifying_key()).ok())
+                    .map(|mf| now >= mf.issued_at + (mf.not_after - mf.issued_at) / 2)
+                    .unwrap_or(true);
+                if !stale {
                     continue;
                 }
             }
@@ -345,22 +530,43 @@ impl Seeder {
                 tracing::info!(node = %node.name, generation = generation.0, reason, "new manifest generation");
                 changed.push((node.name.clone(), generation.0));
             }
-            self.notify(&node.name, etag(&stored));
+            let tag = etag(&stored);
+            self.manifests
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(
+                    node.name.clone(),
+                    Arc::new(ManifestEntry {
+                        stored,
+                        etag: tag.clone(),
+                    }),
+                );
+            self.notify(&node.name, tag);
         }
         Ok(changed)
     }
 
     /// Whether a node's current manifest names this artifact.
     pub fn manifest_references(&self, node: &NodeName, sha: &Sha256) -> Result<bool> {
-        let Some(m) = self.store.manifest(node)? else {
+        let Some(m) = self.manifest(node) else {
             return Ok(false);
         };
-        let env: SignedEnvelope<Manifest> = serde_json::from_str(&m.envelope)?;
+        let env: SignedEnvelope<Manifest> = serde_json::from_str(&m.stored.envelope)?;
         let manifest = env.verify(&self.signing.verifying_key())?;
         Ok(manifest.resources.iter().any(|r| {
             matches!(r, Resource::File(f) if matches!(&f.content, FileContent::Artifact { sha256, .. } if sha256 == sha))
         }))
     }
+}
+
+/// The fleet's own copy of a role name, so the dependency cache can borrow it.
+fn fleet_role<'f>(fleet: &'f Fleet, role: &str) -> &'f str {
+    fleet
+        .nodes
+        .iter()
+        .find(|n| n.role.as_str() == role)
+        .map(|n| n.role.as_str())
+        .unwrap_or("")
 }
 
 fn read_secret(path: &std::path::Path) -> Result<String> {
