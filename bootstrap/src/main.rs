@@ -2,10 +2,7 @@
 
 use clap::Parser;
 
-#[derive(Debug, Parser)]
-#[command(name = "bootstrap", version, about = "hiveseed node agent")]
-struct Cli {}
-
-fn main() {
-    let _ = Cli::parse();
+fn main() -> std::process::ExitCode {
+    hiveseed_bootstrap::cli::init_logging();
+    hiveseed_bootstrap::cli::run(hiveseed_bootstrap::cli::Cli::parse())
 }

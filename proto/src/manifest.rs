@@ -349,9 +349,11 @@ pub enum Probe {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         api_key_file: Option<AbsPath>,
     },
-    /// A single-value SQL query over the local socket as the given OS user.
+    /// A single-value SQL query over the local socket (`/var/run/postgresql`) as database role
+    /// `user` (peer authentication; the pg role maps the agent's root to it in pg_ident.conf).
     Sql {
         dbname: String,
+        user: String,
         query: String,
     },
     /// How many running processes have this exact argv[0] + first argument.

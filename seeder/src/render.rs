@@ -122,6 +122,9 @@ pub struct Renderer<'a> {
     fleet: &'a Fleet,
     roles: &'a RoleTree,
     env: Environment<'a>,
+    /// Per role, parsed once per renderer: its dependencies and its resource tables.
+    deps_cache: std::cell::RefCell<BTreeMap<String, Option<std::collections::BTreeSet<String>>>>,
+    parsed: std::cell::RefCell<BTreeMap<String, Result<Vec<toml::Value>, RenderError>>>,
 }
 
 impl std::fmt::Debug for Renderer<'_> {
@@ -215,7 +218,61 @@ impl<'a> Renderer<'a> {
                 let _ = env.add_template(name, text.as_str());
             }
         }
-        Self { fleet, roles, env }
+        Self {
+            fleet,
+            roles,
+            env,
+            deps_cache: Default::default(),
+            parsed: Default::default(),
+        }
+    }
+
+    fn cached_deps(&self, role: &str) -> Option<std::collections::BTreeSet<String>> {
+        if let Some(d) = self.deps_cache.borrow().get(role) {
+            return d.clone();
+        }
+        let d = self.role_deps(role);
+        self.deps_cache
+            .borrow_mut()
+            .insert(role.to_owned(), d.clone());
+        d
+    }
+
+    fn role_resources(&self, role: &str) -> Result<Vec<toml::Value>, RenderError> {
+        if let Some(r) = self.parsed.borrow().get(role) {
+            return r.clone();
+        }
+        let r = self.parse_role(role);
+        self.parsed.borrow_mut().insert(role.to_owned(), r.clone());
+        r
+    }
+
+    fn parse_role(&self, role: &str) -> Result<Vec<toml::Value>, RenderError> {
+        let file = format!("{role}.toml");
+        let text = self
+            .roles
+            .get(&file)
+            .ok_or_else(|| RenderError::MissingRole { role: role.into() })?;
+        let doc: toml::Table = toml::from_str(text).map_err(|e| RenderError::RoleFile {
+            file: file.clone(),
+            message: e.to_string(),
+        })?;
+        for key in doc.keys() {
+            if key != "resource" {
+                return Err(RenderError::RoleFile {
+                    file,
+                    message: format!("unknown top-level key `{key}` (only [[resource]] tables)"),
+                });
+            }
+        }
+        match doc.get("resource") {
+            None => Ok(Vec::new()),
+            Some(toml::Value::Array(a)) => Ok(a.clone()),
+            Some(_) => Err(RenderError::RoleFile {
+                file,
+                message: "`resource` must be an array of tables ([[resource]])".into(),
+            }),
+        }
     }
 
     /// The whole context a node could be rendered with (for inspection); rendering builds
@@ -317,37 +374,11 @@ impl<'a> Renderer<'a> {
         facts: &FleetFacts,
     ) -> Result<Option<Vec<Resource>>, RenderError> {
         let role = node.role.as_str();
-        let file = format!("{role}.toml");
-        let text = self
-            .roles
-            .get(&file)
-            .ok_or_else(|| RenderError::MissingRole { role: role.into() })?;
-        let deps = self.role_deps(role);
+        let list = self.role_resources(role)?;
+        let deps = self.cached_deps(role);
         let wants = |k: &str| deps.as_ref().map(|d| d.contains(k)).unwrap_or(true);
         let Some(ctx) = self.context_with(node, facts, &wants) else {
             return Ok(None);
-        };
-        let doc: toml::Table = toml::from_str(text).map_err(|e| RenderError::RoleFile {
-            file: file.clone(),
-            message: e.to_string(),
-        })?;
-        for key in doc.keys() {
-            if key != "resource" {
-                return Err(RenderError::RoleFile {
-                    file,
-                    message: format!("unknown top-level key `{key}` (only [[resource]] tables)"),
-                });
-            }
-        }
-        let list = match doc.get("resource") {
-            None => Vec::new(),
-            Some(toml::Value::Array(a)) => a.clone(),
-            Some(_) => {
-                return Err(RenderError::RoleFile {
-                    file,
-                    message: "`resource` must be an array of tables ([[resource]])".into(),
-                })
-            }
         };
         let mut out = Vec::new();
         for (index, raw) in list.into_iter().enumerate() {

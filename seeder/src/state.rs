@@ -424,28 +424,21 @@ impl Seeder {
         let mut memo = self.render_lock.lock().await;
         let inputs = self.inputs();
         let fleet = &inputs.fleet;
-        let mut facts = {
-            let mut cached = self.facts.lock().unwrap_or_else(|e| e.into_inner());
-            if cached.is_none() {
-                *cached = Some(self.load_facts(fleet)?);
-            }
-            cached.clone().expect("just filled")
-        };
+        let mut cached = self.facts.lock().unwrap_or_else(|e| e.into_inner());
+        if cached.is_none() {
+            *cached = Some(self.load_facts(fleet)?);
+        }
+        let facts = cached.as_mut().expect("just filled");
         let now = self.now();
-        let first_peer = facts
-            .enrollments
-            .values()
-            .filter(|e| {
-                fleet
-                    .node(&e.node)
-                    .map(|n| n.role.as_str() == "peer")
-                    .unwrap_or(false)
-            })
+        let first_peer = fleet
+            .nodes_with_role("peer")
+            .filter_map(|n| facts.enrollments.get(&n.name))
             .map(|e| e.enrolled_at)
             .min();
         facts.mesh_released = first_peer
             .map(|t| now >= t + self.policy.mesh_deadline_secs)
             .unwrap_or(false);
+        let facts: &FleetFacts = facts;
         let renderer = render::Renderer::new(fleet, &inputs.roles);
         // The mesh release flipping changes every peer: render everything then.
         let change = if memo.mesh_released != Some(facts.mesh_released) {
@@ -454,40 +447,51 @@ impl Seeder {
         } else {
             change
         };
-        let mut deps: HashMap<&str, Option<std::collections::BTreeSet<String>>> = HashMap::new();
-        let mut uses = |role: &'_ str, key: &str, renderer: &render::Renderer<'_>| -> bool {
-            let d = deps
-                .entry(fleet_role(fleet, role))
-                .or_insert_with(|| renderer.role_deps(role));
-            d.as_ref().map(|d| d.contains(key)).unwrap_or(true)
-        };
-        let mut targets: Vec<&crate::fleet::NodeSpec> = Vec::new();
-        for node in &fleet.nodes {
-            if !facts.enrollments.contains_key(&node.name) {
-                continue;
-            }
-            let role = node.role.as_str();
-            let wanted = match &change {
-                Change::All => true,
-                Change::Enrolled(x) => {
-                    &node.name == x
-                        || uses(role, "peers", &renderer)
-                        || uses(role, "mesh", &renderer)
-                        || (uses(role, "region", &renderer)
-                            && fleet
-                                .node(x)
-                                .map(|n| n.region == node.region)
-                                .unwrap_or(true))
-                }
-                Change::ClientCert(_) => uses(role, "allowlist", &renderer),
-            };
-            if wanted {
-                targets.push(node);
+        // Per role, which fleet-wide keys it names (None: cannot tell, so all).
+        let mut deps: HashMap<String, Option<std::collections::BTreeSet<String>>> = HashMap::new();
+        for role in fleet.nodes.iter().map(|n| n.role.as_str()) {
+            if !deps.contains_key(role) {
+                deps.insert(role.to_owned(), renderer.role_deps(role));
             }
         }
+        let uses = |role: &str, key: &str| -> bool {
+            match deps.get(role) {
+                Some(Some(d)) => d.contains(key),
+                _ => true,
+            }
+        };
+        let fleet_wide_roles: Vec<&str> = deps
+            .keys()
+            .filter(|r| render::FLEET_WIDE.iter().any(|k| uses(r, k)))
+            .map(String::as_str)
+            .collect();
+        let enrolled = |n: &&crate::fleet::NodeSpec| facts.enrollments.contains_key(&n.name);
+        let targets: Vec<&crate::fleet::NodeSpec> = match &change {
+            Change::All => fleet.nodes.iter().filter(enrolled).collect(),
+            Change::Enrolled(x) => {
+                let xr = fleet.node(x).map(|n| n.region.clone());
+                let mut t: Vec<_> = fleet.node(x).into_iter().filter(enrolled).collect();
+                for role in &fleet_wide_roles {
+                    t.extend(fleet.nodes_with_role(role).filter(enrolled).filter(|n| {
+                        &n.name != x
+                            && (uses(role, "peers")
+                                || uses(role, "mesh")
+                                || (uses(role, "region") && Some(&n.region) == xr.as_ref()))
+                    }));
+                }
+                t
+            }
+            Change::ClientCert(_) => fleet_wide_roles
+                .iter()
+                .filter(|r| uses(r, "allowlist"))
+                .flat_map(|r| fleet.nodes_with_role(r).filter(enrolled))
+                .collect(),
+        };
         let mut changed = Vec::new();
+        let mut batch: Vec<StoredManifest> = Vec::new();
+        let mut batch_events: Vec<(NodeName, String)> = Vec::new();
         for node in targets {
-            let Some(resources) = renderer.resources(node, &facts)? else {
+            let Some(resources) = renderer.resources(node, facts)? else {
                 continue;
             };
             let digest = Manifest::digest_of(&resources);
@@ -519,31 +523,52 @@ impl Seeder {
                 envelope: serde_json::to_string(&envelope)?,
                 published_at: now,
             };
-            self.store.put_manifest(&stored)?;
             if is_new {
-                self.store.event(
-                    now,
-                    Some(&node.name),
-                    "generation",
-                    &format!("generation {generation} ({reason})"),
-                )?;
                 tracing::info!(node = %node.name, generation = generation.0, reason, "new manifest generation");
                 changed.push((node.name.clone(), generation.0));
-            }
-            let tag = etag(&stored);
-            self.manifests
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(
+                batch_events.push((
                     node.name.clone(),
-                    Arc::new(ManifestEntry {
-                        stored,
-                        etag: tag.clone(),
-                    }),
-                );
-            self.notify(&node.name, tag);
+                    format!("generation {generation} ({reason})"),
+                ));
+            }
+            batch.push(stored);
+            // Commit in batches: one transaction per batch, then wake those nodes' long-polls.
+            if batch.len() >= 256 {
+                self.commit(&mut batch, &mut batch_events, now)?;
+            }
         }
+        self.commit(&mut batch, &mut batch_events, now)?;
         Ok(changed)
+    }
+
+    /// Stores a batch of manifests and their events in one transaction, then publishes them to
+    /// the cache and wakes their long-polls.
+    fn commit(
+        &self,
+        batch: &mut Vec<StoredManifest>,
+        events: &mut Vec<(NodeName, String)>,
+        now: u64,
+    ) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.store.put_manifests(batch, events, now)?;
+        let mut cache = self.manifests.write().unwrap_or_else(|e| e.into_inner());
+        let mut wake = Vec::with_capacity(batch.len());
+        for stored in batch.drain(..) {
+            let tag = etag(&stored);
+            wake.push((stored.node.clone(), tag.clone()));
+            cache.insert(
+                stored.node.clone(),
+                Arc::new(ManifestEntry { stored, etag: tag }),
+            );
+        }
+        drop(cache);
+        events.clear();
+        for (node, tag) in wake {
+            self.notify(&node, tag);
+        }
+        Ok(())
     }
 
     /// Whether a node's current manifest names this artifact.
@@ -557,16 +582,6 @@ impl Seeder {
             matches!(r, Resource::File(f) if matches!(&f.content, FileContent::Artifact { sha256, .. } if sha256 == sha))
         }))
     }
-}
-
-/// The fleet's own copy of a role name, so the dependency cache can borrow it.
-fn fleet_role<'f>(fleet: &'f Fleet, role: &str) -> &'f str {
-    fleet
-        .nodes
-        .iter()
-        .find(|n| n.role.as_str() == role)
-        .map(|n| n.role.as_str())
-        .unwrap_or("")
 }
 
 fn read_secret(path: &std::path::Path) -> Result<String> {

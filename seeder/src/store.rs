@@ -414,6 +414,41 @@ impl Store {
         Ok(())
     }
 
+    /// Manifests and their generation events, in one transaction.
+    pub fn put_manifests(
+        &self,
+        manifests: &[StoredManifest],
+        events: &[(NodeName, String)],
+        at: u64,
+    ) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut put = tx.prepare_cached(
+                "INSERT INTO manifests (node, generation, digest, envelope, published_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(node) DO UPDATE SET generation=excluded.generation, digest=excluded.digest,
+                   envelope=excluded.envelope, published_at=excluded.published_at",
+            )?;
+            for m in manifests {
+                put.execute(params![
+                    m.node.as_str(),
+                    m.generation.0 as i64,
+                    m.digest.to_hex(),
+                    m.envelope,
+                    m.published_at as i64
+                ])?;
+            }
+            let mut ev = tx.prepare_cached(
+                "INSERT INTO events (at, node, kind, message) VALUES (?1, ?2, 'generation', ?3)",
+            )?;
+            for (node, msg) in events {
+                ev.execute(params![at as i64, node.as_str(), msg])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     // ---- reports ----
 
     pub fn put_report(&self, report: &StatusReport, now: u64) -> Result<ReportFate> {

@@ -1,11 +1,178 @@
-//! `lab`: brings a whole hiveseed fleet up on one machine (one chroot per node) and tears it down.
+//! `lab`: builds the lab cache and brings lab nodes up and down by hand.
 
-use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use hiveseed_lab::{Cache, Lab, NodeName};
 
 #[derive(Debug, Parser)]
 #[command(name = "lab", about = "hiveseed local lab")]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
 
-fn main() {
-    let _ = Cli::parse();
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Build whatever is missing in the cache ($HIVESEED_CACHE or /var/cache/hiveseed).
+    Cache {
+        /// Only these entries (rootfs, ai-memory, minilm); default all.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<Entry>,
+    },
+    /// Bring up a node: overlay on the base plus proc, /dev, /dev/shm and /run mounts.
+    NodeUp {
+        name: NodeName,
+        /// Base rootfs (default: the cached one; run `lab cache` first).
+        #[arg(long)]
+        base: Option<PathBuf>,
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Run a command inside a node (foreground, or --background with output to --log).
+    NodeRun {
+        name: NodeName,
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, requires = "log")]
+        background: bool,
+        #[arg(long)]
+        log: Option<PathBuf>,
+        /// `user[:group]` inside the node.
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
+    /// Stop one node's processes and unmount it.
+    NodeDown {
+        name: NodeName,
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Stop every node's processes, unmount everything under <dir>/nodes, remove the state.
+    Down {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Also delete the node directories (upper dirs).
+        #[arg(long)]
+        purge: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Entry {
+    Rootfs,
+    AiMemory,
+    Minilm,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("lab: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Cache { only } => cache(&only)?,
+        Cmd::NodeUp { name, base, dir } => {
+            let base = match base {
+                Some(b) => b,
+                None => {
+                    Cache::from_env()
+                        .find_rootfs()
+                        .context("no cached base rootfs: run `lab cache` or pass --base")?
+                        .root
+                }
+            };
+            let node = Lab::open(&dir)?.node_up(&name, &base)?;
+            println!("{}", node.root().display());
+        }
+        Cmd::NodeRun {
+            name,
+            dir,
+            background,
+            log,
+            user,
+            argv,
+        } => {
+            let node = Lab::open(&dir)?.node(&name)?;
+            let mut cmd = node.command(&argv);
+            if let Some(u) = user {
+                cmd = cmd.user(u);
+            }
+            match (background, log) {
+                (true, Some(log)) => println!("{}", cmd.spawn_background(&log)?.pid),
+                _ => {
+                    let status = cmd.status()?;
+                    let code = status.code().unwrap_or(1).clamp(0, 255) as u8;
+                    return Ok(ExitCode::from(code));
+                }
+            }
+        }
+        Cmd::NodeDown { name, dir } => println!("{}", Lab::open(&dir)?.node_down(&name)?),
+        Cmd::Down { dir, purge } => {
+            if !dir.exists() {
+                println!("{}: no such lab dir, nothing to do", dir.display());
+                return Ok(ExitCode::SUCCESS);
+            }
+            let lab = Lab::open(&dir)?;
+            let report = if purge { lab.purge()? } else { lab.down()? };
+            println!("{report}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cache(only: &[Entry]) -> Result<()> {
+    let cache = Cache::from_env();
+    let want = |e| only.is_empty() || only.contains(&e);
+    println!("cache: {}", cache.root().display());
+    if want(Entry::Rootfs) {
+        let (base, outcome) = cache.ensure_rootfs()?;
+        let versions: Vec<String> = base
+            .manifest
+            .packages
+            .iter()
+            .map(|(p, v)| format!("{p}={v}"))
+            .collect();
+        println!(
+            "rootfs     {outcome:<16} {}  [{}]",
+            base.root.display(),
+            versions.join(" ")
+        );
+    }
+    if want(Entry::AiMemory) {
+        let (bin, outcome) = cache.ensure_ai_memory()?;
+        println!(
+            "ai-memory  {outcome:<16} {}  sha256={}",
+            bin.bin.display(),
+            bin.sha256
+        );
+    }
+    if want(Entry::Minilm) {
+        let (m, outcome) = cache.ensure_minilm()?;
+        println!(
+            "minilm     {outcome:<16} {}  ({} {})",
+            m.dir.display(),
+            m.manifest.package,
+            m.manifest.version
+        );
+    }
+    Ok(())
 }

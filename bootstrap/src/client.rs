@@ -1,0 +1,371 @@
+//! The agent's HTTPS client of the seeder. Trusts only the campaign CA from join.toml (never the
+//! system roots, never on first use), presents the node's identity certificate on mTLS routes and
+//! binds its source address to the node's public IPv4, which the seeder checks at enrollment.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use hiveseed_proto::api::{
+    ApiError, CertRequest, CertResponse, EnrollRequest, EnrollResponse, ErrorKind, Readiness,
+};
+use hiveseed_proto::manifest::CertificatePurpose;
+use hiveseed_proto::status::StatusReport;
+use hiveseed_proto::{Manifest, NodeName, Sha256, SignedEnvelope};
+
+use crate::resources::{
+    ArtifactFetcher, BoxFuture, CertSigner, FetchError, NodeReadiness, ReadinessError, SignError,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The seeder could not be reached or did not answer: retry with backoff.
+    #[error("seeder unreachable: {0}")]
+    Unreachable(String),
+    /// The seeder answered with an error body.
+    #[error("seeder refused ({status}): {kind:?}: {message}")]
+    Refused {
+        status: u16,
+        kind: ErrorKind,
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    #[error("seeder answered something unexpected: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    pub fn retryable(&self) -> bool {
+        match self {
+            ClientError::Unreachable(_) => true,
+            ClientError::Refused { kind, .. } => kind.retryable(),
+            ClientError::Protocol(_) => false,
+        }
+    }
+
+    /// How long the seeder asked us to wait, if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ClientError::Refused { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// The result of a manifest long-poll.
+#[derive(Debug)]
+pub enum ManifestPoll {
+    Changed {
+        envelope: SignedEnvelope<Manifest>,
+        etag: Option<String>,
+    },
+    NotModified,
+}
+
+#[derive(Clone)]
+pub struct SeederClient {
+    base: String,
+    anonymous: reqwest::Client,
+    mtls: Option<reqwest::Client>,
+    ca_pem: String,
+    source: Option<Ipv4Addr>,
+}
+
+impl std::fmt::Debug for SeederClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SeederClient")
+            .field("base", &self.base)
+            .field("mtls", &self.mtls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+fn builder(ca_pem: &str, source: Option<Ipv4Addr>) -> Result<reqwest::ClientBuilder, ClientError> {
+    let ca = reqwest::Certificate::from_pem(ca_pem.as_bytes())
+        .map_err(|e| ClientError::Protocol(format!("campaign CA: {e}")))?;
+    let mut b = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca)
+        .no_proxy()
+        .connect_timeout(Duration::from_secs(10))
+        .pool_idle_timeout(Duration::from_secs(90));
+    if let Some(ip) = source {
+        b = b.local_address(IpAddr::V4(ip));
+    }
+    Ok(b)
+}
+
+async fn refused(resp: reqwest::Response) -> ClientError {
+    let status = resp.status().as_u16();
+    let retry_after = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let body = resp.text().await.unwrap_or_default();
+    match serde_json::from_str::<ApiError>(&body) {
+        Ok(e) => ClientError::Refused {
+            status,
+            kind: e.kind,
+            message: e.message,
+            retry_after,
+        },
+        Err(_) if status >= 500 => ClientError::Unreachable(format!("HTTP {status}")),
+        Err(_) => ClientError::Protocol(format!("HTTP {status} without an error body")),
+    }
+}
+
+fn unreachable(e: reqwest::Error) -> ClientError {
+    ClientError::Unreachable(e.without_url().to_string())
+}
+
+impl SeederClient {
+    /// No I/O: builds the HTTP clients only.
+    pub fn new(
+        base: &str,
+        ca_pem: &str,
+        source: Option<Ipv4Addr>,
+        identity_pem: Option<&str>,
+    ) -> Result<Self, ClientError> {
+        let anonymous = builder(ca_pem, source)?
+            .timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let mut c = Self {
+            base: base.trim_end_matches('/').to_owned(),
+            anonymous,
+            mtls: None,
+            ca_pem: ca_pem.to_owned(),
+            source,
+        };
+        if let Some(id) = identity_pem {
+            c.set_identity(id)?;
+        }
+        Ok(c)
+    }
+
+    /// Key PEM followed by the certificate chain PEM.
+    pub fn set_identity(&mut self, identity_pem: &str) -> Result<(), ClientError> {
+        let id = reqwest::Identity::from_pem(identity_pem.as_bytes())
+            .map_err(|e| ClientError::Protocol(format!("identity: {e}")))?;
+        self.mtls = Some(
+            builder(&self.ca_pem, self.source)?
+                .identity(id)
+                .build()
+                .map_err(|e| ClientError::Protocol(e.to_string()))?,
+        );
+        Ok(())
+    }
+
+    fn mtls(&self) -> Result<&reqwest::Client, ClientError> {
+        self.mtls
+            .as_ref()
+            .ok_or_else(|| ClientError::Protocol("not enrolled: no identity certificate".into()))
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Enrolls through the join URL (which carries the token) with a CSR and the node's facts.
+    pub async fn enroll(
+        &self,
+        join_url: &str,
+        req: &EnrollRequest,
+    ) -> Result<EnrollResponse, ClientError> {
+        let resp = self
+            .anonymous
+            .post(join_url)
+            .json(req)
+            .send()
+            .await
+            .map_err(unreachable)?;
+        if !resp.status().is_success() {
+            return Err(refused(resp).await);
+        }
+        resp.json()
+            .await
+            .map_err(|e| ClientError::Protocol(e.without_url().to_string()))
+    }
+
+    /// Long-polls the node's manifest: returns at once when it differs from `etag`, else waits up
+    /// to `wait` for a change.
+    pub async fn manifest(
+        &self,
+        etag: Option<&str>,
+        wait: Duration,
+    ) -> Result<ManifestPoll, ClientError> {
+        let mut req = self
+            .mtls()?
+            .get(self.url(&format!("/v1/manifest?wait={}", wait.as_secs())))
+            .timeout(wait + Duration::from_secs(30));
+        if let Some(e) = etag {
+            req = req.header("if-none-match", e);
+        }
+        let resp = req.send().await.map_err(unreachable)?;
+        if resp.status() == reqwest::StatusCode::NOT_MODIFIED {
+            return Ok(ManifestPoll::NotModified);
+        }
+        if !resp.status().is_success() {
+            return Err(refused(resp).await);
+        }
+        let etag = resp
+            .headers()
+            .get("etag")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let envelope = resp
+            .json()
+            .await
+            .map_err(|e| ClientError::Protocol(format!("manifest body: {}", e.without_url())))?;
+        Ok(ManifestPoll::Changed { envelope, etag })
+    }
+
+    pub async fn report(&self, report: &StatusReport) -> Result<(), ClientError> {
+        let resp = self
+            .mtls()?
+            .post(self.url("/v1/status"))
+            .timeout(Duration::from_secs(20))
+            .json(report)
+            .send()
+            .await
+            .map_err(unreachable)?;
+        if !resp.status().is_success() {
+            return Err(refused(resp).await);
+        }
+        Ok(())
+    }
+
+    pub async fn certificate(
+        &self,
+        purpose: CertificatePurpose,
+        csr_pem: &str,
+    ) -> Result<String, ClientError> {
+        let resp = self
+            .mtls()?
+            .post(self.url("/v1/certs"))
+            .timeout(Duration::from_secs(30))
+            .json(&CertRequest {
+                purpose,
+                csr_pem: csr_pem.to_owned(),
+            })
+            .send()
+            .await
+            .map_err(unreachable)?;
+        if !resp.status().is_success() {
+            return Err(refused(resp).await);
+        }
+        let r: CertResponse = resp
+            .json()
+            .await
+            .map_err(|e| ClientError::Protocol(e.without_url().to_string()))?;
+        Ok(r.cert_chain_pem)
+    }
+
+    /// Renews the node's own identity certificate.
+    pub async fn renew_identity(&self, csr_pem: &str) -> Result<String, ClientError> {
+        let resp = self
+            .mtls()?
+            .post(self.url("/v1/identity"))
+            .timeout(Duration::from_secs(30))
+            .json(&serde_json::json!({ "csr_pem": csr_pem }))
+            .send()
+            .await
+            .map_err(unreachable)?;
+        if !resp.status().is_success() {
+            return Err(refused(resp).await);
+        }
+        let r: CertResponse = resp
+            .json()
+            .await
+            .map_err(|e| ClientError::Protocol(e.without_url().to_string()))?;
+        Ok(r.cert_chain_pem)
+    }
+
+    pub async fn artifact(&self, sha256: &Sha256, size: u64) -> Result<Vec<u8>, ClientError> {
+        let resp = self
+            .mtls()?
+            .get(self.url(&format!("/v1/artifacts/{sha256}")))
+            .timeout(Duration::from_secs(600))
+            .send()
+            .await
+            .map_err(unreachable)?;
+        if !resp.status().is_success() {
+            return Err(refused(resp).await);
+        }
+        let bytes = resp.bytes().await.map_err(unreachable)?;
+        if bytes.len() as u64 != size || Sha256::digest(&bytes) != *sha256 {
+            return Err(ClientError::Protocol(format!(
+                "artifact {sha256}: got {} bytes that do not match the manifest",
+                bytes.len()
+            )));
+        }
+        Ok(bytes.to_vec())
+    }
+
+    pub async fn ready(&self, node: &NodeName, gate: &str) -> Result<Readiness, ClientError> {
+        let resp = self
+            .mtls()?
+            .get(self.url(&format!("/v1/ready/{node}/{gate}")))
+            .timeout(Duration::from_secs(20))
+            .send()
+            .await
+            .map_err(unreachable)?;
+        if !resp.status().is_success() {
+            return Err(refused(resp).await);
+        }
+        resp.json()
+            .await
+            .map_err(|e| ClientError::Protocol(e.without_url().to_string()))
+    }
+}
+
+impl ArtifactFetcher for SeederClient {
+    fn fetch<'a>(
+        &'a self,
+        sha256: &'a Sha256,
+        size: u64,
+    ) -> BoxFuture<'a, Result<Vec<u8>, FetchError>> {
+        Box::pin(async move {
+            self.artifact(sha256, size).await.map_err(|e| FetchError {
+                retryable: e.retryable(),
+                message: e.to_string(),
+            })
+        })
+    }
+}
+
+impl CertSigner for SeederClient {
+    fn sign<'a>(
+        &'a self,
+        purpose: CertificatePurpose,
+        csr_pem: &'a str,
+    ) -> BoxFuture<'a, Result<String, SignError>> {
+        Box::pin(async move {
+            self.certificate(purpose, csr_pem)
+                .await
+                .map_err(|e| SignError {
+                    retryable: e.retryable(),
+                    message: e.to_string(),
+                })
+        })
+    }
+}
+
+impl NodeReadiness for SeederClient {
+    fn is_ready<'a>(
+        &'a self,
+        node: &'a NodeName,
+        gate: &'a str,
+    ) -> BoxFuture<'a, Result<bool, ReadinessError>> {
+        Box::pin(async move {
+            self.ready(node, gate)
+                .await
+                .map(|r| r.ready)
+                .map_err(|e| ReadinessError {
+                    message: e.to_string(),
+                })
+        })
+    }
+}

@@ -1,0 +1,246 @@
+//! `check`: node-local validation probes reported as `{node, check, expected, got, status}`.
+//! PASS iff got == expected (CommandOutput: stdout contains expected); a probe that cannot run is
+//! FAIL with the reason in `got`. Checks change nothing, so they never appear in a plan.
+
+use std::time::Duration;
+
+use hiveseed_proto::manifest::{Check, Probe};
+use hiveseed_proto::status::MAX_TEXT;
+use hiveseed_proto::{AbsPath, CheckRecord, CheckStatus, Manifest, NodeName, Resource, Sha256};
+
+use super::wait::{error_chain, https_client, read_text};
+use crate::host::{truncate_stderr, Exec, Host};
+use crate::plan::ServiceManager;
+use crate::supervisor::Supervisor;
+
+/// Where the probes look besides the Host.
+#[derive(Clone, Copy)]
+pub struct CheckEnv<'a> {
+    pub host: &'a dyn Host,
+    pub node: &'a NodeName,
+    pub manager: ServiceManager,
+    pub supervisor: Option<&'a Supervisor>,
+    /// Bound on one probe.
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for CheckEnv<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckEnv")
+            .field("node", &self.node)
+            .field("manager", &self.manager)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Every check of the manifest, in order.
+pub async fn run_checks(manifest: &Manifest, env: &CheckEnv<'_>) -> Vec<CheckRecord> {
+    let mut out = Vec::new();
+    for r in &manifest.resources {
+        if let Resource::Check(c) = r {
+            out.push(run_check(env, c).await);
+        }
+    }
+    out
+}
+
+fn bounded(s: &str) -> String {
+    if s.len() <= MAX_TEXT {
+        return s.to_owned();
+    }
+    let mut end = MAX_TEXT - 3;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+pub async fn run_check(env: &CheckEnv<'_>, c: &Check) -> CheckRecord {
+    let record = |got: String, pass: bool| CheckRecord {
+        node: env.node.clone(),
+        check: c.check.clone(),
+        expected: c.expected.clone(),
+        got: bounded(&got),
+        status: if pass {
+            CheckStatus::Pass
+        } else {
+            CheckStatus::Fail
+        },
+    };
+    if let Probe::CommandOutput { argv } = &c.probe {
+        return match command_output(env.host, argv) {
+            Ok(stdout) => {
+                let pass = stdout.contains(&c.expected);
+                record(stdout.trim().to_owned(), pass)
+            }
+            Err(reason) => record(reason, false),
+        };
+    }
+    let got = match tokio::time::timeout(env.timeout, observe(env, &c.probe)).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("probe timed out after {:?}", env.timeout)),
+    };
+    match got {
+        Ok(got) => {
+            let pass = got == c.expected;
+            record(got, pass)
+        }
+        Err(reason) => record(reason, false),
+    }
+}
+
+fn command_output(host: &dyn Host, argv: &[String]) -> Result<String, String> {
+    if argv.is_empty() {
+        return Err("cannot run: empty argv".into());
+    }
+    let exec = Exec::new(argv.iter().cloned());
+    let out = host
+        .exec(&exec)
+        .map_err(|e| format!("cannot run: {}", error_chain(&e)))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`{}` {}: {}",
+            exec.display(),
+            out.status,
+            truncate_stderr(&out.stderr)
+        ));
+    }
+    Ok(out.stdout_str())
+}
+
+async fn observe(env: &CheckEnv<'_>, probe: &Probe) -> Result<String, String> {
+    match probe {
+        Probe::FileSha256 { path } => match env.host.read(path) {
+            Ok(Some(b)) => Ok(Sha256::digest(&b).to_hex()),
+            Ok(None) => Err(format!("{path} is missing")),
+            Err(e) => Err(error_chain(&e)),
+        },
+        Probe::CommandOutput { argv } => command_output(env.host, argv),
+        Probe::HttpsJson {
+            url,
+            field,
+            ca_path,
+            cert_path,
+            key_path,
+            api_key_file,
+        } => {
+            let client = https_client(env.host, ca_path, cert_path, key_path)?;
+            let mut req = client.get(url);
+            if let Some(f) = api_key_file {
+                req = req.header("x-api-key", read_text(env.host, f)?.trim());
+            }
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| format!("GET {url}: {}", error_chain(&e)))?;
+            if !resp.status().is_success() {
+                return Err(format!("GET {url}: {}", resp.status()));
+            }
+            let v: serde_json::Value = resp
+                .json()
+                .await
+                .map_err(|e| format!("GET {url}: body is not JSON: {e}"))?;
+            json_field(&v, field).ok_or_else(|| format!("no field {field:?} in the response"))
+        }
+        Probe::Sql {
+            dbname,
+            user,
+            query,
+        } => sql(env.host, dbname, user, query).await,
+        Probe::ProcessCount { exe, arg } => Ok(process_count(exe, arg).to_string()),
+        Probe::ServiceActive { unit } => match env.manager {
+            ServiceManager::Systemd => {
+                let out = env
+                    .host
+                    .exec(&Exec::new(["systemctl", "is-active", unit.as_str()]))
+                    .map_err(|e| error_chain(&e))?;
+                Ok(out.stdout_str().trim().to_owned())
+            }
+            ServiceManager::Supervisor => {
+                Ok(if env.supervisor.is_some_and(|s| s.is_active(unit)) {
+                    "active"
+                } else {
+                    "inactive"
+                }
+                .to_owned())
+            }
+        },
+    }
+}
+
+/// A dotted path (`a.b.0.c`) into JSON; strings unquoted, anything else as JSON text.
+pub fn json_field(v: &serde_json::Value, path: &str) -> Option<String> {
+    let mut cur = v;
+    for part in path.split('.') {
+        cur = match cur {
+            serde_json::Value::Array(a) => a.get(part.parse::<usize>().ok()?)?,
+            other => other.get(part)?,
+        };
+    }
+    Some(match cur {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    })
+}
+
+/// Processes (in the agent's pid namespace) whose argv[0] is `exe` and argv[1] is `arg`.
+pub fn process_count(exe: &AbsPath, arg: &str) -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|c| {
+            let mut parts = c.split(|b| *b == 0);
+            parts.next() == Some(exe.as_str().as_bytes()) && parts.next() == Some(arg.as_bytes())
+        })
+        .count()
+}
+
+/// One value over the local socket as the `postgres` superuser (pg_hba `local all all trust`).
+async fn sql(host: &dyn Host, dbname: &str, user: &str, query: &str) -> Result<String, String> {
+    let socket_dir: AbsPath = "/var/run/postgresql".parse().expect("static path");
+    let dir = host.dir_path(&socket_dir).map_err(|e| error_chain(&e))?;
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host_path(dir)
+        .dbname(dbname)
+        .user(user)
+        .connect_timeout(Duration::from_secs(5));
+    let (client, conn) = cfg
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|e| format!("connect to {dbname}: {}", error_chain(&e)))?;
+    let conn = tokio::spawn(conn);
+    let rows = client
+        .simple_query(query)
+        .await
+        .map_err(|e| format!("query: {}", error_chain(&e)));
+    drop(client);
+    conn.abort();
+    for msg in rows? {
+        if let tokio_postgres::SimpleQueryMessage::Row(row) = msg {
+            return Ok(row.get(0).unwrap_or("NULL").to_owned());
+        }
+    }
+    Err("query returned no rows".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_fields() {
+        let v = serde_json::json!({"status": "ok", "n": 57, "a": [{"b": true}]});
+        assert_eq!(json_field(&v, "status").as_deref(), Some("ok"));
+        assert_eq!(json_field(&v, "n").as_deref(), Some("57"));
+        assert_eq!(json_field(&v, "a.0.b").as_deref(), Some("true"));
+        assert_eq!(json_field(&v, "missing"), None);
+    }
+}

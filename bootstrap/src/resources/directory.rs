@@ -1,0 +1,148 @@
+//! `directory`: exists, with mode and owner (names resolved in the root's passwd/group).
+//! Also the attribute comparison that files and keys share.
+
+use std::collections::BTreeMap;
+
+use hiveseed_proto::manifest::{Directory, Ownership};
+use hiveseed_proto::{AbsPath, FileMode, ResourceId};
+
+use crate::host::{Attrs, FileKind, Host, HostError, Owner, Stat};
+use crate::plan::{Action, PlanError};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    pub stat: Option<Stat>,
+    /// The desired owner's ids, `None` when not managed or not (yet) known to the root.
+    pub owner: Option<Owner>,
+}
+
+/// Resolves owner names once per observe pass.
+#[derive(Debug, Default)]
+pub struct OwnerCache {
+    map: BTreeMap<(String, String), Option<Owner>>,
+}
+
+impl OwnerCache {
+    pub fn resolve(&mut self, host: &dyn Host, o: &Ownership) -> Result<Option<Owner>, HostError> {
+        let key = (o.owner.clone(), o.group.clone());
+        if let Some(v) = self.map.get(&key) {
+            return Ok(*v);
+        }
+        let uid = host.lookup_user(&o.owner)?.map(|e| e.uid);
+        let gid = host.lookup_group(&o.group)?;
+        let v = match (uid, gid) {
+            (Some(uid), Some(gid)) => Some(Owner { uid, gid }),
+            _ => None,
+        };
+        self.map.insert(key, v);
+        Ok(v)
+    }
+}
+
+pub fn observe(
+    host: &dyn Host,
+    owners: &mut OwnerCache,
+    path: &AbsPath,
+    owner: Option<&Ownership>,
+) -> Result<Observed, HostError> {
+    let stat = host.stat(path)?;
+    let owner = match owner {
+        Some(o) => owners.resolve(host, o)?,
+        None => None,
+    };
+    Ok(Observed { stat, owner })
+}
+
+/// chmod/chown actions that bring an existing path to the desired mode and owner.
+pub(crate) fn attr_actions(
+    path: &AbsPath,
+    stat: &Stat,
+    mode: FileMode,
+    want_owner: Option<&Ownership>,
+    resolved: Option<Owner>,
+) -> Vec<Action> {
+    let mut out = Vec::new();
+    if stat.mode != mode.bits() {
+        out.push(Action::Chmod {
+            path: path.clone(),
+            mode,
+        });
+    }
+    if let Some(o) = want_owner {
+        let matches = resolved.is_some_and(|r| r.uid == stat.uid && r.gid == stat.gid);
+        if !matches {
+            out.push(Action::Chown {
+                path: path.clone(),
+                owner: o.clone(),
+            });
+        }
+    }
+    out
+}
+
+pub(crate) fn expect_kind(
+    id: &ResourceId,
+    path: &AbsPath,
+    stat: &Stat,
+    kind: FileKind,
+) -> Result<(), PlanError> {
+    if stat.kind != kind {
+        return Err(PlanError::WrongKind {
+            id: id.clone(),
+            path: path.clone(),
+            expected: match kind {
+                FileKind::Directory => "directory",
+                _ => "regular file",
+            },
+        });
+    }
+    Ok(())
+}
+
+pub fn plan(d: &Directory, o: &Observed) -> Result<Vec<Action>, PlanError> {
+    let Some(stat) = &o.stat else {
+        return Ok(vec![Action::CreateDirectory {
+            path: d.path.clone(),
+            mode: d.mode,
+            owner: d.owner.clone(),
+        }]);
+    };
+    expect_kind(&d.id, &d.path, stat, FileKind::Directory)?;
+    Ok(attr_actions(
+        &d.path,
+        stat,
+        d.mode,
+        d.owner.as_ref(),
+        o.owner,
+    ))
+}
+
+pub(crate) fn resolve(
+    host: &dyn Host,
+    path: &AbsPath,
+    owner: Option<&Ownership>,
+) -> Result<Option<Owner>, HostError> {
+    owner
+        .map(|o| host.resolve_owner(path, &o.owner, &o.group))
+        .transpose()
+}
+
+pub fn ensure_directory(
+    host: &dyn Host,
+    path: &AbsPath,
+    mode: FileMode,
+    owner: Option<&Ownership>,
+) -> Result<(), HostError> {
+    let owner = resolve(host, path, owner)?;
+    super::ensure_parents(host, path)?;
+    host.mkdir(path, Attrs { mode, owner })
+}
+
+pub fn ensure_mode(host: &dyn Host, path: &AbsPath, mode: FileMode) -> Result<(), HostError> {
+    host.chmod(path, mode)
+}
+
+pub fn ensure_owner(host: &dyn Host, path: &AbsPath, owner: &Ownership) -> Result<(), HostError> {
+    let ids = host.resolve_owner(path, &owner.owner, &owner.group)?;
+    host.chown(path, ids)
+}

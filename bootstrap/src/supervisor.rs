@@ -1,0 +1,886 @@
+//! The agent's own service manager where systemd is not PID 1 (containers, the lab): it runs the
+//! same unit files systemd would (see [`crate::unit`]) as children, restarts them per `Restart=`
+//! with capped exponential backoff, stops them with `KillSignal=` then SIGKILL, and survives an
+//! agent restart by adopting the children recorded in its pid files (watched through a pidfd).
+//!
+//! One tokio task per service owns its process; the `Supervisor` talks to it over a channel and
+//! reads its state from a watch channel, so tests (and the agent) wait on state, never on time.
+//! Dropping the `Supervisor` detaches: children keep running, to be adopted by the next agent.
+
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hiveseed_proto::{AbsPath, FileMode};
+use rustix::process::{Pid, Signal};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use crate::host::{Attrs, Host, HostError};
+use crate::resources::service::{unit_path, valid_unit_name, UNIT_DIR};
+use crate::unit::{ExitMatch, KillSignal, RestartPolicy, Unit, UnitError};
+
+/// PATH for children, as systemd sets it.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+const HISTORY: usize = 32;
+
+#[derive(Debug, Clone)]
+pub struct SupervisorSettings {
+    pub unit_dir: AbsPath,
+    /// `<unit>.pid` files, read on agent restart to adopt running children.
+    pub pid_dir: AbsPath,
+    /// `<unit>.log`: stdout and stderr of each service, appended.
+    pub log_dir: AbsPath,
+    /// Upper bound of the restart backoff.
+    pub backoff_cap: Duration,
+    /// A child that ran at least this long resets the backoff to `RestartSec=`.
+    pub stable_after: Duration,
+}
+
+impl Default for SupervisorSettings {
+    fn default() -> Self {
+        Self {
+            unit_dir: UNIT_DIR.parse().expect("static path"),
+            pid_dir: "/run/hiveseed".parse().expect("static path"),
+            log_dir: "/var/log/hiveseed".parse().expect("static path"),
+            backoff_cap: Duration::from_secs(60),
+            stable_after: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error("unit {unit}: invalid unit name")]
+    BadName { unit: String },
+    #[error("unit {unit}: {path} is missing")]
+    UnitMissing { unit: String, path: AbsPath },
+    #[error("unit {unit}")]
+    Unit {
+        unit: String,
+        #[source]
+        source: UnitError,
+    },
+    #[error("unit {unit}: EnvironmentFile {path} is missing")]
+    EnvironmentFile { unit: String, path: AbsPath },
+    #[error("unit {unit}: {what} {name:?} is not in the root's {db}")]
+    UnknownName {
+        unit: String,
+        what: &'static str,
+        name: String,
+        db: &'static str,
+    },
+    #[error("unit {unit}: ExecStart expands to nothing")]
+    EmptyCommand { unit: String },
+    /// Only the program is named: expanded arguments may carry secrets.
+    #[error("unit {unit}: cannot start {program}")]
+    Spawn {
+        unit: String,
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("unit {unit}")]
+    Host {
+        unit: String,
+        #[source]
+        source: HostError,
+    },
+    #[error("unit {unit}: its supervising task is gone")]
+    Gone { unit: String },
+}
+
+/// How a child ended. `Unknown` for adopted children, whose status went to their real parent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+    Unknown,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Running,
+    /// Waiting out the restart delay.
+    BackingOff,
+    /// Ended and `Restart=` says not to restart it.
+    Exited,
+    /// Stopped on request.
+    Stopped,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceStatus {
+    pub state: State,
+    pub pid: Option<u32>,
+    /// Processes this supervisor instance spawned for the unit.
+    pub starts: u32,
+    /// The current process was adopted from a previous agent.
+    pub adopted: bool,
+    pub last_exit: Option<Exit>,
+    /// Restart delays scheduled after crashes, oldest first (the last 32).
+    pub restart_delays: Vec<Duration>,
+    pub last_error: Option<String>,
+}
+
+impl ServiceStatus {
+    pub fn active(&self) -> bool {
+        matches!(self.state, State::Running | State::BackingOff)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartOutcome {
+    Started { pid: u32 },
+    Adopted { pid: u32 },
+    AlreadyRunning,
+}
+
+enum Cmd {
+    Stop(oneshot::Sender<()>),
+    Restart(oneshot::Sender<Result<u32, SupervisorError>>),
+}
+
+struct Handle {
+    tx: mpsc::UnboundedSender<Cmd>,
+    status: watch::Receiver<ServiceStatus>,
+}
+
+pub struct Supervisor {
+    host: Arc<dyn Host>,
+    settings: SupervisorSettings,
+    services: Mutex<BTreeMap<String, Handle>>,
+}
+
+impl std::fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor")
+            .field("host", &self.host)
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A unit made ready to run: everything resolved, nothing spawned.
+#[derive(Debug)]
+struct Prepared {
+    unit: Unit,
+    /// May hold values expanded from the EnvironmentFile: never logged.
+    argv: Vec<String>,
+    env: BTreeMap<String, String>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    cwd: PathBuf,
+}
+
+struct Running {
+    pid: u32,
+    proc: Proc,
+    since: Instant,
+    adopted: bool,
+}
+
+enum Proc {
+    Child(tokio::process::Child),
+    Adopted(AsyncFd<OwnedFd>),
+}
+
+impl Running {
+    /// Resolves when the process has exited (cancel-safe).
+    async fn wait(&mut self) -> Exit {
+        match &mut self.proc {
+            Proc::Child(c) => match c.wait().await {
+                Ok(st) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    match (st.code(), st.signal()) {
+                        (Some(c), _) => Exit::Code(c),
+                        (None, Some(s)) => Exit::Signal(s),
+                        _ => Exit::Unknown,
+                    }
+                }
+                Err(_) => Exit::Unknown,
+            },
+            // A pidfd turns readable when its process exits.
+            Proc::Adopted(fd) => {
+                let _ = fd.readable().await;
+                Exit::Unknown
+            }
+        }
+    }
+
+    /// Signals the whole process group (children are spawned as group leaders), as systemd's
+    /// default KillMode=control-group signals the whole cgroup.
+    fn signal(&self, sig: Signal) {
+        if let Some(pid) = Pid::from_raw(self.pid as i32) {
+            if rustix::process::kill_process_group(pid, sig).is_err() {
+                let _ = rustix::process::kill_process(pid, sig);
+            }
+        }
+    }
+}
+
+fn rustix_signal(s: KillSignal) -> Signal {
+    match s {
+        KillSignal::Hup => Signal::HUP,
+        KillSignal::Int => Signal::INT,
+        KillSignal::Quit => Signal::QUIT,
+        KillSignal::Kill => Signal::KILL,
+        KillSignal::Usr1 => Signal::USR1,
+        KillSignal::Usr2 => Signal::USR2,
+        KillSignal::Term => Signal::TERM,
+    }
+}
+
+/// `KillSignal=`, then SIGKILL after `TimeoutStopSec=`; then SIGKILL to what is left of the group.
+async fn stop_process(r: &mut Running, unit: &Unit) -> Exit {
+    r.signal(rustix_signal(unit.kill_signal));
+    let exit = match unit.timeout_stop {
+        Some(t) => match tokio::time::timeout(t, r.wait()).await {
+            Ok(e) => e,
+            Err(_) => {
+                r.signal(Signal::KILL);
+                r.wait().await
+            }
+        },
+        None => r.wait().await,
+    };
+    r.signal(Signal::KILL);
+    exit
+}
+
+/// systemd's `Restart=` rules; SIGHUP/SIGINT/SIGTERM/SIGPIPE count as clean exits.
+pub fn should_restart(unit: &Unit, exit: Exit) -> bool {
+    let prevented = unit.restart_prevent_exit_status.iter().any(|m| {
+        matches!((m, exit), (ExitMatch::Code(a), Exit::Code(b)) if *a == b)
+            || matches!((m, exit), (ExitMatch::Signal(a), Exit::Signal(b)) if *a == b)
+    });
+    if prevented {
+        return false;
+    }
+    match unit.restart {
+        RestartPolicy::No => false,
+        RestartPolicy::Always => true,
+        RestartPolicy::OnFailure => match exit {
+            Exit::Code(c) => c != 0,
+            Exit::Signal(s) => ![1, 2, 13, 15].contains(&s),
+            Exit::Unknown => true,
+        },
+    }
+}
+
+/// `RestartSec=` doubled per consecutive failure, capped.
+pub fn backoff(restart_sec: Duration, consecutive: u32, cap: Duration) -> Duration {
+    let base = restart_sec.max(Duration::from_millis(10));
+    let factor = 1u32 << consecutive.saturating_sub(1).min(16);
+    base.saturating_mul(factor).min(cap.max(base))
+}
+
+fn pid_path(settings: &SupervisorSettings, unit: &str) -> AbsPath {
+    format!("{}/{unit}.pid", settings.pid_dir)
+        .parse()
+        .expect("valid unit name makes a valid path")
+}
+
+fn log_path(settings: &SupervisorSettings, unit: &str) -> AbsPath {
+    format!("{}/{unit}.log", settings.log_dir)
+        .parse()
+        .expect("valid unit name makes a valid path")
+}
+
+fn ensure_dir(host: &dyn Host, path: &AbsPath) -> Result<(), HostError> {
+    crate::resources::ensure_parents(host, path)?;
+    host.mkdir(
+        path,
+        Attrs {
+            mode: FileMode::new(0o755).expect("valid mode"),
+            owner: None,
+        },
+    )
+}
+
+fn prepare(
+    host: &dyn Host,
+    settings: &SupervisorSettings,
+    name: &str,
+) -> Result<Prepared, SupervisorError> {
+    let host_err = |source| SupervisorError::Host {
+        unit: name.to_owned(),
+        source,
+    };
+    let path: AbsPath = format!("{}/{name}", settings.unit_dir)
+        .parse()
+        .map_err(|_| SupervisorError::BadName { unit: name.into() })?;
+    let text = host
+        .read(&path)
+        .map_err(host_err)?
+        .ok_or_else(|| SupervisorError::UnitMissing {
+            unit: name.into(),
+            path: path.clone(),
+        })?;
+    let unit = crate::unit::parse(&String::from_utf8_lossy(&text)).map_err(|source| {
+        SupervisorError::Unit {
+            unit: name.into(),
+            source,
+        }
+    })?;
+    let mut files = Vec::new();
+    for ef in &unit.environment_files {
+        match host.read(&ef.path).map_err(host_err)? {
+            Some(b) => files.push(Some(String::from_utf8_lossy(&b).into_owned())),
+            None if ef.optional => files.push(None),
+            None => {
+                return Err(SupervisorError::EnvironmentFile {
+                    unit: name.into(),
+                    path: ef.path.clone(),
+                })
+            }
+        }
+    }
+    let unit_env = unit.environment_with(&files);
+    let argv = unit.exec_argv(&unit_env);
+    if argv.is_empty() {
+        return Err(SupervisorError::EmptyCommand { unit: name.into() });
+    }
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    env.insert("PATH".into(), DEFAULT_PATH.into());
+    let (mut uid, mut gid) = (None, None);
+    if let Some(user) = &unit.user {
+        let e = host.lookup_user(user).map_err(host_err)?.ok_or_else(|| {
+            SupervisorError::UnknownName {
+                unit: name.into(),
+                what: "user",
+                name: user.clone(),
+                db: "/etc/passwd",
+            }
+        })?;
+        uid = Some(e.uid);
+        gid = Some(e.gid);
+        env.insert("HOME".into(), e.home.clone());
+        env.insert("USER".into(), e.name.clone());
+        env.insert("LOGNAME".into(), e.name.clone());
+        env.insert("SHELL".into(), e.shell.clone());
+    }
+    if let Some(group) = &unit.group {
+        gid = Some(host.lookup_group(group).map_err(host_err)?.ok_or_else(|| {
+            SupervisorError::UnknownName {
+                unit: name.into(),
+                what: "group",
+                name: group.clone(),
+                db: "/etc/group",
+            }
+        })?);
+    }
+    env.extend(unit_env);
+    let root: AbsPath = "/".parse().expect("static path");
+    let cwd = host
+        .dir_path(unit.working_directory.as_ref().unwrap_or(&root))
+        .map_err(host_err)?;
+    Ok(Prepared {
+        unit,
+        argv,
+        env,
+        uid,
+        gid,
+        cwd,
+    })
+}
+
+fn spawn(
+    host: &dyn Host,
+    settings: &SupervisorSettings,
+    name: &str,
+    p: &Prepared,
+) -> Result<Running, SupervisorError> {
+    let host_err = |source| SupervisorError::Host {
+        unit: name.to_owned(),
+        source,
+    };
+    ensure_dir(host, &settings.log_dir).map_err(host_err)?;
+    let log = host
+        .open_append(
+            &log_path(settings, name),
+            FileMode::new(0o640).expect("valid"),
+        )
+        .map_err(host_err)?;
+    let log2 = log.try_clone().map_err(|source| SupervisorError::Spawn {
+        unit: name.into(),
+        program: p.argv[0].clone(),
+        source,
+    })?;
+    let mut cmd = tokio::process::Command::new(&p.argv[0]);
+    cmd.args(&p.argv[1..])
+        .env_clear()
+        .envs(&p.env)
+        .current_dir(&p.cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log2))
+        .process_group(0)
+        .kill_on_drop(false);
+    if let Some(gid) = p.gid {
+        cmd.gid(gid);
+    }
+    if let Some(uid) = p.uid {
+        cmd.uid(uid);
+    }
+    let child = cmd.spawn().map_err(|source| SupervisorError::Spawn {
+        unit: name.into(),
+        program: p.argv[0].clone(),
+        source,
+    })?;
+    let pid = child.id().unwrap_or(0);
+    // Applied right after the spawn: std offers no safe pre-exec hook, and `unsafe` is
+    // forbidden here. The daemons we run open their files long after this point.
+    if let Some(rpid) = Pid::from_raw(pid as i32) {
+        if let Some(limit) = p.unit.limit_nofile {
+            let r = rustix::process::prlimit(
+                Some(rpid),
+                rustix::process::Resource::Nofile,
+                rustix::process::Rlimit {
+                    current: limit.soft,
+                    maximum: limit.hard,
+                },
+            );
+            if let Err(e) = r {
+                tracing::warn!(unit = name, error = %e, "LimitNOFILE not applied");
+            }
+        }
+        if let Some(nice) = p.unit.nice {
+            if let Err(e) = rustix::process::setpriority_process(Some(rpid), nice) {
+                tracing::warn!(unit = name, error = %e, "Nice not applied");
+            }
+        }
+    }
+    ensure_dir(host, &settings.pid_dir).map_err(host_err)?;
+    host.write_atomic(
+        &pid_path(settings, name),
+        format!("{pid}\n").as_bytes(),
+        Attrs {
+            mode: FileMode::new(0o644).expect("valid"),
+            owner: None,
+        },
+    )
+    .map_err(host_err)?;
+    tracing::info!(unit = name, pid, "service started");
+    Ok(Running {
+        pid,
+        proc: Proc::Child(child),
+        since: Instant::now(),
+        adopted: false,
+    })
+}
+
+enum Adoptable {
+    /// Same argv: the very process we would start.
+    Matched(Running),
+    /// Our program, other arguments (its inputs changed while no agent ran): replace it.
+    Stale(Running),
+}
+
+/// The process named by the unit's pid file, if it is still ours.
+fn find_adoptable(
+    host: &dyn Host,
+    settings: &SupervisorSettings,
+    name: &str,
+    p: &Prepared,
+) -> Option<Adoptable> {
+    let text = host.read(&pid_path(settings, name)).ok()??;
+    let pid: i32 = String::from_utf8_lossy(&text).trim().parse().ok()?;
+    let rpid = Pid::from_raw(pid)?;
+    // Open the pidfd first, then read cmdline: the pidfd pins the process, so a recycled pid
+    // cannot slip in between the check and the watch.
+    let fd = rustix::process::pidfd_open(rpid, rustix::process::PidfdFlags::empty()).ok()?;
+    // /proc is the kernel's view of our own pid namespace, not a file under the root.
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<&[u8]> = cmdline
+        .strip_suffix(&[0])
+        .unwrap_or(&cmdline)
+        .split(|b| *b == 0)
+        .collect();
+    let want: Vec<&[u8]> = p.argv.iter().map(|a| a.as_bytes()).collect();
+    // The safe constructor is deprecated because a borrowed fd could be closed while
+    // registered; this one is an OwnedFd moved into the AsyncFd, closed only when it drops.
+    #[allow(deprecated)]
+    let fd = AsyncFd::with_interest(fd, tokio::io::Interest::READABLE).ok()?;
+    let running = Running {
+        pid: pid as u32,
+        proc: Proc::Adopted(fd),
+        since: Instant::now(),
+        adopted: true,
+    };
+    if args == want {
+        Some(Adoptable::Matched(running))
+    } else if args.first() == want.first() {
+        Some(Adoptable::Stale(running))
+    } else {
+        None
+    }
+}
+
+struct Monitor {
+    host: Arc<dyn Host>,
+    settings: SupervisorSettings,
+    name: String,
+    prepared: Prepared,
+    status: watch::Sender<ServiceStatus>,
+}
+
+impl Monitor {
+    fn update(&self, f: impl FnOnce(&mut ServiceStatus)) {
+        self.status.send_modify(f);
+    }
+
+    fn running(&self, r: &Running) {
+        let (pid, adopted) = (r.pid, r.adopted);
+        self.update(|s| {
+            s.state = State::Running;
+            s.pid = Some(pid);
+            s.adopted = adopted;
+            s.last_error = None;
+            if !adopted {
+                s.starts += 1;
+            }
+        });
+    }
+
+    fn gone(&self, pid: u32) {
+        if let Some(p) = Pid::from_raw(pid as i32) {
+            let _ = rustix::process::kill_process_group(p, Signal::KILL);
+        }
+        let _ = self.host.remove(&pid_path(&self.settings, &self.name));
+    }
+
+    /// Re-reads the unit from disk and starts it (a restart picks up changed inputs).
+    fn respawn(&mut self) -> Result<Running, SupervisorError> {
+        self.prepared = prepare(self.host.as_ref(), &self.settings, &self.name)?;
+        spawn(
+            self.host.as_ref(),
+            &self.settings,
+            &self.name,
+            &self.prepared,
+        )
+    }
+
+    async fn run(mut self, mut running: Option<Running>, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+        let mut consecutive: u32 = 0;
+        let mut next_start: Option<Instant> = None;
+        loop {
+            let cmd = if let Some(r) = running.as_mut() {
+                tokio::select! {
+                    exit = r.wait() => {
+                        let (pid, ran) = (r.pid, r.since.elapsed());
+                        running = None;
+                        self.gone(pid);
+                        tracing::info!(unit = %self.name, pid, ?exit, "service exited");
+                        if should_restart(&self.prepared.unit, exit) {
+                            if ran >= self.settings.stable_after {
+                                consecutive = 0;
+                            }
+                            consecutive += 1;
+                            let delay = backoff(self.prepared.unit.restart_sec, consecutive, self.settings.backoff_cap);
+                            next_start = Some(Instant::now() + delay);
+                            self.update(|s| {
+                                s.state = State::BackingOff;
+                                s.pid = None;
+                                s.last_exit = Some(exit);
+                                s.restart_delays.push(delay);
+                                if s.restart_delays.len() > HISTORY {
+                                    s.restart_delays.remove(0);
+                                }
+                            });
+                        } else {
+                            self.update(|s| {
+                                s.state = State::Exited;
+                                s.pid = None;
+                                s.last_exit = Some(exit);
+                            });
+                        }
+                        continue;
+                    }
+                    cmd = rx.recv() => cmd,
+                }
+            } else {
+                let sleep = async {
+                    match next_start {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    () = sleep => {
+                        next_start = None;
+                        match spawn(self.host.as_ref(), &self.settings, &self.name, &self.prepared) {
+                            Ok(r) => {
+                                self.running(&r);
+                                running = Some(r);
+                            }
+                            Err(e) => {
+                                consecutive += 1;
+                                let delay = backoff(self.prepared.unit.restart_sec, consecutive, self.settings.backoff_cap);
+                                next_start = Some(Instant::now() + delay);
+                                let msg = crate::resources::wait::error_chain(&e);
+                                self.update(|s| {
+                                    s.state = State::BackingOff;
+                                    s.restart_delays.push(delay);
+                                    s.last_error = Some(msg);
+                                });
+                            }
+                        }
+                        continue;
+                    }
+                    cmd = rx.recv() => cmd,
+                }
+            };
+            match cmd {
+                // The Supervisor was dropped (agent restart): leave the child running.
+                None => return,
+                Some(Cmd::Stop(reply)) => {
+                    if let Some(mut r) = running.take() {
+                        let exit = stop_process(&mut r, &self.prepared.unit).await;
+                        self.gone(r.pid);
+                        self.update(|s| s.last_exit = Some(exit));
+                    }
+                    self.update(|s| {
+                        s.state = State::Stopped;
+                        s.pid = None;
+                    });
+                    let _ = reply.send(());
+                    return;
+                }
+                Some(Cmd::Restart(reply)) => {
+                    if let Some(mut r) = running.take() {
+                        let exit = stop_process(&mut r, &self.prepared.unit).await;
+                        self.gone(r.pid);
+                        self.update(|s| s.last_exit = Some(exit));
+                    }
+                    next_start = None;
+                    consecutive = 0;
+                    match self.respawn() {
+                        Ok(r) => {
+                            self.running(&r);
+                            let _ = reply.send(Ok(r.pid));
+                            running = Some(r);
+                        }
+                        Err(e) => {
+                            let msg = crate::resources::wait::error_chain(&e);
+                            self.update(|s| {
+                                s.state = State::Exited;
+                                s.pid = None;
+                                s.last_error = Some(msg);
+                            });
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Supervisor {
+    /// No I/O: units are read when started.
+    pub fn new(host: Arc<dyn Host>, settings: SupervisorSettings) -> Self {
+        Self {
+            host,
+            settings,
+            services: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn services(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Handle>> {
+        self.services.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Running or waiting to be restarted.
+    pub fn is_active(&self, unit: &str) -> bool {
+        self.services()
+            .get(unit)
+            .is_some_and(|h| h.status.borrow().active())
+    }
+
+    pub fn status(&self, unit: &str) -> Option<ServiceStatus> {
+        self.services().get(unit).map(|h| h.status.borrow().clone())
+    }
+
+    /// A watch on the unit's state, for waiting on a condition instead of sleeping.
+    pub fn watch(&self, unit: &str) -> Option<watch::Receiver<ServiceStatus>> {
+        self.services().get(unit).map(|h| h.status.clone())
+    }
+
+    /// Called once at agent start, before the first plan: adopts each listed unit's child that
+    /// is still running (so the plan sees it active and starts nothing). Units without a pid
+    /// file are left for the plan to start.
+    pub async fn recover<'u>(
+        &self,
+        units: impl IntoIterator<Item = &'u str>,
+    ) -> Vec<(String, Result<StartOutcome, SupervisorError>)> {
+        let mut out = Vec::new();
+        for unit in units {
+            if !valid_unit_name(unit) {
+                continue;
+            }
+            let has_pid = matches!(self.host.stat(&pid_path(&self.settings, unit)), Ok(Some(_)));
+            if has_pid && unit_path(unit).is_some() {
+                out.push((unit.to_owned(), self.start(unit).await));
+            }
+        }
+        out
+    }
+
+    /// Starts the unit from its unit file unless it runs already; adopts a still-running child
+    /// of a previous agent instead of starting a second one.
+    pub async fn start(&self, unit: &str) -> Result<StartOutcome, SupervisorError> {
+        if !valid_unit_name(unit) {
+            return Err(SupervisorError::BadName { unit: unit.into() });
+        }
+        let existing = self
+            .services()
+            .get(unit)
+            .map(|h| (h.tx.clone(), h.status.borrow().state));
+        match existing {
+            Some((_, State::Running | State::BackingOff)) => {
+                return Ok(StartOutcome::AlreadyRunning)
+            }
+            Some((tx, State::Exited)) if !tx.is_closed() => {
+                return self
+                    .send_restart(unit, &tx)
+                    .await
+                    .map(|pid| StartOutcome::Started { pid })
+            }
+            _ => {}
+        }
+        let host = self.host.as_ref();
+        let prepared = prepare(host, &self.settings, unit)?;
+        let (running, outcome) = match find_adoptable(host, &self.settings, unit, &prepared) {
+            Some(Adoptable::Matched(r)) => {
+                tracing::info!(unit, pid = r.pid, "adopted running service");
+                let pid = r.pid;
+                (r, StartOutcome::Adopted { pid })
+            }
+            Some(Adoptable::Stale(mut old)) => {
+                tracing::info!(unit, pid = old.pid, "replacing a stale instance");
+                stop_process(&mut old, &prepared.unit).await;
+                let r = spawn(host, &self.settings, unit, &prepared)?;
+                let pid = r.pid;
+                (r, StartOutcome::Started { pid })
+            }
+            None => {
+                let r = spawn(host, &self.settings, unit, &prepared)?;
+                let pid = r.pid;
+                (r, StartOutcome::Started { pid })
+            }
+        };
+        let (status_tx, status_rx) = watch::channel(ServiceStatus {
+            state: State::Running,
+            pid: None,
+            starts: 0,
+            adopted: false,
+            last_exit: None,
+            restart_delays: Vec::new(),
+            last_error: None,
+        });
+        let monitor = Monitor {
+            host: self.host.clone(),
+            settings: self.settings.clone(),
+            name: unit.to_owned(),
+            prepared,
+            status: status_tx,
+        };
+        monitor.running(&running);
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(monitor.run(Some(running), rx));
+        self.services().insert(
+            unit.to_owned(),
+            Handle {
+                tx,
+                status: status_rx,
+            },
+        );
+        Ok(outcome)
+    }
+
+    async fn send_restart(
+        &self,
+        unit: &str,
+        tx: &mpsc::UnboundedSender<Cmd>,
+    ) -> Result<u32, SupervisorError> {
+        let (reply, rx) = oneshot::channel();
+        tx.send(Cmd::Restart(reply))
+            .map_err(|_| SupervisorError::Gone { unit: unit.into() })?;
+        rx.await
+            .map_err(|_| SupervisorError::Gone { unit: unit.into() })?
+    }
+
+    /// Stops (KillSignal, then SIGKILL after TimeoutStopSec) and starts again with the unit file
+    /// and environment as they are now. Only called when an input changed.
+    pub async fn restart(&self, unit: &str) -> Result<u32, SupervisorError> {
+        let tx = self
+            .services()
+            .get(unit)
+            .map(|h| h.tx.clone())
+            .filter(|tx| !tx.is_closed());
+        let tx = match tx {
+            Some(tx) => tx,
+            None => match self.start(unit).await? {
+                StartOutcome::Started { pid } => return Ok(pid),
+                StartOutcome::Adopted { .. } | StartOutcome::AlreadyRunning => self
+                    .services()
+                    .get(unit)
+                    .map(|h| h.tx.clone())
+                    .ok_or_else(|| SupervisorError::Gone { unit: unit.into() })?,
+            },
+        };
+        self.send_restart(unit, &tx).await
+    }
+
+    /// Stops the unit and forgets its pid file.
+    pub async fn stop(&self, unit: &str) -> Result<(), SupervisorError> {
+        let tx = self.services().get(unit).map(|h| h.tx.clone());
+        let Some(tx) = tx else { return Ok(()) };
+        let (reply, rx) = oneshot::channel();
+        if tx.send(Cmd::Stop(reply)).is_err() {
+            return Ok(());
+        }
+        let _ = rx.await;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unit(text: &str) -> Unit {
+        crate::unit::parse(text).unwrap()
+    }
+
+    #[test]
+    fn restart_rules_follow_systemd() {
+        let u = unit("[Service]\nExecStart=/bin/x\nRestart=on-failure\nRestartPreventExitStatus=75 SIGUSR1\n");
+        assert!(!should_restart(&u, Exit::Code(0)));
+        assert!(should_restart(&u, Exit::Code(1)));
+        assert!(!should_restart(&u, Exit::Code(75)));
+        assert!(!should_restart(&u, Exit::Signal(15)));
+        assert!(should_restart(&u, Exit::Signal(9)));
+        assert!(!should_restart(&u, Exit::Signal(10)));
+        assert!(should_restart(&u, Exit::Unknown));
+        let always = unit("[Service]\nExecStart=/bin/x\nRestart=always\n");
+        assert!(should_restart(&always, Exit::Code(0)));
+        let no = unit("[Service]\nExecStart=/bin/x\n");
+        assert!(!should_restart(&no, Exit::Code(1)));
+    }
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let s = Duration::from_secs(3);
+        let cap = Duration::from_secs(20);
+        let got: Vec<u64> = (1..=5).map(|n| backoff(s, n, cap).as_secs()).collect();
+        assert_eq!(got, [3, 6, 12, 20, 20]);
+        assert_eq!(backoff(Duration::ZERO, 1, cap), Duration::from_millis(10));
+        assert_eq!(backoff(s, 1000, cap), cap);
+    }
+}

@@ -1,0 +1,298 @@
+//! Shared fixtures: a temp root with its own passwd/group, manifests, and in-process fakes for the
+//! seeder-backed collaborators (signer, fetcher, readiness).
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use hiveseed_bootstrap::host::fake::FakeHost;
+use hiveseed_bootstrap::resources::BoxFuture;
+use hiveseed_bootstrap::{
+    apply, observe, plan, ApplyEnv, ApplyEvent, ApplySettings, ApplySummary, ArtifactFetcher,
+    CertSigner, FetchError, Host, NodeReadiness, ObserveEnv, Plan, PlanContext, ReadinessError,
+    SignError, Supervisor, WaitPolicy,
+};
+use hiveseed_proto::manifest::{CertificatePurpose, MANIFEST_VERSION};
+use hiveseed_proto::{Generation, Manifest, NodeName, Resource, Sha256};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, IsCa, Issuer, KeyPair,
+};
+
+pub const PASSWD: &str = "root:x:0:0:root:/root:/bin/bash\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\npostgres:x:101:104::/var/lib/postgresql:/bin/bash\n";
+pub const GROUP: &str = "root:x:0:\nnogroup:x:65534:\npostgres:x:104:\n";
+
+/// A temp dir laid out like a minimal node root.
+pub fn temp_root() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("etc")).unwrap();
+    std::fs::write(dir.path().join("etc/passwd"), PASSWD).unwrap();
+    std::fs::write(dir.path().join("etc/group"), GROUP).unwrap();
+    dir
+}
+
+pub fn node() -> NodeName {
+    "do-1461-peer-nyc3-01".parse().unwrap()
+}
+
+pub fn manifest(resources: Vec<Resource>) -> Manifest {
+    Manifest {
+        v: MANIFEST_VERSION,
+        campaign: "do-1461".parse().unwrap(),
+        node: node(),
+        role: "peer".parse().unwrap(),
+        region: "nyc3".parse().unwrap(),
+        generation: Generation(1),
+        issued_at: 1,
+        not_after: u64::MAX / 2,
+        digest: Manifest::digest_of(&resources),
+        report_interval_secs: 30,
+        resources,
+    }
+}
+
+pub fn res(json: serde_json::Value) -> Resource {
+    serde_json::from_value(json).expect("resource json")
+}
+
+/// Signs CSRs with a CA made in the test; validity chosen per test.
+pub struct TestCa {
+    pub cert_pem: String,
+    issuer: Mutex<Issuer<'static, KeyPair>>,
+    /// (seconds before now, seconds after now) of issued certificates.
+    pub validity: Mutex<(i64, i64)>,
+    pub signed: AtomicU32,
+}
+
+impl TestCa {
+    pub fn new() -> Self {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "test campaign CA");
+        let cert = params.self_signed(&key).unwrap();
+        Self {
+            cert_pem: cert.pem(),
+            issuer: Mutex::new(Issuer::new(params, key)),
+            validity: Mutex::new((3600, 30 * 86400)),
+            signed: AtomicU32::new(0),
+        }
+    }
+
+    /// A server certificate for `sans` (IPs or DNS names), with its key, signed by this CA.
+    pub fn issue(&self, sans: &[&str], client: bool) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        params.extended_key_usages = vec![if client {
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth
+        } else {
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth
+        }];
+        let issuer = self.issuer.lock().unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+impl CertSigner for TestCa {
+    fn sign<'a>(
+        &'a self,
+        _purpose: CertificatePurpose,
+        csr_pem: &'a str,
+    ) -> BoxFuture<'a, Result<String, SignError>> {
+        Box::pin(async move {
+            let mut csr =
+                CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| SignError {
+                    message: e.to_string(),
+                    retryable: false,
+                })?;
+            let (before, after) = *self.validity.lock().unwrap();
+            let now = time::OffsetDateTime::now_utc();
+            csr.params.not_before = now - time::Duration::seconds(before);
+            csr.params.not_after = now + time::Duration::seconds(after);
+            let issuer = self.issuer.lock().unwrap();
+            let cert = csr.signed_by(&issuer).map_err(|e| SignError {
+                message: e.to_string(),
+                retryable: false,
+            })?;
+            self.signed.fetch_add(1, Ordering::SeqCst);
+            Ok(format!("{}{}", cert.pem(), self.cert_pem))
+        })
+    }
+}
+
+/// Serves artifacts from memory, counting fetches.
+#[derive(Default)]
+pub struct MemFetcher {
+    pub blobs: Mutex<BTreeMap<Sha256, Vec<u8>>>,
+    pub fetches: AtomicU32,
+}
+
+impl MemFetcher {
+    pub fn with(blob: &[u8]) -> Self {
+        let f = Self::default();
+        f.blobs
+            .lock()
+            .unwrap()
+            .insert(Sha256::digest(blob), blob.to_vec());
+        f
+    }
+}
+
+impl ArtifactFetcher for MemFetcher {
+    fn fetch<'a>(
+        &'a self,
+        sha256: &'a Sha256,
+        _size: u64,
+    ) -> BoxFuture<'a, Result<Vec<u8>, FetchError>> {
+        Box::pin(async move {
+            self.fetches.fetch_add(1, Ordering::SeqCst);
+            self.blobs
+                .lock()
+                .unwrap()
+                .get(sha256)
+                .cloned()
+                .ok_or_else(|| FetchError {
+                    message: format!("no artifact {sha256}"),
+                    retryable: false,
+                })
+        })
+    }
+}
+
+/// Ready after `after` calls.
+pub struct CountingReadiness {
+    pub after: u32,
+    pub calls: AtomicU32,
+}
+
+impl CountingReadiness {
+    pub fn new(after: u32) -> Self {
+        Self {
+            after,
+            calls: AtomicU32::new(0),
+        }
+    }
+}
+
+impl NodeReadiness for CountingReadiness {
+    fn is_ready<'a>(
+        &'a self,
+        _node: &'a NodeName,
+        _gate: &'a str,
+    ) -> BoxFuture<'a, Result<bool, ReadinessError>> {
+        Box::pin(async move { Ok(self.calls.fetch_add(1, Ordering::SeqCst) + 1 >= self.after) })
+    }
+}
+
+pub struct Env<'a> {
+    pub host: &'a dyn Host,
+    pub fetcher: &'a dyn ArtifactFetcher,
+    pub signer: &'a dyn CertSigner,
+    pub readiness: &'a dyn NodeReadiness,
+    pub supervisor: Option<&'a Supervisor>,
+}
+
+impl<'a> Env<'a> {
+    pub fn new(host: &'a dyn Host) -> Self {
+        Self {
+            host,
+            fetcher: &hiveseed_bootstrap::Unavailable,
+            signer: &hiveseed_bootstrap::Unavailable,
+            readiness: &hiveseed_bootstrap::Unavailable,
+            supervisor: None,
+        }
+    }
+
+    pub async fn plan(&self, m: &Manifest) -> Plan {
+        let observed = observe(
+            m,
+            &ObserveEnv {
+                host: self.host,
+                supervisor: self.supervisor,
+                readiness: self.readiness,
+                probe_timeout: Duration::from_secs(2),
+            },
+        )
+        .await
+        .expect("observe");
+        plan(m, &observed, &PlanContext::now()).expect("plan")
+    }
+
+    pub async fn apply(&self, p: &Plan) -> (ApplySummary, Vec<ApplyEvent>) {
+        let mut events = Vec::new();
+        let node = node();
+        let env = ApplyEnv {
+            host: self.host,
+            node: &node,
+            fetcher: self.fetcher,
+            signer: self.signer,
+            readiness: self.readiness,
+            supervisor: self.supervisor,
+            settings: ApplySettings {
+                apt_lock_timeout: Duration::from_secs(60),
+                wait: WaitPolicy {
+                    first_delay: Duration::from_millis(10),
+                    max_delay: Duration::from_millis(100),
+                    attempt_timeout: Duration::from_secs(2),
+                },
+            },
+        };
+        let summary = apply(p, &env, &mut |e| events.push(e))
+            .await
+            .unwrap_or_else(|e| panic!("apply failed: {:#}", anyhow::Error::new(e)));
+        (summary, events)
+    }
+
+    /// First plan changes something, apply reports it changed, second plan is empty.
+    pub async fn converge(&self, m: &Manifest) -> (Plan, ApplySummary) {
+        let first = self.plan(m).await;
+        assert!(
+            !first.is_empty(),
+            "first plan should change something:\n{first}"
+        );
+        let (summary, _) = self.apply(&first).await;
+        for step in first.changing() {
+            let r = summary.reports.iter().find(|r| r.id == step.id).unwrap();
+            assert_eq!(
+                r.outcome,
+                hiveseed_proto::status::Outcome::Changed,
+                "{}",
+                step.id
+            );
+        }
+        let second = self.plan(m).await;
+        assert!(second.is_empty(), "second plan must be empty:\n{second}");
+        assert_eq!(second.actions().count(), 0);
+        (first, summary)
+    }
+}
+
+pub fn fake_host(root: &tempfile::TempDir) -> FakeHost {
+    FakeHost::new(root.path()).unwrap()
+}
+
+/// Polls `cond` until it holds or `deadline` passes: waiting on a condition, never a fixed sleep.
+pub async fn eventually<F, Fut>(what: &str, deadline: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let end = std::time::Instant::now() + deadline;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

@@ -1,0 +1,384 @@
+//! The supervisor with real child processes (small /bin/sh scripts written by each test).
+//! Every wait is on a condition with a deadline, never a fixed sleep.
+
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use hiveseed_bootstrap::supervisor::{Exit, ServiceStatus, StartOutcome, State};
+use hiveseed_bootstrap::{Host, RealHost, Supervisor, SupervisorSettings};
+use serde_json::json;
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+struct Fixture {
+    root: tempfile::TempDir,
+    host: Arc<dyn Host>,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let root = temp_root();
+        let host: Arc<dyn Host> = Arc::new(RealHost::new(root.path()).unwrap());
+        Self { root, host }
+    }
+
+    fn path(&self, rel: &str) -> std::path::PathBuf {
+        self.root.path().join(rel)
+    }
+
+    /// Host path of a script written under the root.
+    fn script(&self, name: &str, body: &str) -> String {
+        let p = self.path(name);
+        std::fs::write(&p, body).unwrap();
+        p.to_str().unwrap().to_owned()
+    }
+
+    fn unit(&self, name: &str, text: &str) {
+        let dir = self.path("etc/systemd/system");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+
+    fn supervisor(&self) -> Supervisor {
+        Supervisor::new(
+            self.host.clone(),
+            SupervisorSettings {
+                backoff_cap: Duration::from_millis(500),
+                ..SupervisorSettings::default()
+            },
+        )
+    }
+}
+
+async fn wait_status(
+    sup: &Supervisor,
+    unit: &str,
+    what: &str,
+    cond: impl Fn(&ServiceStatus) -> bool,
+) -> ServiceStatus {
+    let mut rx = sup.watch(unit).expect("unit is supervised");
+    let got = tokio::time::timeout(DEADLINE, rx.wait_for(|s| cond(s)))
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}: {:?}", sup.status(unit)))
+        .expect("status channel open")
+        .clone();
+    got
+}
+
+async fn wait_file(path: &Path) -> String {
+    let p = path.to_owned();
+    eventually(&format!("{}", p.display()), DEADLINE, || {
+        let p = p.clone();
+        async move { std::fs::read_to_string(&p).is_ok_and(|s| s.ends_with('\n')) }
+    })
+    .await;
+    std::fs::read_to_string(path).unwrap()
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie still has a /proc entry; count it as gone.
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+/// Processes whose command line contains `needle`, not counting a forked child that has not
+/// exec'd yet (it briefly shares its parent's cmdline: `sh` forking for `sleep`).
+fn count_cmdline(needle: &str) -> usize {
+    let matching: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            if !String::from_utf8_lossy(&cmd)
+                .replace('\0', " ")
+                .contains(needle)
+            {
+                return None;
+            }
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let ppid = stat
+                .rsplit(')')
+                .next()?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            alive(pid).then_some((pid, ppid))
+        })
+        .collect();
+    matching
+        .iter()
+        .filter(|(_, ppid)| !matching.iter().any(|(pid, _)| pid == ppid))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_loop_restarts_with_exponential_backoff_and_respects_prevent_status() {
+    let fx = Fixture::new();
+    let counter = fx.path("starts");
+    let script = fx.script(
+        "crash.sh",
+        &format!("echo start >> {}\nexit 1\n", counter.display()),
+    );
+    fx.unit(
+        "crash.service",
+        &format!("[Service]\nExecStart=/bin/sh {script}\nRestart=on-failure\nRestartSec=20ms\n"),
+    );
+    let sup = fx.supervisor();
+    assert!(matches!(
+        sup.start("crash.service").await.unwrap(),
+        StartOutcome::Started { .. }
+    ));
+    let s = wait_status(&sup, "crash.service", "4 starts", |s| s.starts >= 4).await;
+    let ms: Vec<u128> = s.restart_delays.iter().map(Duration::as_millis).collect();
+    assert_eq!(&ms[..3], [20, 40, 80], "{ms:?}");
+    assert_eq!(s.last_exit, Some(Exit::Code(1)));
+    sup.stop("crash.service").await.unwrap();
+    let runs = std::fs::read_to_string(&counter).unwrap().lines().count();
+    assert!(runs >= 4, "{runs}");
+
+    // RestartPreventExitStatus: exit 75 is final.
+    let script = fx.script("tempfail.sh", "exit 75\n");
+    fx.unit(
+        "tempfail.service",
+        &format!("[Service]\nExecStart=/bin/sh {script}\nRestart=on-failure\nRestartSec=10ms\nRestartPreventExitStatus=75\n"),
+    );
+    sup.start("tempfail.service").await.unwrap();
+    let s = wait_status(&sup, "tempfail.service", "exited", |s| {
+        s.state == State::Exited
+    })
+    .await;
+    assert_eq!((s.starts, s.last_exit), (1, Some(Exit::Code(75))));
+    assert!(s.restart_delays.is_empty());
+    assert!(!sup.is_active("tempfail.service"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_uses_the_units_kill_signal_and_escalates_to_sigkill() {
+    let fx = Fixture::new();
+    let marker = fx.path("stopped");
+    let ready = fx.path("ready");
+    let script = fx.script(
+        "graceful.sh",
+        &format!(
+            "trap 'echo stopped-by-sigint > {m}; exit 0' INT\ntrap 'echo wrong-signal > {m}; exit 0' TERM\necho up > {r}\nwhile :; do sleep 1; done\n",
+            m = marker.display(),
+            r = ready.display()
+        ),
+    );
+    fx.unit(
+        "graceful.service",
+        &format!("[Service]\nExecStart=/bin/sh {script}\nKillSignal=SIGINT\nTimeoutStopSec=10\nRestart=always\n"),
+    );
+    let sup = fx.supervisor();
+    sup.start("graceful.service").await.unwrap();
+    wait_file(&ready).await;
+    let pid = sup.status("graceful.service").unwrap().pid.unwrap();
+    let pidfile = std::fs::read_to_string(fx.path("run/hiveseed/graceful.service.pid")).unwrap();
+    assert_eq!(pidfile.trim(), pid.to_string());
+    sup.stop("graceful.service").await.unwrap();
+    assert_eq!(wait_file(&marker).await, "stopped-by-sigint\n");
+    let s = sup.status("graceful.service").unwrap();
+    assert_eq!(
+        (s.state, s.last_exit, s.starts),
+        (State::Stopped, Some(Exit::Code(0)), 1)
+    );
+    assert!(!alive(pid));
+    assert!(!fx.path("run/hiveseed/graceful.service.pid").exists());
+
+    // A child that ignores KillSignal is killed after TimeoutStopSec.
+    let ready2 = fx.path("ready2");
+    let script = fx.script(
+        "stubborn.sh",
+        &format!(
+            "trap '' INT\necho up > {}\nwhile :; do sleep 1; done\n",
+            ready2.display()
+        ),
+    );
+    fx.unit(
+        "stubborn.service",
+        &format!(
+            "[Service]\nExecStart=/bin/sh {script}\nKillSignal=SIGINT\nTimeoutStopSec=200ms\n"
+        ),
+    );
+    sup.start("stubborn.service").await.unwrap();
+    wait_file(&ready2).await;
+    sup.stop("stubborn.service").await.unwrap();
+    assert_eq!(
+        sup.status("stubborn.service").unwrap().last_exit,
+        Some(Exit::Signal(9))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn environment_file_expands_into_argv_and_secrets_stay_out_of_cmdline() {
+    let fx = Fixture::new();
+    std::fs::write(
+        fx.path("etc/app.env"),
+        "GREETING=hello world\nARGS=-a -b\nAPP_SECRET=hunter2-very-secret\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        fx.path("etc/app.env"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o400),
+    )
+    .unwrap();
+    let out = fx.path("args");
+    let script = fx.script(
+        "args.sh",
+        &format!(
+            "echo log-line-from-child\nfor a in \"$@\"; do echo \"[$a]\"; done > {o}.tmp\necho \"secret-len=${{#APP_SECRET}}\" >> {o}.tmp\nmv {o}.tmp {o}\nwhile :; do sleep 1; done\n",
+            o = out.display()
+        ),
+    );
+    fx.unit(
+        "args.service",
+        &format!("[Service]\nEnvironment=UNIT_VAR=from-unit\nEnvironmentFile=/etc/app.env\nEnvironmentFile=-/etc/missing.env\nExecStart=/bin/sh {script} ${{GREETING}} $ARGS ${{UNIT_VAR}}\nKillSignal=SIGTERM\n"),
+    );
+    let sup = fx.supervisor();
+    sup.start("args.service").await.unwrap();
+    let got = wait_file(&out).await;
+    assert_eq!(
+        got, "[hello world]\n[-a]\n[-b]\n[from-unit]\nsecret-len=19\n",
+        "argv as systemd expands it; the secret arrives through the environment"
+    );
+    let pid = sup.status("args.service").unwrap().pid.unwrap();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(!String::from_utf8_lossy(&cmdline).contains("hunter2"));
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(String::from_utf8_lossy(&environ).contains("APP_SECRET=hunter2-very-secret"));
+    let log = std::fs::read_to_string(fx.path("var/log/hiveseed/args.service.log")).unwrap();
+    assert!(log.contains("log-line-from-child"), "{log}");
+    sup.stop("args.service").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_adopts_the_running_child_instead_of_starting_another() {
+    let fx = Fixture::new();
+    let ready = fx.path("ready");
+    let script = fx.script(
+        "daemon.sh",
+        &format!("echo up > {}\nwhile :; do sleep 1; done\n", ready.display()),
+    );
+    let unit_text = format!(
+        "[Service]\nEnvironmentFile=/etc/app.env\nExecStart=/bin/sh {script} --id ${{ID}}\nRestart=on-failure\nRestartSec=10ms\nKillSignal=SIGTERM\n"
+    );
+    let m = manifest(vec![
+        res(
+            json!({"kind": "file", "id": "file:env", "path": "/etc/app.env", "mode": "0400",
+                   "secret": true, "content": {"type": "text", "text": "ID=peer-01\n"}}),
+        ),
+        res(
+            json!({"kind": "service", "id": "service:app", "unit": "app.service",
+                   "unit_text": unit_text, "notify": ["file:env"]}),
+        ),
+    ]);
+    let needle = format!("{script} --id peer-01");
+
+    let first = fx.supervisor();
+    {
+        let mut env = Env::new(fx.host.as_ref());
+        env.supervisor = Some(&first);
+        env.converge(&m).await;
+    }
+    wait_file(&ready).await;
+    let pid = first.status("app.service").unwrap().pid.unwrap();
+    eventually("1 instance(s)", DEADLINE, || async {
+        count_cmdline(&needle) == 1
+    })
+    .await;
+    drop(first); // the agent goes away; its child stays
+
+    let second = fx.supervisor();
+    let recovered = second.recover(["app.service"]).await;
+    assert_eq!(recovered.len(), 1);
+    assert_eq!(
+        recovered[0].1.as_ref().unwrap(),
+        &StartOutcome::Adopted { pid }
+    );
+    let s = second.status("app.service").unwrap();
+    assert_eq!((s.adopted, s.starts, s.pid), (true, 0, Some(pid)));
+    // The plan sees it running: nothing to do, and still exactly one instance.
+    let mut env = Env::new(fx.host.as_ref());
+    env.supervisor = Some(&second);
+    let p = env.plan(&m).await;
+    assert!(p.is_empty(), "{p}");
+    assert_eq!(
+        second.start("app.service").await.unwrap(),
+        StartOutcome::AlreadyRunning
+    );
+    eventually("1 instance(s)", DEADLINE, || async {
+        count_cmdline(&needle) == 1
+    })
+    .await;
+
+    // Its exit is noticed through the pidfd and Restart= applies.
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid as i32).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    let s = wait_status(
+        &second,
+        "app.service",
+        "restart after the adopted child died",
+        |s| s.starts == 1 && s.pid.is_some_and(|p| p != pid),
+    )
+    .await;
+    assert!(!s.adopted);
+    eventually("old instance gone", DEADLINE, || async { !alive(pid) }).await;
+    eventually("1 instance(s)", DEADLINE, || async {
+        count_cmdline(&needle) == 1
+    })
+    .await;
+    second.stop("app.service").await.unwrap();
+    eventually("0 instance(s)", DEADLINE, || async {
+        count_cmdline(&needle) == 0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_instance_from_before_the_restart_is_replaced_not_duplicated() {
+    let fx = Fixture::new();
+    let script = fx.script("d.sh", "while :; do sleep 1; done\n");
+    std::fs::write(fx.path("etc/app.env"), "ID=old\n").unwrap();
+    fx.unit(
+        "app.service",
+        &format!("[Service]\nEnvironmentFile=/etc/app.env\nExecStart=/bin/sh {script} ${{ID}}\nKillSignal=SIGTERM\n"),
+    );
+    let first = fx.supervisor();
+    first.start("app.service").await.unwrap();
+    let old = first.status("app.service").unwrap().pid.unwrap();
+    drop(first);
+    // Inputs changed while no agent was running.
+    std::fs::write(fx.path("etc/app.env"), "ID=new\n").unwrap();
+    let second = fx.supervisor();
+    let out = second.start("app.service").await.unwrap();
+    assert!(
+        matches!(out, StartOutcome::Started { pid } if pid != old),
+        "{out:?}"
+    );
+    eventually("stale instance stopped", DEADLINE, || async { !alive(old) }).await;
+    eventually("0 instance(s)", DEADLINE, || async {
+        count_cmdline(&format!("{script} old")) == 0
+    })
+    .await;
+    eventually("1 instance(s)", DEADLINE, || async {
+        count_cmdline(&format!("{script} new")) == 1
+    })
+    .await;
+    second.stop("app.service").await.unwrap();
+}
