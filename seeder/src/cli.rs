@@ -331,6 +331,20 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 async fn serve(dir: CampaignDir, listen: SocketAddr, policy: Policy) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    serve_on(dir, listener, policy, shutdown_signal()).await
+}
+
+/// Serves the campaign on an already bound listener until `shutdown` resolves. Takes the
+/// campaign's serve lock, so other `seeder` commands know a server is running.
+pub async fn serve_on(
+    dir: CampaignDir,
+    listener: tokio::net::TcpListener,
+    policy: Policy,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
     // One serving seeder per campaign directory.
     let lock = std::fs::OpenOptions::new()
         .create(true)
@@ -355,20 +369,18 @@ async fn serve(dir: CampaignDir, listen: SocketAddr, policy: Policy) -> Result<(
     seeder
         .store
         .set_meta("rendered_inputs", &seeder.inputs().id.to_string())?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("binding {listen}"))?;
     let bound = listener.local_addr()?;
     tracing::info!(listen = %bound, campaign = %seeder.inputs().fleet.campaign, "seeder serving");
     // The first line on stdout is the bound address (tests and the lab listen on port 0).
     println!("listening on {bound}");
     let _ = std::io::stdout().flush();
-    tokio::spawn(watch_changes(seeder.clone()));
+    let watcher = tokio::spawn(watch_changes(seeder.clone()));
     let app = crate::api::app(seeder.clone());
-    crate::tls::serve(listener, config, app, shutdown_signal()).await?;
+    let result = crate::tls::serve(listener, config, app, shutdown).await;
+    watcher.abort();
     tracing::info!("seeder stopped");
     drop(lock);
-    Ok(())
+    result
 }
 
 async fn shutdown_signal() {
@@ -423,7 +435,9 @@ async fn watch_changes(seeder: Arc<Seeder>) {
     }
 }
 
-fn publish(dir: &CampaignDir, timeout: u64) -> Result<()> {
+/// `seeder publish`: validates and publishes the inputs on disk; waits for a running seeder to
+/// render them, or renders them itself when none is serving.
+pub fn publish(dir: &CampaignDir, timeout: u64) -> Result<()> {
     let store = open_store(dir)?;
     let (fleet_text, roles) = state::read_inputs_from_disk(dir)?;
     let fleet = Fleet::parse(&fleet_text)?;

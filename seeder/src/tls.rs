@@ -63,7 +63,10 @@ pub async fn serve(
 ) -> Result<()> {
     let acceptor = TlsAcceptor::from(config);
     tokio::pin!(shutdown);
+    // Connections end with the listener: a stopped seeder holds no long-poll open.
+    let mut conns: tokio::task::JoinSet<()> = tokio::task::JoinSet::new();
     loop {
+        while conns.try_join_next().is_some() {}
         let (tcp, remote) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -74,7 +77,10 @@ pub async fn serve(
                     continue;
                 }
             },
-            () = &mut shutdown => return Ok(()),
+            () = &mut shutdown => {
+                conns.abort_all();
+                return Ok(());
+            }
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();

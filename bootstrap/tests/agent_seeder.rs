@@ -1,0 +1,429 @@
+//! The real agent binary against the real seeder (in-process, real TLS on loopback): two nodes in
+//! temp roots enroll, converge (the peer waits for its pg), pick up a redeploy, repair drift,
+//! and spool reports while the seeder is down, delivering them in order when it returns.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::pkcs8::DecodePrivateKey;
+use hiveseed_proto::token::{JoinClaims, TOKEN_VERSION};
+use hiveseed_proto::JoinToken;
+use hiveseed_seeder::campaign::{self, CampaignDir};
+use hiveseed_seeder::fleet::Fleet;
+use hiveseed_seeder::state::Policy;
+use hiveseed_seeder::store::Store;
+
+const FLEET: &str = r#"campaign = "e2e"
+seeder_url = "https://127.0.9.1:8443"
+
+[regions.r1]
+pg = 1
+peer = 1
+
+[federation]
+catchup_interval_secs = 30
+
+[ttl]
+report_interval_secs = 5
+
+[pins.postgres]
+major = 17
+source = "distro"
+server = "*"
+pgvector = "*"
+age = "*"
+expect_server = "17"
+expect_pgvector = "0"
+expect_age = "0"
+
+[pins.ai_memory]
+version = "0.7.0"
+sha256 = "abababababababababababababababababababababababababababababababab"
+schema = 57
+"#;
+
+const PG: &str = r#"
+[[resource]]
+kind = "directory"
+id = "dir:app"
+path = "/etc/app"
+mode = "0755"
+
+[[resource]]
+kind = "file"
+id = "file:app-conf"
+path = "/etc/app/app.conf"
+mode = "0600"
+secret = true
+content = { type = "text", text = "node={{ node.name }}\npassword={{ secrets.pg_password }}\n" }
+
+[[resource]]
+kind = "service"
+id = "service:app"
+unit = "e2e-app.service"
+notify = ["file:app-conf"]
+unit_text = """[Unit]
+Description=e2e workload
+[Service]
+Type=simple
+ExecStart=/bin/sleep 100000
+Restart=always
+RestartSec=1
+"""
+
+[[resource]]
+kind = "check"
+id = "check:app"
+check = "app.active"
+expected = "active"
+probe = { type = "service_active", unit = "e2e-app.service" }
+"#;
+
+const PEER: &str = r#"
+[[resource]]
+kind = "wait"
+id = "wait:pg"
+when = "region.pg is not none"
+timeout_secs = 120
+target = { type = "node", node = "{{ region.pg.name }}", gate = "converged" }
+
+[[resource]]
+kind = "file"
+id = "file:peer-conf"
+when = "region.pg is not none"
+path = "/etc/peer/peer.conf"
+mode = "0644"
+content = { type = "text", text = "pg={{ region.pg.private_ip }}\ncatchup={{ fleet.federation.catchup_interval_secs }}\n" }
+"#;
+
+struct Server {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+async fn serve(dir: &CampaignDir, addr: SocketAddr) -> Server {
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let dir = dir.clone();
+    let task = tokio::spawn(async move {
+        hiveseed_seeder::cli::serve_on(dir, listener, Policy::default(), async {
+            let _ = rx.await;
+        })
+        .await
+    });
+    Server {
+        stop: Some(tx),
+        task,
+    }
+}
+
+impl Server {
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+struct Node {
+    root: PathBuf,
+    child: Option<Child>,
+}
+
+impl Node {
+    fn new(tmp: &Path, dir: &CampaignDir, name: &str, role: &str, n: u8, seeder: &str) -> Self {
+        let root = tmp.join(name);
+        std::fs::create_dir_all(root.join("etc/hiveseed")).unwrap();
+        let key = ed25519_dalek::SigningKey::from_pkcs8_pem(
+            &std::fs::read_to_string(dir.manifest_key()).unwrap(),
+        )
+        .unwrap();
+        let claims = JoinClaims {
+            v: TOKEN_VERSION,
+            campaign: "e2e".parse().unwrap(),
+            node: name.parse().unwrap(),
+            role: role.parse().unwrap(),
+            region: "r1".parse().unwrap(),
+            exp: hiveseed_bootstrap::agent::unix_now() + 3600,
+            nonce: format!("{n:032x}"),
+        };
+        let token = JoinToken::sign(&claims, &key);
+        let join = hiveseed_proto::join::JoinConfig {
+            seeder_url: seeder.into(),
+            campaign: "e2e".parse().unwrap(),
+            node: name.parse().unwrap(),
+            role: role.parse().unwrap(),
+            region: "r1".parse().unwrap(),
+            join_url: format!("{seeder}/v1/join/{name}?token={}", token.as_str()),
+            ca_pem: std::fs::read_to_string(dir.ca_cert()).unwrap(),
+            manifest_key_pem: std::fs::read_to_string(dir.manifest_pub()).unwrap(),
+        };
+        std::fs::write(
+            root.join("etc/hiveseed/join.toml"),
+            toml::to_string(&join).unwrap(),
+        )
+        .unwrap();
+        std::fs::write(
+            root.join("etc/hiveseed/facts.json"),
+            format!(
+                r#"{{"droplet_id": {n}, "region": "r1", "public_ipv4": "127.1.1.{n}", "private_ipv4": "127.0.1.{n}"}}"#
+            ),
+        )
+        .unwrap();
+        Self { root, child: None }
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::File::create(self.root.join("agent.log")).unwrap();
+        self.child = Some(
+            Command::new(env!("CARGO_BIN_EXE_bootstrap"))
+                .args([
+                    "--root",
+                    self.root.to_str().unwrap(),
+                    "agent",
+                    "--drift-interval",
+                    "2",
+                ])
+                .env("RUST_LOG", "info")
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+    }
+
+    fn read(&self, p: &str) -> Option<String> {
+        std::fs::read_to_string(self.root.join(p)).ok()
+    }
+
+    fn service_pid(&self, unit: &str) -> Option<u32> {
+        self.read(&format!("run/hiveseed/{unit}.pid"))
+            .and_then(|s| s.trim().parse().ok())
+    }
+
+    fn spooled(&self) -> usize {
+        std::fs::read_dir(self.root.join("var/lib/hiveseed/spool"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    fn log(&self) -> String {
+        self.read("agent.log").unwrap_or_default()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Supervised children outlive a killed agent (by design: the next agent adopts them).
+        if let Ok(d) = std::fs::read_dir(self.root.join("run/hiveseed")) {
+            for e in d.flatten() {
+                if let Some(pid) = std::fs::read_to_string(e.path())
+                    .ok()
+                    .and_then(|s| s.trim().parse::<i32>().ok())
+                {
+                    let _ = Command::new("kill")
+                        .arg("-KILL")
+                        .arg(pid.to_string())
+                        .status();
+                }
+            }
+        }
+    }
+}
+
+async fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+    }
+}
+
+fn view(store: &Store, fleet_text: &str) -> hiveseed_seeder::report::FleetView {
+    let fleet = Fleet::parse(fleet_text).unwrap();
+    hiveseed_seeder::report::fleet_view(store, &fleet, hiveseed_bootstrap::agent::unix_now())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_converge_redeploy_repair_and_spool_through_a_seeder_outage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let roles = tmp.path().join("roles");
+    std::fs::create_dir_all(&roles).unwrap();
+    std::fs::write(roles.join("fleet.toml"), FLEET).unwrap();
+    std::fs::write(roles.join("pg.toml"), PG).unwrap();
+    std::fs::write(roles.join("peer.toml"), PEER).unwrap();
+    let dir = CampaignDir::new(tmp.path().join("campaign"));
+    let fleet = Fleet::parse(FLEET).unwrap();
+    campaign::init(
+        &dir,
+        &roles.join("fleet.toml"),
+        &roles,
+        &fleet,
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
+
+    // An ephemeral port, reused when the seeder comes back.
+    let addr = std::net::TcpListener::bind("127.0.9.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let seeder_url = format!("https://{addr}");
+    let server = serve(&dir, addr).await;
+
+    let mut pg = Node::new(tmp.path(), &dir, "e2e-pg-r1-01", "pg", 10, &seeder_url);
+    let mut peer = Node::new(tmp.path(), &dir, "e2e-peer-r1-01", "peer", 11, &seeder_url);
+    // The peer starts first: it must wait for its pg.
+    peer.start();
+    pg.start();
+
+    let store = Store::open(&dir.state_db()).unwrap();
+    eventually("both nodes converged", Duration::from_secs(60), || {
+        view(&store, FLEET).all_converged.then_some(())
+    })
+    .await;
+    let conf = pg.read("etc/app/app.conf").unwrap();
+    assert!(conf.starts_with("node=e2e-pg-r1-01\npassword="), "{conf}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(pg.root.join("etc/app/app.conf"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    assert_eq!(
+        peer.read("etc/peer/peer.conf").unwrap(),
+        "pg=127.0.1.10\ncatchup=30\n"
+    );
+    // The peer reported waiting on its pg before the pg converged.
+    let waited = peer.log().contains("waiting blocked_on=");
+    let app_pid = pg
+        .service_pid("e2e-app.service")
+        .expect("service started by the supervisor");
+    // The pg's node-local check reached the seeder.
+    let (r, _) = store
+        .latest_report(&"e2e-pg-r1-01".parse().unwrap())
+        .unwrap()
+        .unwrap();
+    assert!(
+        r.checks
+            .iter()
+            .any(|c| c.check == "app.active" && c.got == "active"),
+        "{:?}",
+        r.checks
+    );
+
+    // Redeploy: a setting only the peer uses. The peer converges on the new generation within
+    // seconds; the pg gets no new generation and its service is not restarted.
+    let pg_gen = store
+        .manifest(&"e2e-pg-r1-01".parse().unwrap())
+        .unwrap()
+        .unwrap()
+        .generation;
+    std::fs::write(
+        roles.join("fleet.toml"),
+        FLEET.replace("catchup_interval_secs = 30", "catchup_interval_secs = 7"),
+    )
+    .unwrap();
+    let d2 = dir.clone();
+    let published = Instant::now();
+    tokio::task::spawn_blocking(move || hiveseed_seeder::cli::publish(&d2, 30))
+        .await
+        .unwrap()
+        .unwrap();
+    eventually(
+        "the peer applied the new generation",
+        Duration::from_secs(30),
+        || {
+            (peer.read("etc/peer/peer.conf").as_deref() == Some("pg=127.0.1.10\ncatchup=7\n"))
+                .then_some(())
+        },
+    )
+    .await;
+    let took = published.elapsed();
+    eprintln!(
+        "redeploy: publish -> peer applied in {:.2}s",
+        took.as_secs_f64()
+    );
+    assert_eq!(
+        store
+            .manifest(&"e2e-pg-r1-01".parse().unwrap())
+            .unwrap()
+            .unwrap()
+            .generation,
+        pg_gen
+    );
+    assert_eq!(
+        pg.service_pid("e2e-app.service"),
+        Some(app_pid),
+        "pg service not restarted"
+    );
+
+    // The seeder goes down. Drift on the pg is repaired anyway (the agent has its manifest);
+    // its reports wait in the spool.
+    server.stop().await;
+    std::fs::remove_file(pg.root.join("etc/app/app.conf")).unwrap();
+    eventually(
+        "the pg repaired its drift with the seeder down",
+        Duration::from_secs(30),
+        || {
+            pg.read("etc/app/app.conf")
+                .filter(|c| c.starts_with("node="))
+                .map(|_| ())
+        },
+    )
+    .await;
+    eventually(
+        "reports spooled while the seeder is down",
+        Duration::from_secs(30),
+        || (pg.spooled() > 0).then_some(()),
+    )
+    .await;
+    // The repaired config is a notify input of the service: it was restarted once.
+    let new_pid = pg.service_pid("e2e-app.service");
+    assert_ne!(
+        new_pid,
+        Some(app_pid),
+        "the service restarts after its config was rewritten"
+    );
+
+    // The seeder returns on the same address: everything spooled arrives, in order, no gaps.
+    let server = serve(&dir, addr).await;
+    eventually("the spool drained", Duration::from_secs(60), || {
+        (pg.spooled() == 0).then_some(())
+    })
+    .await;
+    let seqs = store.report_seqs(&"e2e-pg-r1-01".parse().unwrap()).unwrap();
+    let first = seqs[0];
+    assert_eq!(
+        seqs,
+        (first..first + seqs.len() as u64).collect::<Vec<_>>(),
+        "no report lost"
+    );
+    assert!(seqs.len() >= 5, "{seqs:?}");
+    eventually(
+        "the fleet is converged again",
+        Duration::from_secs(60),
+        || view(&store, FLEET).all_converged.then_some(()),
+    )
+    .await;
+    assert!(waited, "peer log:\n{}", peer.log());
+    server.stop().await;
+}
