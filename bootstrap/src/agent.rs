@@ -74,10 +74,12 @@ impl StateDir {
             dir: root.join(STATE_DIR),
         }
     }
-    pub fn key(&self) -> PathBuf {
-        self.dir.join("identity.key")
+    /// The key made for enrollment, kept until the identity exists so a retry reuses it.
+    pub fn enroll_key(&self) -> PathBuf {
+        self.dir.join("enroll.key")
     }
-    pub fn chain(&self) -> PathBuf {
+    /// Key PEM followed by the certificate chain: one file, replaced atomically on renewal.
+    pub fn identity_file(&self) -> PathBuf {
         self.dir.join("identity.pem")
     }
     pub fn manifest(&self) -> PathBuf {
@@ -131,10 +133,8 @@ impl StateDir {
     }
 
     /// Key PEM + chain PEM, if enrolled.
-    pub fn identity(&self) -> Option<(String, String)> {
-        let key = std::fs::read_to_string(self.key()).ok()?;
-        let chain = std::fs::read_to_string(self.chain()).ok()?;
-        Some((key, chain))
+    pub fn identity(&self) -> Option<String> {
+        std::fs::read_to_string(self.identity_file()).ok()
     }
 }
 
@@ -206,6 +206,7 @@ pub struct Agent {
     last_checks: Vec<CheckRecord>,
     applied: Option<Applied>,
     etag: Option<String>,
+    last_phase: String,
 }
 
 impl std::fmt::Debug for Agent {
@@ -235,7 +236,7 @@ impl Agent {
         }
         let state = StateDir::new(&config.root);
         state.ensure()?;
-        let identity = state.identity().map(|(k, c)| format!("{k}{c}"));
+        let identity = state.identity();
         let client = SeederClient::new(
             &join.seeder_url,
             &join.ca_pem,
@@ -262,6 +263,7 @@ impl Agent {
             last_checks: Vec::new(),
             applied,
             etag: None,
+            last_phase: String::new(),
         })
     }
 
@@ -277,12 +279,21 @@ impl Agent {
             resources,
             checks: self.last_checks.clone(),
         };
-        tracing::info!(node = %self.join.node, phase = %phase.label(), "state");
-        if let Ok(json) = serde_json::to_vec(&report) {
-            let _ = self.state.write(&self.state.last_report(), &json, 0o600);
+        // INFO for state transitions, DEBUG for heartbeats that change nothing.
+        let label = phase.label();
+        if label != self.last_phase {
+            tracing::info!(node = %self.join.node, phase = %label, "state");
+            self.last_phase = label;
+        } else {
+            tracing::debug!(node = %self.join.node, phase = %label, "heartbeat");
         }
-        if let Err(e) = self.spool.push(report) {
-            tracing::error!(error = %e, "could not spool a report");
+        let mut last = report.clone();
+        match self.spool.push(report) {
+            Ok(seq) => last.seq = seq,
+            Err(e) => tracing::error!(error = %e, "could not spool a report"),
+        }
+        if let Ok(json) = serde_json::to_vec(&last) {
+            let _ = self.state.write(&self.state.last_report(), &json, 0o600);
         }
         self.flush().await;
     }
@@ -302,10 +313,23 @@ impl Agent {
         if self.state.identity().is_some() {
             return Ok(None);
         }
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        // The key is on disk (0600) before it is used, so a crash never orphans an identity.
-        self.state
-            .write(&self.state.key(), key.serialize_pem().as_bytes(), 0o600)?;
+        // The key is on disk (0600) before it is used, so a retry after a crash reuses it (the
+        // seeder sees the same key, not a replacement).
+        let key = match std::fs::read_to_string(self.state.enroll_key())
+            .ok()
+            .and_then(|pem| KeyPair::from_pem(&pem).ok())
+        {
+            Some(k) => k,
+            None => {
+                let k = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+                self.state.write(
+                    &self.state.enroll_key(),
+                    k.serialize_pem().as_bytes(),
+                    0o600,
+                )?;
+                k
+            }
+        };
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params
             .distinguished_name
@@ -320,13 +344,11 @@ impl Agent {
             tracing::info!(node = %self.join.node, seeder = %self.join.seeder_url, "enrolling");
             match self.client.enroll(&self.join.join_url, &req).await {
                 Ok(resp) => {
+                    let identity = format!("{}{}", key.serialize_pem(), resp.cert_chain_pem);
                     self.state
-                        .write(&self.state.chain(), resp.cert_chain_pem.as_bytes(), 0o600)?;
-                    self.client.set_identity(&format!(
-                        "{}{}",
-                        key.serialize_pem(),
-                        resp.cert_chain_pem
-                    ))?;
+                        .write(&self.state.identity_file(), identity.as_bytes(), 0o600)?;
+                    let _ = std::fs::remove_file(self.state.enroll_key());
+                    self.client.set_identity(&identity)?;
                     self.report(Phase::Enrolling, vec![]).await;
                     return Ok(Some(resp.manifest));
                 }
@@ -336,9 +358,48 @@ impl Agent {
                     delay = next_delay(delay, &e);
                 }
                 Err(e) => {
-                    let _ = std::fs::remove_file(self.state.key());
                     return Err(anyhow::Error::new(e).context("enrollment refused"));
                 }
+            }
+        }
+    }
+
+    /// Renews the identity certificate once it is past 2/3 of its lifetime. The new key and
+    /// chain replace the old ones in one atomic write, after the seeder signed them.
+    pub async fn renew_identity_if_due(&mut self, now: u64) {
+        let Some(identity) = self.state.identity() else {
+            return;
+        };
+        // The identity file holds the key first, then the chain: the leaf is the first certificate.
+        let leaf = identity
+            .find("-----BEGIN CERTIFICATE-----")
+            .map(|i| &identity[i..])
+            .unwrap_or("");
+        let Some((nb, na, _)) = crate::resources::certificate::parse_leaf(leaf.as_bytes()) else {
+            tracing::warn!("the identity certificate cannot be parsed; not renewing");
+            return;
+        };
+        if !crate::resources::certificate::renewal_due(nb, na, now as i64) {
+            return;
+        }
+        let renewed = async {
+            let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+            let mut params = CertificateParams::new(Vec::<String>::new())?;
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, self.join.node.as_str());
+            let csr = params.serialize_request(&key)?.pem()?;
+            let chain = self.client.renew_identity(&csr).await?;
+            let identity = format!("{}{chain}", key.serialize_pem());
+            self.state
+                .write(&self.state.identity_file(), identity.as_bytes(), 0o600)?;
+            self.client.set_identity(&identity)?;
+            anyhow::Ok(())
+        };
+        match renewed.await {
+            Ok(()) => tracing::info!(node = %self.join.node, "identity certificate renewed"),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "identity renewal failed; retrying later")
             }
         }
     }
@@ -626,6 +687,7 @@ impl Agent {
                 }
             }
             self.flush().await;
+            self.renew_identity_if_due(unix_now()).await;
         }
     }
 }

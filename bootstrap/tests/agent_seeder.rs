@@ -427,3 +427,203 @@ async fn agents_converge_redeploy_repair_and_spool_through_a_seeder_outage() {
     assert!(waited, "peer log:\n{}", peer.log());
     server.stop().await;
 }
+
+/// Files under a root, excluding the agent's own state (its spool and manifest copy).
+fn tree(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.starts_with(root.join("var/lib/hiveseed")) || p.ends_with("agent.log") {
+                continue;
+            }
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((p.clone(), std::fs::read(&p).unwrap_or_default()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Signs arbitrary payload bytes as a manifest envelope (what a compromised or buggy signer
+/// could produce), so shapes the typed API cannot build can be offered to the agent.
+fn raw_envelope(
+    key: &ed25519_dalek::SigningKey,
+    payload: &[u8],
+) -> hiveseed_proto::SignedEnvelope<hiveseed_proto::Manifest> {
+    use base64::Engine;
+    use ed25519_dalek::Signer;
+    let mut msg = b"hiveseed/manifest/v1\0".to_vec();
+    msg.extend_from_slice(payload);
+    let sig = key.sign(&msg);
+    serde_json::from_value(serde_json::json!({
+        "key_id": hiveseed_proto::KeyId::of(&key.verifying_key()),
+        "payload": base64::engine::general_purpose::STANDARD.encode(payload),
+        "signature": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sig.to_bytes()),
+    }))
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_manifests_change_nothing_and_identity_renews() {
+    let tmp = tempfile::tempdir().unwrap();
+    let roles = tmp.path().join("roles");
+    std::fs::create_dir_all(&roles).unwrap();
+    // Certificates live 120 s: renewal is due after 80 s.
+    let fleet_text = FLEET.replace(
+        "report_interval_secs = 5",
+        "report_interval_secs = 5\ncertificate_secs = 120",
+    );
+    std::fs::write(roles.join("fleet.toml"), &fleet_text).unwrap();
+    std::fs::write(
+        roles.join("pg.toml"),
+        PG.split("[[resource]]\nkind = \"service\"").next().unwrap(),
+    )
+    .unwrap();
+    std::fs::write(roles.join("peer.toml"), PEER).unwrap();
+    let dir = CampaignDir::new(tmp.path().join("campaign"));
+    let fleet = Fleet::parse(&fleet_text).unwrap();
+    campaign::init(
+        &dir,
+        &roles.join("fleet.toml"),
+        &roles,
+        &fleet,
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
+    let addr = std::net::TcpListener::bind("127.0.9.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let seeder_url = format!("https://{addr}");
+    let server = serve(&dir, addr).await;
+
+    let node = Node::new(tmp.path(), &dir, "e2e-pg-r1-01", "pg", 10, &seeder_url);
+    let cfg = hiveseed_bootstrap::agent::AgentConfig {
+        root: node.root.clone(),
+        ..Default::default()
+    };
+    let mut agent = hiveseed_bootstrap::agent::Agent::new(cfg.clone())
+        .await
+        .unwrap();
+    let first = agent
+        .ensure_enrolled()
+        .await
+        .unwrap()
+        .expect("enrolled now");
+    assert!(agent.converge(&first).await, "{}", node.log());
+    let good = hiveseed_proto::verify_manifest(
+        &first,
+        &agent.manifest_key,
+        &agent.join.campaign,
+        &agent.join.node,
+        hiveseed_bootstrap::agent::unix_now(),
+        None,
+    )
+    .unwrap()
+    .manifest;
+    let before = tree(&node.root);
+    let applied = agent.state.applied_state();
+
+    let key = ed25519_dalek::SigningKey::from_pkcs8_pem(
+        &std::fs::read_to_string(dir.manifest_key()).unwrap(),
+    )
+    .unwrap();
+    let other_key = ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]);
+    let resign = |m: &hiveseed_proto::Manifest| hiveseed_proto::SignedEnvelope::sign(m, &key);
+    let mut expired = good.clone();
+    expired.issued_at -= 100;
+    expired.not_after = expired.issued_at + 50;
+    let mut other_node = good.clone();
+    other_node.node = "e2e-peer-r1-01".parse().unwrap();
+    let mut rolled_back = good.clone();
+    rolled_back.generation = hiveseed_proto::Generation(good.generation.0 - 1);
+    let mut escaping = serde_json::to_value(&good).unwrap();
+    escaping["resources"][1]["path"] = "/etc/../root/.ssh/authorized_keys".into();
+    let mut unknown_kind = serde_json::to_value(&good).unwrap();
+    unknown_kind["resources"][0]["kind"] = "shell".into();
+    let cases: Vec<(
+        &str,
+        hiveseed_proto::SignedEnvelope<hiveseed_proto::Manifest>,
+    )> = vec![
+        (
+            "bad signature",
+            hiveseed_proto::SignedEnvelope::sign(&good, &other_key),
+        ),
+        ("another node's manifest", resign(&other_node)),
+        ("expired", resign(&expired)),
+        ("rolled-back generation", resign(&rolled_back)),
+        (
+            "path outside the root",
+            raw_envelope(&key, &serde_json::to_vec(&escaping).unwrap()),
+        ),
+        (
+            "unknown resource kind",
+            raw_envelope(&key, &serde_json::to_vec(&unknown_kind).unwrap()),
+        ),
+    ];
+    for (what, env) in cases {
+        assert!(!agent.converge(&env).await, "{what} was accepted");
+        assert_eq!(tree(&node.root), before, "{what} changed the node");
+        assert_eq!(
+            agent.state.applied_state(),
+            applied,
+            "{what} changed the applied generation"
+        );
+    }
+
+    // A seeder whose certificate does not chain to the CA in join.toml is never trusted.
+    let rogue_ca = rcgen::CertificateParams::new(vec!["127.0.9.1".into()])
+        .unwrap()
+        .self_signed(&rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap())
+        .unwrap()
+        .pem();
+    let wrong = hiveseed_bootstrap::client::SeederClient::new(
+        &seeder_url,
+        &rogue_ca,
+        Some("127.1.1.10".parse().unwrap()),
+        None,
+    )
+    .unwrap();
+    let req = hiveseed_proto::api::EnrollRequest {
+        csr_pem: "x".into(),
+        facts: agent.facts.clone(),
+    };
+    let err = wrong.enroll(&agent.join.join_url, &req).await.unwrap_err();
+    assert!(format!("{err}").contains("unreachable"), "{err}");
+
+    // Identity renewal at 2/3 of the lifetime: nothing before, a new identity after; the old
+    // certificate is refused, the new one works.
+    let old = agent.state.identity().unwrap();
+    let now = hiveseed_bootstrap::agent::unix_now();
+    agent.renew_identity_if_due(now).await;
+    assert_eq!(agent.state.identity().unwrap(), old, "renewed too early");
+    agent.renew_identity_if_due(now + 90).await;
+    let new = agent.state.identity().unwrap();
+    assert_ne!(new, old);
+    let mode = std::fs::metadata(agent.state.identity_file())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    use std::os::unix::fs::PermissionsExt;
+    let old_client = hiveseed_bootstrap::client::SeederClient::new(
+        &seeder_url,
+        &agent.join.ca_pem,
+        Some("127.1.1.10".parse().unwrap()),
+        Some(&old),
+    )
+    .unwrap();
+    let err = old_client.manifest(None, Duration::ZERO).await.unwrap_err();
+    assert!(format!("{err}").contains("revoked"), "{err}");
+    assert!(matches!(
+        agent.client.manifest(None, Duration::ZERO).await.unwrap(),
+        hiveseed_bootstrap::client::ManifestPoll::Changed { .. }
+    ));
+    server.stop().await;
+}

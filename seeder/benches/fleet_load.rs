@@ -335,7 +335,7 @@ async fn run() {
                     let _ = tx.send(None);
                 }
                 Err(e) => {
-                    eprintln!("long-poll failed: {e}");
+                    eprintln!("long-poll failed: {e:?}");
                     let _ = tx.send(None);
                 }
             }

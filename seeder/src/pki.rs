@@ -127,7 +127,9 @@ impl CampaignCa {
                 params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
             }
         }
-        params.not_before = to_offset(spec.not_before - Duration::from_secs(300));
+        // A little backdating absorbs clock skew without eating into short lifetimes.
+        let skew = Duration::from_secs(60).min(spec.lifetime / 10);
+        params.not_before = to_offset(spec.not_before - skew);
         params.not_after = to_offset(spec.not_before + spec.lifetime);
         params.serial_number = Some(random_serial());
         Ok(params)

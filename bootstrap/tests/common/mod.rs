@@ -284,7 +284,9 @@ where
     Fut: Future<Output = bool>,
 {
     let end = std::time::Instant::now() + deadline;
+    let mut poll = tokio::time::interval(Duration::from_millis(5));
     loop {
+        poll.tick().await;
         if cond().await {
             return;
         }
@@ -292,7 +294,5 @@ where
             std::time::Instant::now() < end,
             "timed out after {deadline:?} waiting for {what}"
         );
-        tokio::task::yield_now().await;
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
