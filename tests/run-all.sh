@@ -15,7 +15,7 @@ fi
 
 log "host packages"
 missing=()
-for p in debootstrap postgresql ca-certificates curl; do
+for p in debootstrap postgresql systemd ca-certificates curl; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ "${#missing[@]}" -gt 0 ]; then

@@ -41,7 +41,7 @@ pub enum Command {
     Status,
 }
 
-const UNIT: &str = "[Unit]
+pub const AGENT_UNIT: &str = "[Unit]
 Description=hiveseed node agent
 After=network-online.target
 Wants=network-online.target
@@ -130,7 +130,7 @@ fn first_boot(cli: &Cli) -> Result<()> {
     if cli.root.join("run/systemd/system").is_dir() {
         let unit = cli.root.join("etc/systemd/system/hiveseed-agent.service");
         std::fs::create_dir_all(unit.parent().expect("has parent"))?;
-        std::fs::write(&unit, UNIT)?;
+        std::fs::write(&unit, AGENT_UNIT)?;
         for args in [
             &["daemon-reload"][..],
             &["enable", "--now", "hiveseed-agent.service"][..],

@@ -602,3 +602,39 @@ async fn a_restarted_seeder_keeps_every_identity_and_report() {
         .unwrap();
     assert_eq!(row["converged"], true, "{row}");
 }
+
+const MESH_ROLE: &str = r#"
+[[resource]]
+kind = "file"
+id = "file:mesh"
+when = "mesh.released"
+path = "/etc/mesh.conf"
+mode = "0644"
+content = { type = "text", text = "peers={% for p in peers %}{{ p.name }} {% endfor %}\nmissing={{ mesh.missing | join(',') }}\n" }
+"#;
+
+/// The mesh sections of a peer's manifest are released when every expected peer has enrolled,
+/// or when the deadline after the first peer's enrollment passes; then they say who is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_sections_wait_for_the_mesh_or_the_deadline() {
+    for (deadline, released) in [("600", false), ("0", true)] {
+        let c = Campaign::new("t1");
+        std::fs::write(c.fleet.parent().unwrap().join("peer.toml"), MESH_ROLE).unwrap();
+        let server = c.serve(&["--mesh-deadline", deadline]);
+        let mut p1 = Agent::new(P1, "127.1.1.11", "127.0.1.11", &c.ca_pem());
+        let r = p1.enroll(&server, &c.token(P1, "peer", 600)).await;
+        let m = r.manifest.verify(&manifest_key(&c)).unwrap();
+        let mesh = m.resources.iter().find(|r| r.id().as_str() == "file:mesh");
+        assert_eq!(mesh.is_some(), released, "deadline {deadline}");
+        if released {
+            assert_eq!(text_of(&m, "file:mesh"), format!("peers=\nmissing={P2}\n"));
+        }
+        // The last peer enrolling releases the mesh for everyone, deadline or not.
+        let mut p2 = Agent::new(P2, "127.1.1.12", "127.0.1.12", &c.ca_pem());
+        p2.enroll(&server, &c.token(P2, "peer", 600)).await;
+        let env: SignedEnvelope<Manifest> =
+            fetch(&p1, &server, None, 0).await.json().await.unwrap();
+        let m = env.verify(&manifest_key(&c)).unwrap();
+        assert_eq!(text_of(&m, "file:mesh"), format!("peers={P2} \nmissing=\n"));
+    }
+}
