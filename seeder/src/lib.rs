@@ -3,6 +3,7 @@
 pub mod api;
 pub mod campaign;
 pub mod cli;
+pub mod credential;
 pub mod error;
 pub mod fleet;
 pub mod limit;
