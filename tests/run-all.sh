@@ -36,6 +36,13 @@ log "format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+log "binaries the lab boots"
+cargo build --locked -p hiveseed-seeder
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --locked --profile agent \
+  --target x86_64-unknown-linux-gnu -p hiveseed-bootstrap
+export HIVESEED_SEEDER_BIN="$PWD/target/debug/seeder"
+export HIVESEED_BOOTSTRAP_BIN="$PWD/target/x86_64-unknown-linux-gnu/agent/bootstrap"
+
 log "workspace tests"
 export TF_CLI_CONFIG_FILE=/dev/null
 cargo test --workspace --locked

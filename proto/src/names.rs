@@ -81,7 +81,8 @@ macro_rules! label_newtype {
 
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
+                // `pad` honours width and alignment, so names line up in tables.
+                f.pad(&self.0)
             }
         }
 

@@ -13,6 +13,7 @@
 pub mod addr;
 pub mod cache;
 pub mod error;
+pub mod fleet;
 pub mod mounts;
 pub mod node;
 pub mod procs;

@@ -16,6 +16,39 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// Bring a whole fleet up from clean, as `terraform apply` would: seeder, rendered user_data,
+    /// one chroot per node booted from it. Waits until converged, then prints `seeder status`
+    /// and the validation report (exit status = the report's).
+    Up {
+        #[arg(long, default_value = "/var/tmp/hiveseed-lab")]
+        dir: PathBuf,
+        #[arg(long, default_value = "roles/fleet.lab.toml")]
+        fleet: PathBuf,
+        #[arg(long, default_value = "roles")]
+        roles: PathBuf,
+        #[arg(long, default_value = "terraform")]
+        terraform: PathBuf,
+        #[arg(long, default_value = "target/release/seeder")]
+        seeder: PathBuf,
+        #[arg(
+            long,
+            default_value = "target/x86_64-unknown-linux-gnu/agent/bootstrap"
+        )]
+        bootstrap: PathBuf,
+        /// Also serve ai-memory and the MiniLM files (the reference roles need them).
+        #[arg(long)]
+        with_ai_memory: bool,
+        /// Seconds to wait for convergence.
+        #[arg(long, default_value_t = 900)]
+        timeout: u64,
+    },
+    /// `seeder status` of a running lab.
+    Status {
+        #[arg(long, default_value = "/var/tmp/hiveseed-lab")]
+        dir: PathBuf,
+        #[arg(long, default_value = "target/release/seeder")]
+        seeder: PathBuf,
+    },
     /// Build whatever is missing in the cache ($HIVESEED_CACHE or /var/cache/hiveseed).
     Cache {
         /// Only these entries (rootfs, ai-memory, minilm); default all.
@@ -131,9 +164,66 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}: no such lab dir, nothing to do", dir.display());
                 return Ok(ExitCode::SUCCESS);
             }
-            let lab = Lab::open(&dir)?;
-            let report = if purge { lab.purge()? } else { lab.down()? };
+            // The seeder first, then every node.
+            let report = hiveseed_lab::fleet::down(&dir)?;
             println!("{report}");
+            if purge {
+                println!("{}", Lab::open(&dir)?.purge()?);
+            }
+        }
+        Cmd::Up {
+            dir,
+            fleet,
+            roles,
+            terraform,
+            seeder,
+            bootstrap,
+            with_ai_memory,
+            timeout,
+        } => {
+            let abs = |p: PathBuf| {
+                std::fs::canonicalize(&p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+            };
+            let cfg = hiveseed_lab::fleet::UpConfig {
+                lab_dir: dir,
+                fleet_file: abs(fleet)?,
+                roles_dir: abs(roles)?,
+                terraform_dir: abs(terraform)?,
+                seeder_bin: abs(seeder)?,
+                bootstrap_bin: abs(bootstrap)?,
+                with_ai_memory,
+            };
+            let f = hiveseed_lab::fleet::up(&cfg)?;
+            for (phase, took) in &f.phases {
+                println!("{phase:<24} {:>6.1}s", took.as_secs_f64());
+            }
+            println!(
+                "{} nodes booted from their rendered user_data; waiting for convergence",
+                f.nodes.len()
+            );
+            let green = f.wait_converged(std::time::Duration::from_secs(timeout))?;
+            println!(
+                "first agent start -> fleet converged: {:.1}s",
+                green.as_secs_f64()
+            );
+            let status = f.seeder_cmd(&["status"]).output()?;
+            print!("{}", String::from_utf8_lossy(&status.stdout));
+            let report = f.seeder_cmd(&["report"]).output()?;
+            print!("{}", String::from_utf8_lossy(&report.stdout));
+            eprint!("{}", String::from_utf8_lossy(&report.stderr));
+            return Ok(if report.status.success() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        Cmd::Status { dir, seeder } => {
+            let out = std::process::Command::new(seeder)
+                .args(["status", "--dir"])
+                .arg(dir.join("campaign"))
+                .output()?;
+            print!("{}", String::from_utf8_lossy(&out.stdout));
+            eprint!("{}", String::from_utf8_lossy(&out.stderr));
         }
     }
     Ok(ExitCode::SUCCESS)

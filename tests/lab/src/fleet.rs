@@ -1,0 +1,481 @@
+//! Bringing a whole fleet up on one machine, the way `terraform apply` would on DigitalOcean:
+//! `seeder init` + artifacts + `seeder serve` on 127.0.9.1, `seeder tfvars`, the provider-less
+//! Terraform module renders every node's user_data, and each node boots from exactly that: its
+//! `write_files` land in the node root, its `runcmd` runs inside the chroot (which fetches
+//! `bootstrap` from the seeder and runs it). A facts file stands in for the metadata service.
+//! Nothing else is done to a node from outside.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use crate::cache::Cache;
+use crate::node::{Lab, Node, NodeName};
+
+/// Where the seeder listens in the lab.
+pub const SEEDER_LISTEN: &str = "127.0.9.1:8443";
+
+type Result<T> = anyhow::Result<T>;
+
+fn step(what: impl Into<String>, message: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("{}: {message}", what.into())
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> anyhow::Error {
+    let what = what.into();
+    move |source| anyhow::Error::new(source).context(what)
+}
+
+/// What `up` needs: the repository (roles, terraform), the fleet file, and the two binaries.
+#[derive(Debug, Clone)]
+pub struct UpConfig {
+    pub lab_dir: PathBuf,
+    pub fleet_file: PathBuf,
+    pub roles_dir: PathBuf,
+    pub terraform_dir: PathBuf,
+    pub seeder_bin: PathBuf,
+    /// The static agent binary served to nodes.
+    pub bootstrap_bin: PathBuf,
+    /// Add the ai-memory binary and the MiniLM files as artifacts (the reference roles use them).
+    pub with_ai_memory: bool,
+}
+
+/// Per node: where it lives and how it is addressed.
+#[derive(Debug, Clone)]
+pub struct BootedNode {
+    pub name: String,
+    pub role: String,
+    pub region: String,
+    pub public_ip: Ipv4Addr,
+    pub private_ip: Ipv4Addr,
+    pub root: PathBuf,
+    pub console_log: PathBuf,
+}
+
+#[derive(Debug)]
+pub struct Fleet {
+    pub lab: Lab,
+    pub campaign_dir: PathBuf,
+    pub seeder_bin: PathBuf,
+    pub seeder_pid: u32,
+    pub nodes: Vec<BootedNode>,
+    /// When the first node's runcmd started.
+    pub boot_started: Instant,
+    pub phases: Vec<(String, Duration)>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Tfvars {
+    nodes: BTreeMap<String, TfNode>,
+}
+
+#[derive(Debug, Deserialize)]
+struct TfNode {
+    role: String,
+    region: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct CloudConfig {
+    #[serde(default)]
+    hostname: Option<String>,
+    #[serde(default)]
+    write_files: Vec<WriteFile>,
+    #[serde(default)]
+    runcmd: Vec<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WriteFile {
+    path: String,
+    content: String,
+    #[serde(default)]
+    permissions: Option<String>,
+    #[serde(default)]
+    owner: Option<String>,
+    #[serde(default)]
+    encoding: Option<String>,
+}
+
+/// Runs a host command; the error carries argv, status and stderr.
+fn run(what: &str, cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().map_err(io(format!("{what}: spawning")))?;
+    if !out.status.success() {
+        return Err(step(
+            what,
+            format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `seeder <sub> --dir <campaign> <rest...>` (`artifact add` is two words).
+fn seeder(cfg_bin: &Path, campaign: &Path, args: &[&str]) -> Command {
+    let words = if args.first() == Some(&"artifact") {
+        2
+    } else {
+        1
+    };
+    let (sub, rest) = args.split_at(words.min(args.len()));
+    let mut c = Command::new(cfg_bin);
+    c.args(sub).arg("--dir").arg(campaign).args(rest);
+    c
+}
+
+/// Region number (1-based, sorted by name) and node number for the lab's address plan:
+/// pg .10, peers .11.., agents .21.., ctrl .31.. — private 127.0.R.N, public 127.1.R.N.
+pub fn address_plan(nodes: &BTreeMap<String, (String, String)>) -> BTreeMap<String, (u8, u8)> {
+    let mut regions: Vec<&String> = nodes.values().map(|(_, r)| r).collect();
+    regions.sort();
+    regions.dedup();
+    let mut out = BTreeMap::new();
+    for (name, (role, region)) in nodes {
+        let r = regions.iter().position(|x| *x == region).unwrap_or(0) as u8 + 1;
+        let index: u8 = name
+            .rsplit('-')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(1);
+        let n = match role.as_str() {
+            "pg" => 10,
+            "peer" => 10 + index,
+            "agent" => 20 + index,
+            _ => 30 + index,
+        };
+        out.insert(name.clone(), (r, n));
+    }
+    out
+}
+
+fn wait_listening(addr: SocketAddr, deadline: Duration) -> Result<()> {
+    crate::wait::until("the seeder to listen", deadline, || {
+        TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+    })
+    .map_err(|e| step("seeder serve", e))
+}
+
+/// Brings a fleet up from clean. Any earlier lab in `lab_dir` is torn down first.
+pub fn up(cfg: &UpConfig) -> Result<Fleet> {
+    let mut phases = Vec::new();
+    let t = Instant::now();
+    let cache = Cache::from_env();
+    let (base, _) = cache.ensure_rootfs()?;
+    let lab = Lab::open(&cfg.lab_dir)?;
+    down(&cfg.lab_dir)?;
+    let campaign = lab.dir().join("campaign");
+    let _ = std::fs::remove_dir_all(&campaign);
+    let fleet = lab.dir().join("fleet.toml");
+    std::fs::copy(&cfg.fleet_file, &fleet).map_err(io("copying the fleet file"))?;
+    run(
+        "seeder init",
+        Command::new(&cfg.seeder_bin)
+            .arg("init")
+            .arg("--fleet")
+            .arg(&fleet)
+            .arg("--roles")
+            .arg(&cfg.roles_dir)
+            .arg("--dir")
+            .arg(&campaign),
+    )?;
+    let add = |name: &str, file: &Path| -> Result<()> {
+        run(
+            &format!("seeder artifact add {name}"),
+            seeder(
+                &cfg.seeder_bin,
+                &campaign,
+                &["artifact", "add", "--name", name],
+            )
+            .arg(file),
+        )
+        .map(|_| ())
+    };
+    add("bootstrap", &cfg.bootstrap_bin)?;
+    if cfg.with_ai_memory {
+        let (am, _) = cache.ensure_ai_memory()?;
+        add("ai-memory", &am.bin)?;
+        let (minilm, _) = cache.ensure_minilm()?;
+        for (name, file) in [
+            ("minilm-config", "config.json"),
+            ("minilm-tokenizer", "tokenizer.json"),
+            ("minilm-model", "model.safetensors"),
+        ] {
+            add(name, &minilm.dir.join(file))?;
+        }
+    }
+    phases.push(("campaign + artifacts".to_string(), t.elapsed()));
+
+    // The seeder, on the host, on its own address.
+    let t = Instant::now();
+    let log = std::fs::File::create(lab.dir().join("seeder.log")).map_err(io("seeder log"))?;
+    let child = Command::new(&cfg.seeder_bin)
+        .args([
+            "serve",
+            "--listen",
+            SEEDER_LISTEN,
+            "--mesh-deadline",
+            "120",
+            "--dir",
+        ])
+        .arg(&campaign)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(io("seeder log"))?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .map_err(io("starting seeder serve"))?;
+    let seeder_pid = child.id();
+    std::fs::write(lab.dir().join("seeder.pid"), seeder_pid.to_string())
+        .map_err(io("seeder.pid"))?;
+    wait_listening(
+        SEEDER_LISTEN.parse().expect("static"),
+        Duration::from_secs(30),
+    )?;
+    phases.push(("seeder up".to_string(), t.elapsed()));
+
+    // Terraform renders every node's user_data from the seeder's tfvars.
+    let t = Instant::now();
+    let tf = lab.dir().join("terraform");
+    let _ = std::fs::remove_dir_all(&tf);
+    for sub in ["render", "modules"] {
+        copy_dir(&cfg.terraform_dir.join(sub), &tf.join(sub))?;
+    }
+    let tfvars = tf.join("render/nodes.auto.tfvars.json");
+    run(
+        "seeder tfvars",
+        seeder(&cfg.seeder_bin, &campaign, &["tfvars", "--out"]).arg(&tfvars),
+    )?;
+    let terraform = |args: &[&str]| {
+        let mut c = Command::new("terraform");
+        c.args(args)
+            .current_dir(tf.join("render"))
+            .env("TF_CLI_CONFIG_FILE", "/dev/null")
+            .env("TF_IN_AUTOMATION", "1");
+        c
+    };
+    run(
+        "terraform init",
+        &mut terraform(&["init", "-input=false", "-no-color"]),
+    )?;
+    run(
+        "terraform apply",
+        &mut terraform(&["apply", "-auto-approve", "-input=false", "-no-color"]),
+    )?;
+    let decoded = run(
+        "terraform output",
+        &mut terraform(&["output", "-json", "user_data_decoded"]),
+    )?;
+    let user_data: BTreeMap<String, CloudConfig> =
+        serde_json::from_str(&decoded).map_err(|e| step("parsing rendered user_data", e))?;
+    let tv: Tfvars = serde_json::from_slice(&std::fs::read(&tfvars).map_err(io("reading tfvars"))?)
+        .map_err(|e| step("parsing tfvars", e))?;
+    phases.push(("terraform render".to_string(), t.elapsed()));
+
+    // Boot every node from its user_data.
+    let t = Instant::now();
+    let roles: BTreeMap<String, (String, String)> = tv
+        .nodes
+        .iter()
+        .map(|(n, v)| (n.clone(), (v.role.clone(), v.region.clone())))
+        .collect();
+    let plan = address_plan(&roles);
+    let boot_started = Instant::now();
+    let mut nodes = Vec::new();
+    for (name, cc) in &user_data {
+        let (role, region) = roles
+            .get(name)
+            .cloned()
+            .ok_or_else(|| step("user_data", format!("{name} is not in the tfvars")))?;
+        let (r, n) = plan[name];
+        let addr = crate::addr::NodeAddr::new(r, n).map_err(|e| step("address plan", e))?;
+        let node_name: NodeName = name.parse()?;
+        let node = lab.node_up(&node_name, &base.root)?;
+        let facts = serde_json::json!({
+            "droplet_id": u64::from(r) * 1000 + u64::from(n),
+            "region": region,
+            "public_ipv4": addr.public().to_string(),
+            "private_ipv4": addr.private().to_string(),
+        });
+        node.write_file(
+            "/etc/hiveseed/facts.json",
+            facts.to_string().as_bytes(),
+            0o644,
+        )?;
+        let host = cc.hostname.clone().unwrap_or_else(|| name.clone());
+        node.write_hosts(&[(addr.private(), host.as_str())])?;
+        let console_log = boot(&node, cc)?;
+        nodes.push(BootedNode {
+            name: name.clone(),
+            role,
+            region,
+            public_ip: addr.public(),
+            private_ip: addr.private(),
+            root: node.root().to_path_buf(),
+            console_log,
+        });
+    }
+    phases.push(("nodes booted".to_string(), t.elapsed()));
+    Ok(Fleet {
+        lab,
+        campaign_dir: campaign,
+        seeder_bin: cfg.seeder_bin.clone(),
+        seeder_pid,
+        nodes,
+        boot_started,
+        phases,
+    })
+}
+
+/// Plays a node's cloud-config: write_files, then runcmd in the background (cloud-init's final
+/// stage), output to the node's console log.
+fn boot(node: &Node, cc: &CloudConfig) -> Result<PathBuf> {
+    for f in &cc.write_files {
+        let bytes = match f.encoding.as_deref() {
+            None | Some("text/plain") => f.content.clone().into_bytes(),
+            Some("b64") | Some("base64") => {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD
+                    .decode(f.content.trim())
+                    .map_err(|e| step(format!("write_files {}", f.path), e))?
+            }
+            Some(other) => {
+                return Err(step(
+                    format!("write_files {}", f.path),
+                    format!("encoding {other} unsupported"),
+                ))
+            }
+        };
+        let mode = match &f.permissions {
+            Some(p) => u32::from_str_radix(p.trim_start_matches("0o"), 8)
+                .map_err(|e| step(format!("write_files {} permissions", f.path), e))?,
+            None => 0o644,
+        };
+        if let Some(owner) = &f.owner {
+            if owner != "root:root" && owner != "root" {
+                return Err(step(
+                    format!("write_files {}", f.path),
+                    format!("owner {owner} unsupported in the lab"),
+                ));
+            }
+        }
+        node.write_file(&f.path, &bytes, mode)?;
+    }
+    let console = node.dir().join("console.log");
+    // cloud-init runs runcmd as one script; each entry is an argv list.
+    let mut script = String::from("set -e\n");
+    for argv in &cc.runcmd {
+        let quoted: Vec<String> = argv
+            .iter()
+            .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+            .collect();
+        script.push_str(&quoted.join(" "));
+        script.push('\n');
+    }
+    node.write_file(
+        "/var/lib/cloud/instance/scripts/runcmd",
+        script.as_bytes(),
+        0o700,
+    )?;
+    node.command(["/bin/sh", "/var/lib/cloud/instance/scripts/runcmd"])
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env("HOME", "/root")
+        .env("LANG", "C.UTF-8")
+        .spawn_background(&console)?;
+    Ok(console)
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).map_err(io(format!("creating {}", to.display())))?;
+    for e in std::fs::read_dir(from).map_err(io(format!("reading {}", from.display())))? {
+        let e = e.map_err(io("reading a directory entry"))?;
+        let name = e.file_name();
+        if name.to_string_lossy().starts_with(".terraform") {
+            continue;
+        }
+        let (src, dst) = (e.path(), to.join(&name));
+        if e.file_type().map_err(io("file type"))?.is_dir() {
+            copy_dir(&src, &dst)?;
+        } else {
+            std::fs::copy(&src, &dst).map_err(io(format!("copying {}", src.display())))?;
+        }
+    }
+    Ok(())
+}
+
+/// Stops the seeder and every node process, unmounts everything. Safe to run twice.
+pub fn down(lab_dir: &Path) -> Result<crate::node::DownReport> {
+    let lab = Lab::open(lab_dir)?;
+    let pid_file = lab.dir().join("seeder.pid");
+    if let Ok(pid) = std::fs::read_to_string(&pid_file) {
+        if let Ok(pid) = pid.trim().parse::<i32>() {
+            let target = crate::procs::Target {
+                pid,
+                start_time: crate::procs::start_time(pid),
+                group: true,
+            };
+            crate::procs::stop(&[target], Duration::from_secs(10));
+        }
+        let _ = std::fs::remove_file(&pid_file);
+    }
+    Ok(lab.down()?)
+}
+
+impl Fleet {
+    pub fn seeder_cmd(&self, args: &[&str]) -> Command {
+        seeder(&self.seeder_bin, &self.campaign_dir, args)
+    }
+
+    /// Waits until every node converged; returns the time from the first runcmd to green.
+    pub fn wait_converged(&self, timeout: Duration) -> Result<Duration> {
+        let secs = timeout.as_secs().to_string();
+        let out = self
+            .seeder_cmd(&["wait", "--timeout", &secs])
+            .output()
+            .map_err(io("seeder wait"))?;
+        if !out.status.success() {
+            let logs: Vec<String> = self
+                .nodes
+                .iter()
+                .map(|n| {
+                    let console = std::fs::read_to_string(&n.console_log).unwrap_or_default();
+                    let agent = std::fs::read_to_string(n.root.join("var/log/hiveseed/agent.log"))
+                        .unwrap_or_default();
+                    format!(
+                        "--- {} console:\n{}\n--- {} agent (tail):\n{}",
+                        n.name,
+                        tail(&console, 10),
+                        n.name,
+                        tail(&agent, 20)
+                    )
+                })
+                .collect();
+            return Err(step(
+                "seeder wait",
+                format!(
+                    "{}{}\n{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr),
+                    logs.join("\n")
+                ),
+            ));
+        }
+        Ok(self.boot_started.elapsed())
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+use std::os::unix::process::CommandExt;
