@@ -1,0 +1,1171 @@
+//! The reference hive's role data (`roles/*.toml` + `roles/templates/`), rendered by the real
+//! renderer with fixed facts: every rendered file, unit and command against golden files, the
+//! content that matters checked against the reference spec explicitly, and the properties the
+//! seeder relies on (deterministic, scoped re-rendering, validation of both fleet files).
+//!
+//! Regenerate the golden files with `HIVESEED_UPDATE_GOLDEN=1 cargo test -p hiveseed-seeder --test
+//! roles_golden` and review the diff.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use hiveseed_proto::manifest::{
+    CertificatePurpose, FileContent, Probe, Resource, VersionPin, WaitTarget, MANIFEST_VERSION,
+};
+use hiveseed_proto::{Generation, Manifest, Sha256};
+use hiveseed_seeder::fleet::{Fleet, NodeSpec};
+use hiveseed_seeder::render::{
+    read_role_tree, AllowEntry, ArtifactView, FleetFacts, Renderer, RoleTree,
+};
+use hiveseed_seeder::state::validate_roles;
+use hiveseed_seeder::store::Enrollment;
+
+/// Fleet secrets of the fixture: distinctive, so a leak is found by substring.
+const PG_PASSWORD: &str = "GoldenPgPassw0rdGoldenPgPassw0rdGoldenPgPassw0rd";
+const API_KEY: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";
+
+const PG_NODE: &str = "do-1461-pg-nyc3-01";
+const PEER_NODE: &str = "do-1461-peer-nyc3-01";
+
+fn roles_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../roles")
+}
+
+fn golden_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
+}
+
+fn fleet_text(file: &str) -> String {
+    std::fs::read_to_string(roles_dir().join(file)).unwrap()
+}
+
+fn roles() -> RoleTree {
+    read_role_tree(&roles_dir()).unwrap()
+}
+
+/// Addresses the way the seed's Terraform lays them out: a /16 per region in sorted order
+/// (fra1 10.10, nyc3 10.11, sgp1 10.12); public addresses from TEST-NET-3.
+fn enrollment(fleet: &Fleet, position: usize, n: &NodeSpec) -> Enrollment {
+    let region = fleet.regions.keys().position(|r| r == &n.region).unwrap() as u8;
+    let host = match n.role.as_str() {
+        "pg" => 5,
+        "peer" => 10,
+        "agent" => 20,
+        _ => 30,
+    } + n.index as u8;
+    Enrollment {
+        node: n.name.clone(),
+        droplet_id: 1000 + position as u64,
+        public_ip: Ipv4Addr::new(203, 0, 113, 10 + position as u8),
+        private_ip: Ipv4Addr::new(10, 10 + region, 0, host),
+        identity_fpr: "i".into(),
+        key_fpr: "k".into(),
+        token_nonce: "n".into(),
+        enrolled_at: 0,
+    }
+}
+
+fn artifact(sha256: &str, size: u64) -> ArtifactView {
+    ArtifactView {
+        sha256: sha256.into(),
+        size,
+    }
+}
+
+/// Every node enrolled, every non-pg node with a mesh client certificate, the operator, the
+/// pinned binary and the MiniLM files (digests as the lab cache has them), mesh released.
+fn facts(fleet: &Fleet) -> FleetFacts {
+    let enrollments = fleet
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.name.clone(), enrollment(fleet, i, n)))
+        .collect();
+    let mut allowlist: Vec<AllowEntry> = fleet
+        .nodes
+        .iter()
+        .filter(|n| n.role.as_str() != "pg")
+        .map(|n| AllowEntry {
+            fpr: Sha256::digest(n.name.as_str().as_bytes()).to_hex(),
+            node: n.name.to_string(),
+            role: n.role.to_string(),
+        })
+        .collect();
+    allowlist.push(AllowEntry {
+        fpr: Sha256::digest(b"operator").to_hex(),
+        node: format!("{}-operator", fleet.campaign),
+        role: "ctrl".into(),
+    });
+    FleetFacts {
+        enrollments,
+        allowlist,
+        secrets: [
+            ("pg_password".to_string(), PG_PASSWORD.to_string()),
+            ("api_key".to_string(), API_KEY.to_string()),
+        ]
+        .into(),
+        artifacts: [
+            (
+                "ai-memory".to_string(),
+                artifact(&fleet.pins.ai_memory.sha256.to_hex(), 32_971_680),
+            ),
+            (
+                "minilm-config".to_string(),
+                artifact(
+                    "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+                    612,
+                ),
+            ),
+            (
+                "minilm-tokenizer".to_string(),
+                artifact(
+                    "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+                    466_247,
+                ),
+            ),
+            (
+                "minilm-model".to_string(),
+                artifact(
+                    "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+                    90_868_376,
+                ),
+            ),
+        ]
+        .into(),
+        mesh_released: true,
+        placeholder_artifacts: false,
+    }
+}
+
+fn render_with(fleet: &Fleet, roles: &RoleTree, facts: &FleetFacts, node: &str) -> Vec<Resource> {
+    let spec = fleet.node(&node.parse().unwrap()).unwrap();
+    Renderer::new(fleet, roles)
+        .resources(spec, facts)
+        .unwrap_or_else(|e| panic!("rendering {node}: {e}"))
+        .expect("the node is enrolled")
+}
+
+/// Every node of a fleet file rendered with the fixture facts.
+fn render_all(text: &str) -> (Fleet, BTreeMap<String, Vec<Resource>>) {
+    let fleet = Fleet::parse(text).unwrap();
+    let roles = roles();
+    let facts = facts(&fleet);
+    let r = Renderer::new(&fleet, &roles);
+    let out = fleet
+        .nodes
+        .iter()
+        .map(|n| {
+            let res = r
+                .resources(n, &facts)
+                .unwrap_or_else(|e| panic!("rendering {}: {e}", n.name))
+                .unwrap();
+            (n.name.to_string(), res)
+        })
+        .collect();
+    (fleet, out)
+}
+
+fn reference() -> (Fleet, BTreeMap<String, Vec<Resource>>) {
+    render_all(&fleet_text("fleet.example.toml"))
+}
+
+fn find<'a>(res: &'a [Resource], id: &str) -> &'a Resource {
+    res.iter()
+        .find(|r| r.id().as_str() == id)
+        .unwrap_or_else(|| panic!("no resource {id}"))
+}
+
+fn text_of<'a>(res: &'a [Resource], id: &str) -> &'a str {
+    match find(res, id) {
+        Resource::File(f) => match &f.content {
+            FileContent::Text { text } => text,
+            FileContent::Artifact { .. } => panic!("{id} is an artifact"),
+        },
+        Resource::Service(s) => &s.unit_text,
+        other => panic!("{id} is a {}", other.kind()),
+    }
+}
+
+// ---- golden files ------------------------------------------------------------------------------
+
+/// A reviewable rendering of one resource: its JSON without the long texts, then each text.
+fn describe(r: &Resource) -> String {
+    let mut v = serde_json::to_value(r).unwrap();
+    let mut texts = Vec::new();
+    let map = v.as_object_mut().unwrap();
+    for key in ["unit_text", "stdin"] {
+        if let Some(serde_json::Value::String(s)) = map.get(key).cloned() {
+            map.insert(key.into(), format!("<{} bytes, below>", s.len()).into());
+            texts.push((key.to_string(), s));
+        }
+    }
+    if let Some(content) = map.get_mut("content").and_then(|c| c.as_object_mut()) {
+        if let Some(serde_json::Value::String(s)) = content.get("text").cloned() {
+            content.insert("text".into(), format!("<{} bytes, below>", s.len()).into());
+            texts.push(("content".into(), s));
+        }
+    }
+    let mut out = format!("# {} {}\n", r.kind(), r.id());
+    out.push_str(&serde_json::to_string_pretty(&v).unwrap());
+    out.push('\n');
+    for (key, text) in texts {
+        out.push_str(&format!("----- {key} -----\n{text}"));
+        if !text.ends_with('\n') {
+            out.push_str("\n(no newline at end)\n");
+        }
+    }
+    out
+}
+
+fn golden_name(id: &str) -> String {
+    let safe: String = id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{safe}.txt")
+}
+
+/// Expected files of one node's golden directory: `index.txt` (order) + one file per resource.
+fn golden_files(res: &[Resource]) -> BTreeMap<String, String> {
+    let mut files = BTreeMap::new();
+    let mut index = String::new();
+    for r in res {
+        let name = golden_name(r.id().as_str());
+        index.push_str(&format!("{} {} -> {name}\n", r.kind(), r.id()));
+        assert!(
+            files.insert(name.clone(), describe(r)).is_none(),
+            "two resources map to {name}"
+        );
+    }
+    files.insert("index.txt".into(), index);
+    files
+}
+
+fn first_difference(want: &str, got: &str) -> String {
+    for (i, (w, g)) in want.lines().zip(got.lines()).enumerate() {
+        if w != g {
+            return format!("line {}:\n  golden:   {w}\n  rendered: {g}", i + 1);
+        }
+    }
+    format!(
+        "golden has {} lines, rendered {}",
+        want.lines().count(),
+        got.lines().count()
+    )
+}
+
+fn check_golden(node: &str, res: &[Resource]) {
+    let dir = golden_dir().join(node);
+    let want = golden_files(res);
+    if std::env::var_os("HIVESEED_UPDATE_GOLDEN").is_some() {
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, text) in &want {
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+        return;
+    }
+    let mut problems = Vec::new();
+    let on_disk: BTreeSet<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (HIVESEED_UPDATE_GOLDEN=1 writes it)",
+                dir.display()
+            )
+        })
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    for extra in on_disk.iter().filter(|n| !want.contains_key(*n)) {
+        problems.push(format!(
+            "{extra}: golden file of a resource no longer rendered"
+        ));
+    }
+    for (name, text) in &want {
+        match std::fs::read_to_string(dir.join(name)) {
+            Err(_) => problems.push(format!("{name}: rendered, but no golden file")),
+            Ok(golden) if golden != *text => {
+                problems.push(format!("{name}: {}", first_difference(&golden, text)))
+            }
+            Ok(_) => {}
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "{node} differs from {} (HIVESEED_UPDATE_GOLDEN=1 regenerates):\n{}",
+        dir.display(),
+        problems.join("\n")
+    );
+}
+
+#[test]
+fn reference_pg_and_peer_match_the_golden_files() {
+    let (_, nodes) = reference();
+    for node in [PG_NODE, PEER_NODE] {
+        check_golden(node, &nodes[node]);
+    }
+}
+
+// ---- the pg role against the spec --------------------------------------------------------------
+
+#[test]
+fn pg_node_is_the_spec_cluster_hostssl_only() {
+    let (fleet, nodes) = reference();
+    let res = &nodes[PG_NODE];
+    let facts = facts(&fleet);
+    let me = &facts.enrollments[&PG_NODE.parse().unwrap()];
+
+    // Packages: pinned per fleet.pins.postgres, from pgdg for pgdg_suite.
+    let Resource::Package(p) = find(res, "package:postgresql") else {
+        panic!()
+    };
+    let pins: Vec<(&str, &VersionPin)> = p
+        .packages
+        .iter()
+        .map(|x| (x.name.as_str(), &x.version))
+        .collect();
+    assert_eq!(
+        pins,
+        [
+            ("postgresql-18", &fleet.pins.postgres.server),
+            ("postgresql-18-pgvector", &fleet.pins.postgres.pgvector),
+            ("postgresql-18-age", &fleet.pins.postgres.age),
+        ]
+    );
+    let source = p.source.as_ref().expect("pgdg source");
+    assert_eq!(
+        (source.name.as_str(), source.suite.as_str()),
+        ("pgdg", "noble-pgdg")
+    );
+    assert!(source.uri.starts_with("http://apt.postgresql.org/"));
+    assert!(!source.keyring_b64.is_empty());
+
+    // No packaged cluster, and the drop-in is in place before the packages.
+    let ids: Vec<&str> = res.iter().map(|r| r.id().as_str()).collect();
+    let pos = |id: &str| ids.iter().position(|x| *x == id).unwrap();
+    assert!(text_of(res, "file:createcluster-dropin").contains("create_main_cluster = false"));
+    assert!(pos("file:createcluster-dropin") < pos("package:postgresql"));
+
+    // initdb once, with checksums, outside /etc/postgresql (postgresql-common's registry).
+    let Resource::Command(initdb) = find(res, "cmd:initdb") else {
+        panic!()
+    };
+    assert!(initdb.argv.contains(&"--data-checksums".to_string()));
+    assert_eq!(
+        initdb.creates.as_ref().unwrap().as_str(),
+        "/var/lib/postgresql/hiveseed/18/PG_VERSION"
+    );
+    assert_eq!(initdb.user.as_deref(), Some("postgres"));
+    for r in res {
+        let json = serde_json::to_string(r).unwrap();
+        assert!(
+            !json.contains("/etc/postgresql/"),
+            "{} touches postgresql-common's cluster registry",
+            r.id()
+        );
+    }
+    // Data files come after initdb (which needs an empty directory), the unit after them.
+    assert!(pos("cmd:initdb") < pos("file:postgresql.conf"));
+    assert!(pos("cert:pg-server") < pos("service:postgresql"));
+    assert!(pos("file:pg_hba.conf") < pos("service:postgresql"));
+
+    let Resource::Certificate(c) = find(res, "cert:pg-server") else {
+        panic!()
+    };
+    assert_eq!(c.purpose, CertificatePurpose::PgServer);
+    assert_eq!(c.key_mode.to_string(), "0600");
+    assert_eq!(c.owner.as_ref().unwrap().owner, "postgres");
+
+    // postgresql.conf: the seed's ALTER SYSTEM list.
+    let conf = text_of(res, "file:postgresql.conf");
+    for line in [
+        format!("listen_addresses = 'localhost,{}'", me.private_ip),
+        "port = 5432".into(),
+        "unix_socket_directories = '/var/run/postgresql'".into(),
+        "ssl = on".into(),
+        "ssl_cert_file = '/var/lib/postgresql/hiveseed/tls/server.pem'".into(),
+        "ssl_key_file = '/var/lib/postgresql/hiveseed/tls/server.key'".into(),
+        "shared_preload_libraries = 'age'".into(),
+        "password_encryption = 'scram-sha-256'".into(),
+    ] {
+        assert!(
+            conf.lines().any(|l| l == line),
+            "postgresql.conf lacks {line:?}"
+        );
+    }
+    assert!(!conf.contains(&me.public_ip.to_string()));
+
+    // pg_hba: hostssl + scram for exactly the region's peers, local peer auth for postgres only.
+    let hba = text_of(res, "file:pg_hba.conf");
+    let rules: Vec<Vec<&str>> = hba
+        .lines()
+        .map(|l| {
+            l.split('#')
+                .next()
+                .unwrap()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+        })
+        .filter(|f| !f.is_empty())
+        .collect();
+    assert_eq!(
+        rules[0],
+        ["local", "all", "postgres", "peer", "map=hiveseed"]
+    );
+    let mut region_peers: Vec<String> = fleet
+        .nodes_with_role("peer")
+        .filter(|n| n.region.as_str() == "nyc3")
+        .map(|n| format!("{}/32", facts.enrollments[&n.name].private_ip))
+        .collect();
+    region_peers.sort();
+    let mut hostssl: Vec<String> = Vec::new();
+    for r in &rules[1..] {
+        assert_eq!(r[0], "hostssl", "only hostssl over TCP: {r:?}");
+        assert_eq!(&r[1..3], ["ai_memory", "ai_memory"]);
+        assert_eq!(r[4], "scram-sha-256");
+        hostssl.push(r[3].to_string());
+    }
+    hostssl.sort();
+    assert_eq!(hostssl, region_peers);
+    assert!(!hba.contains("0.0.0.0") && !hba.contains("::/0") && !hba.contains("trust"));
+    assert!(!hba.lines().any(|l| l.starts_with("host ")));
+    let ident = text_of(res, "file:pg_ident.conf");
+    assert!(ident
+        .lines()
+        .any(|l| l.split_whitespace().eq(["hiveseed", "root", "postgres"])));
+
+    // The unit runs the postgres binary itself, fast shutdown, restarted on failure.
+    let unit = text_of(res, "service:postgresql");
+    for line in [
+        "Type=simple",
+        "User=postgres",
+        "ExecStart=/usr/lib/postgresql/18/bin/postgres -D /var/lib/postgresql/hiveseed/18",
+        "KillSignal=SIGINT",
+        "Restart=on-failure",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "unit lacks {line}");
+    }
+    let Resource::Service(s) = find(res, "service:postgresql") else {
+        panic!()
+    };
+    assert_eq!(s.unit, "hiveseed-postgresql.service");
+    assert!(s
+        .notify
+        .iter()
+        .any(|n| n.as_str() == "file:postgresql.conf"));
+
+    // SQL: after the server listens; the password on stdin only; K = 3 schemas.
+    assert!(pos("wait:pg-listening") < pos("cmd:sql-role"));
+    let Resource::Wait(w) = find(res, "wait:pg-listening") else {
+        panic!()
+    };
+    assert!(
+        matches!(&w.target, WaitTarget::Tcp { host, port: 5432 } if host == &me.private_ip.to_string())
+    );
+    let Resource::Command(role) = find(res, "cmd:sql-role") else {
+        panic!()
+    };
+    assert!(role.argv.ends_with(&["-f".to_string(), "-".to_string()]));
+    assert!(role.argv.contains(&"ON_ERROR_STOP=1".to_string()));
+    let stdin = role.stdin.as_deref().unwrap();
+    assert!(stdin.contains(&format!("LOGIN PASSWORD '{PG_PASSWORD}'")));
+    assert!(stdin.contains("\\gexec"));
+    let init = text_of(res, "file:init-age.sql");
+    for k in 1..=3 {
+        assert!(init.contains(&format!(
+            "CREATE SCHEMA IF NOT EXISTS ic_peer_{k} AUTHORIZATION ai_memory;"
+        )));
+    }
+    assert!(!init.contains("ic_peer_4"));
+    for stmt in [
+        "CREATE EXTENSION IF NOT EXISTS age;",
+        "CREATE EXTENSION IF NOT EXISTS vector WITH SCHEMA public;",
+        "PERFORM ag_catalog.create_graph('memory_graph');",
+        "GRANT ALL PRIVILEGES ON SCHEMA public, ic_peer_1, ic_peer_2, ic_peer_3, ag_catalog TO ai_memory;",
+    ] {
+        assert!(init.contains(stmt), "init-age.sql lacks {stmt}");
+    }
+    let Resource::Command(sql) = find(res, "cmd:sql-init") else {
+        panic!()
+    };
+    assert!(sql
+        .refresh_on
+        .iter()
+        .any(|r| r.as_str() == "file:init-age.sql"));
+    assert!(sql
+        .unless
+        .as_ref()
+        .unwrap()
+        .last()
+        .unwrap()
+        .contains("'{ic_peer_1,ic_peer_2,ic_peer_3}'::text[])) = 3"));
+
+    // Checks: §7 names, expected values from the pins.
+    let checks = checks_of(res);
+    assert_eq!(checks["store.pg_version"].0, "18.4");
+    assert_eq!(checks["store.age_version"].0, "1.7.0");
+    assert_eq!(checks["store.pgvector_version"].0, "0.8.6");
+    assert_eq!(checks["store.age_graph"].0, "1");
+    assert_eq!(checks["daemon_pg.tls"].0, "encrypted (>=1 ssl, 0 plain)");
+    for name in [
+        "store.pg_version",
+        "daemon_pg.tls",
+        "store.plaintext_refused",
+    ] {
+        assert!(
+            matches!(&checks[name].1, Probe::Sql { user, dbname, .. } if user == "postgres" && dbname == "ai_memory"),
+            "{name}"
+        );
+    }
+    let Probe::Sql { query, .. } = &checks["daemon_pg.tls"].1 else {
+        panic!()
+    };
+    assert!(query.contains("pg_stat_ssl"));
+}
+
+fn checks_of(res: &[Resource]) -> BTreeMap<String, (String, Probe)> {
+    res.iter()
+        .filter_map(|r| match r {
+            Resource::Check(c) => Some((c.check.clone(), (c.expected.clone(), c.probe.clone()))),
+            _ => None,
+        })
+        .collect()
+}
+
+// ---- the peer role against the spec ------------------------------------------------------------
+
+/// `ExecStart=` of a unit: continuation lines joined, split into words (the roles quote nothing).
+fn exec_start(unit: &str) -> Vec<String> {
+    let joined = unit.replace("\\\n", " ");
+    let line = joined
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("ExecStart=");
+    line.split_whitespace().map(str::to_owned).collect()
+}
+
+fn flags(argv: &[String]) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut it = argv.iter().skip(2).peekable();
+    while let Some(flag) = it.next() {
+        assert!(flag.starts_with("--"), "{flag} is not a flag");
+        let value = match it.peek() {
+            Some(v) if !v.starts_with("--") => it.next().unwrap().clone(),
+            _ => String::new(),
+        };
+        assert!(out.insert(flag.clone(), value).is_none(), "{flag} twice");
+    }
+    out
+}
+
+#[test]
+fn peer_node_serves_with_the_spec_flags() {
+    let (fleet, nodes) = reference();
+    let res = &nodes[PEER_NODE];
+    let facts = facts(&fleet);
+    let me = &facts.enrollments[&PEER_NODE.parse().unwrap()];
+    let pg = &facts.enrollments[&PG_NODE.parse().unwrap()];
+
+    let unit = text_of(res, "service:ai-memory");
+    let argv = exec_start(unit);
+    assert_eq!(&argv[..2], ["/usr/local/bin/ai-memory", "serve"]);
+    let others: Vec<String> = fleet
+        .nodes_with_role("peer")
+        .filter(|n| n.name.as_str() != PEER_NODE)
+        .map(|n| format!("https://{}:9077", facts.enrollments[&n.name].public_ip))
+        .collect();
+    assert_eq!(others.len(), 8);
+    let want: BTreeMap<String, String> = [
+        ("--host", me.public_ip.to_string()),
+        ("--port", "9077".into()),
+        ("--store-url", "${AI_MEMORY_STORE_URL}".into()),
+        ("--tls-cert", "/etc/ai-memory/tls/server.pem".into()),
+        ("--tls-key", "/etc/ai-memory/tls/server.key".into()),
+        (
+            "--mtls-allowlist",
+            "/etc/ai-memory/tls/mtls-allowlist.txt".into(),
+        ),
+        ("--quorum-writes", "2".into()),
+        ("--quorum-peers", others.join(",")),
+        (
+            "--quorum-client-cert",
+            "/etc/ai-memory/tls/client.pem".into(),
+        ),
+        (
+            "--quorum-client-key",
+            "/etc/ai-memory/tls/client.key".into(),
+        ),
+        ("--quorum-ca-cert", "/etc/ai-memory/tls/ca.pem".into()),
+        ("--quorum-timeout-ms", "8000".into()),
+        ("--catchup-interval-secs", "30".into()),
+        (
+            "--federation-identity",
+            "do-1461/nyc3/do-1461-peer-nyc3-01".into(),
+        ),
+        ("--shutdown-grace-secs", "30".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    assert_eq!(flags(&argv), want);
+    assert!(!unit.contains("0.0.0.0"));
+    for line in [
+        "Type=simple",
+        "User=ai-memory",
+        "Environment=HOME=/var/lib/ai-memory",
+        "EnvironmentFile=/etc/ai-memory/ai-memory.env",
+        "WorkingDirectory=/var/lib/ai-memory",
+        "KillSignal=SIGINT",
+        "Restart=on-failure",
+        "RestartPreventExitStatus=75",
+        "TimeoutStopSec=90",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "unit lacks {line}");
+    }
+
+    // The curator: --store-url right after `curator` (#1547), same environment.
+    let curator = exec_start(text_of(res, "service:curator"));
+    assert_eq!(
+        curator,
+        [
+            "/usr/local/bin/ai-memory",
+            "curator",
+            "--daemon",
+            "--store-url",
+            "${AI_MEMORY_STORE_URL}",
+            "--interval-secs",
+            "300",
+            "--max-ops",
+            "100"
+        ]
+    );
+
+    // The environment file: password as PGPASSWORD, a password-free verify-full URL to the
+    // region's pg private address and schema ic_peer_K, identities, the Batman battery.
+    let env = text_of(res, "file:env");
+    let vars: BTreeMap<&str, &str> = env
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l.split_once('=').unwrap())
+        .collect();
+    assert_eq!(vars["PGPASSWORD"], PG_PASSWORD);
+    let url = vars["AI_MEMORY_STORE_URL"];
+    assert_eq!(
+        url,
+        format!(
+            "postgres://ai_memory@{}:5432/ai_memory?options=-csearch_path%3Dic_peer_1%2Cag_catalog%2Cpublic&sslmode=verify-full&sslrootcert=/etc/ai-memory/tls/ca.pem",
+            pg.private_ip
+        )
+    );
+    assert!(!url.contains(PG_PASSWORD));
+    assert_eq!(
+        vars["AI_MEMORY_AGENT_ID"],
+        "ai:do-1461-peer-nyc3-01@do-1461"
+    );
+    assert_eq!(
+        vars["AI_MEMORY_FED_IDENTITY"],
+        "do-1461/nyc3/do-1461-peer-nyc3-01"
+    );
+    let battery = [
+        ("AI_MEMORY_FED_REQUIRE_SIG", "1"),
+        ("AI_MEMORY_FED_REQUIRE_NONCE", "1"),
+        ("AI_MEMORY_FED_REQUIRE_PEER_ENROLLMENT", "1"),
+        ("AI_MEMORY_REQUIRE_AGENT_ATTESTATION", "1"),
+        ("AI_MEMORY_PERMISSIONS_MODE", "enforce"),
+        ("AI_MEMORY_GOVERNANCE_FAIL_OPEN_ON_ERROR", "0"),
+        ("AI_MEMORY_AUTO_CONFIDENCE", "1"),
+        ("AI_MEMORY_CONFIDENCE_SHADOW", "1"),
+        ("AI_MEMORY_CONFIDENCE_DECAY", "1"),
+    ];
+    for (k, v) in battery {
+        assert_eq!(vars.get(k), Some(&v), "{k}");
+    }
+    assert!(!vars.contains_key("AI_MEMORY_ENCRYPT_AT_REST"));
+
+    // config.toml: top-level api_key under the daemon's HOME.
+    let Resource::File(config) = find(res, "file:config") else {
+        panic!()
+    };
+    assert_eq!(
+        config.path.as_str(),
+        "/var/lib/ai-memory/.config/ai-memory/config.toml"
+    );
+    let parsed: toml::Table = toml::from_str(text_of(res, "file:config")).unwrap();
+    assert_eq!(parsed["api_key"].as_str(), Some(API_KEY));
+    assert_eq!(parsed["permissions"]["mode"].as_str(), Some("enforce"));
+    assert!(!parsed.contains_key("api") && !parsed.contains_key("db"));
+
+    // The allowlist in the seed's format: every mesh client certificate and the operator.
+    let allow = text_of(res, "file:allowlist");
+    assert!(allow.starts_with("# do-1461 fleet mTLS client-cert allowlist (SHA-256 of DER)\n"));
+    let entries: Vec<&str> = allow.lines().filter(|l| !l.starts_with('#')).collect();
+    assert_eq!(entries.len(), facts.allowlist.len());
+    for (line, a) in entries.iter().zip(&facts.allowlist) {
+        assert_eq!(*line, format!("{}  # {} ({})", a.fpr, a.node, a.role));
+    }
+
+    // TLS: keys on the node, modes as spec §5, the artifact binary 0755.
+    for (id, purpose, key) in [
+        (
+            "cert:server",
+            CertificatePurpose::Server,
+            "/etc/ai-memory/tls/server.key",
+        ),
+        (
+            "cert:client",
+            CertificatePurpose::Client,
+            "/etc/ai-memory/tls/client.key",
+        ),
+    ] {
+        let Resource::Certificate(c) = find(res, id) else {
+            panic!()
+        };
+        assert_eq!((c.purpose, c.key_path.as_str()), (purpose, key));
+        assert_eq!(c.key_mode.to_string(), "0400");
+    }
+    let Resource::File(bin) = find(res, "file:binary") else {
+        panic!()
+    };
+    assert_eq!(
+        (bin.path.as_str(), bin.mode.to_string().as_str()),
+        ("/usr/local/bin/ai-memory", "0755")
+    );
+    assert!(
+        matches!(&bin.content, FileContent::Artifact { sha256, .. } if *sha256 == fleet.pins.ai_memory.sha256)
+    );
+
+    // Waits: the pg node's gate, then verify-full login into this peer's own schema, before the unit.
+    let ids: Vec<&str> = res.iter().map(|r| r.id().as_str()).collect();
+    let pos = |id: &str| ids.iter().position(|x| *x == id).unwrap();
+    assert!(pos("wait:pg-converged") < pos("wait:pg-schema"));
+    assert!(pos("wait:pg-schema") < pos("service:ai-memory"));
+    let Resource::Wait(w) = find(res, "wait:pg-converged") else {
+        panic!()
+    };
+    assert!(
+        matches!(&w.target, WaitTarget::Node { node, gate } if node.as_str() == PG_NODE && gate == "converged")
+    );
+    let Resource::Wait(w) = find(res, "wait:pg-schema") else {
+        panic!()
+    };
+    let WaitTarget::Postgres {
+        host,
+        schema,
+        ca_path,
+        user,
+        ..
+    } = &w.target
+    else {
+        panic!()
+    };
+    assert_eq!(
+        (
+            host.as_str(),
+            schema.as_str(),
+            ca_path.as_str(),
+            user.as_str()
+        ),
+        (
+            pg.private_ip.to_string().as_str(),
+            "ic_peer_1",
+            "/etc/ai-memory/tls/ca.pem",
+            "ai_memory"
+        )
+    );
+
+    // Checks: §7 names with expected values from the pins, probing the node's public address.
+    let checks = checks_of(res);
+    assert_eq!(
+        checks["binary.sha256"].0,
+        fleet.pins.ai_memory.sha256.to_hex()
+    );
+    assert_eq!(checks["binary.version"].0, "0.7.0");
+    assert_eq!(checks["health.version"].0, "0.7.0");
+    assert_eq!(checks["caps.db_schema_version"].0, "57");
+    assert_eq!(checks["caps.storage_backend"].0, "postgres");
+    assert_eq!(checks["single_instance"].0, "1");
+    let Probe::HttpsJson { url, .. } = &checks["health.status"].1 else {
+        panic!()
+    };
+    assert_eq!(url, &format!("https://{}:9077/api/v1/health", me.public_ip));
+}
+
+#[test]
+fn unreleased_mesh_or_unenrolled_pg_renders_no_daemon() {
+    let fleet = Fleet::parse(&fleet_text("fleet.example.toml")).unwrap();
+    let roles = roles();
+    let mut f = facts(&fleet);
+    f.mesh_released = false;
+    f.enrollments
+        .remove(&"do-1461-peer-sgp1-03".parse().unwrap());
+    let res = render_with(&fleet, &roles, &f, PEER_NODE);
+    let ids: BTreeSet<&str> = res.iter().map(|r| r.id().as_str()).collect();
+    for gone in ["service:ai-memory", "service:curator", "file:allowlist"] {
+        assert!(
+            !ids.contains(gone),
+            "{gone} rendered before the mesh is released"
+        );
+    }
+    assert!(ids.contains("file:env") && ids.contains("wait:pg-schema"));
+
+    f.mesh_released = true;
+    f.enrollments.remove(&PG_NODE.parse().unwrap());
+    let res = render_with(&fleet, &roles, &f, PEER_NODE);
+    let ids: BTreeSet<&str> = res.iter().map(|r| r.id().as_str()).collect();
+    for gone in [
+        "file:env",
+        "file:pg-password",
+        "wait:pg-schema",
+        "service:ai-memory",
+    ] {
+        assert!(
+            !ids.contains(gone),
+            "{gone} rendered without an enrolled pg"
+        );
+    }
+    assert!(ids.contains("file:allowlist") && ids.contains("cert:client"));
+}
+
+// ---- properties of every node of both fleets ---------------------------------------------------
+
+fn both_fleets() -> Vec<(Fleet, BTreeMap<String, Vec<Resource>>)> {
+    vec![reference(), render_all(&fleet_text("fleet.lab.toml"))]
+}
+
+#[test]
+fn secrets_appear_only_in_secret_files_and_stdin() {
+    for (fleet, nodes) in both_fleets() {
+        for (node, res) in &nodes {
+            let spec = fleet.node(&node.parse().unwrap()).unwrap();
+            let mut carriers = BTreeSet::new();
+            for r in res {
+                let mut v = serde_json::to_value(r).unwrap();
+                let allowed = match r {
+                    Resource::File(f) if f.secret => {
+                        if let FileContent::Text { text } = &f.content {
+                            if text.contains(PG_PASSWORD) || text.contains(API_KEY) {
+                                carriers.insert(r.id().to_string());
+                            }
+                        }
+                        v["content"] = serde_json::Value::Null;
+                        true
+                    }
+                    Resource::Command(c) => {
+                        if c.stdin.as_deref().is_some_and(|s| s.contains(PG_PASSWORD)) {
+                            carriers.insert(r.id().to_string());
+                        }
+                        v["stdin"] = serde_json::Value::Null;
+                        true
+                    }
+                    _ => false,
+                };
+                let rest = v.to_string();
+                assert!(
+                    !rest.contains(PG_PASSWORD) && !rest.contains(API_KEY),
+                    "{node} {}: a secret outside a secret file's content or a command's stdin (allowed part: {allowed})",
+                    r.id()
+                );
+                if let Resource::File(f) = r {
+                    if f.secret {
+                        assert_eq!(f.mode.bits() & 0o077, 0, "{node} {}", r.id());
+                    }
+                }
+                if let Resource::Certificate(c) = r {
+                    assert_eq!(c.key_mode.bits() & 0o077, 0, "{node} {}", r.id());
+                }
+            }
+            let want: BTreeSet<String> = match spec.role.as_str() {
+                "pg" => ["cmd:sql-role"].iter().map(|s| s.to_string()).collect(),
+                "peer" => [
+                    "file:config",
+                    "file:api-key",
+                    "file:pg-password",
+                    "file:env",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+                _ => ["file:api-key"].iter().map(|s| s.to_string()).collect(),
+            };
+            assert_eq!(carriers, want, "{node}: where the secrets are");
+        }
+    }
+}
+
+const UNIT_KEYS: [(&str, &str); 18] = [
+    ("Unit", "Description"),
+    ("Unit", "After"),
+    ("Unit", "Wants"),
+    ("Service", "Type"),
+    ("Service", "ExecStart"),
+    ("Service", "Environment"),
+    ("Service", "EnvironmentFile"),
+    ("Service", "User"),
+    ("Service", "Group"),
+    ("Service", "WorkingDirectory"),
+    ("Service", "Restart"),
+    ("Service", "RestartSec"),
+    ("Service", "RestartPreventExitStatus"),
+    ("Service", "KillSignal"),
+    ("Service", "TimeoutStopSec"),
+    ("Service", "LimitNOFILE"),
+    ("Service", "Nice"),
+    ("Install", "WantedBy"),
+];
+
+/// The unit subset both executors run (bootstrap/src/unit.rs), and no systemd specifiers: `%`
+/// would mean one thing to systemd and another to the supervisor.
+fn assert_unit_subset(node: &str, unit: &str, text: &str) {
+    assert!(
+        !text.contains('%'),
+        "{node} {unit}: '%' is a systemd specifier"
+    );
+    let mut section = None;
+    let joined = text.replace("\\\n", " ");
+    for line in joined.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if let Some(s) = line.strip_prefix('[') {
+            section = Some(s.trim_end_matches(']').to_owned());
+            continue;
+        }
+        let (k, v) = line.split_once('=').unwrap();
+        let s = section.as_deref().expect("a section first");
+        assert!(
+            UNIT_KEYS.contains(&(s, k)),
+            "{node} {unit}: [{s}] {k}= is not in the agent's unit subset"
+        );
+        if k == "Type" {
+            assert_eq!(v, "simple", "{node} {unit}");
+        }
+        if k == "ExecStart" {
+            assert!(v.starts_with('/'), "{node} {unit}: absolute program");
+        }
+    }
+    assert_eq!(
+        joined.matches("\nExecStart=").count(),
+        1,
+        "{node} {unit}: one ExecStart"
+    );
+}
+
+#[test]
+fn manifests_are_consistent_guarded_and_in_the_unit_subset() {
+    for (fleet, nodes) in both_fleets() {
+        for (node, res) in nodes {
+            let spec = fleet.node(&node.parse().unwrap()).unwrap();
+            let m = Manifest {
+                v: MANIFEST_VERSION,
+                campaign: fleet.campaign.clone(),
+                node: spec.name.clone(),
+                role: spec.role.clone(),
+                region: spec.region.clone(),
+                generation: Generation(1),
+                issued_at: 1,
+                not_after: 2,
+                digest: Manifest::digest_of(&res),
+                report_interval_secs: fleet.ttl.report_interval_secs,
+                resources: res.clone(),
+            };
+            m.check_consistency()
+                .unwrap_or_else(|e| panic!("{node}: {e}"));
+            let mut earlier = BTreeSet::new();
+            for r in &res {
+                match r {
+                    Resource::Command(c) => {
+                        assert!(
+                            c.creates.is_some() || c.unless.is_some() || !c.refresh_on.is_empty(),
+                            "{node} {}: unguarded command",
+                            c.id
+                        );
+                        assert!(c.argv[0].starts_with('/'), "{node} {}", c.id);
+                        for t in &c.refresh_on {
+                            assert!(earlier.contains(t), "{node} {}: refresh_on {t}", c.id);
+                        }
+                    }
+                    Resource::Service(s) => assert_unit_subset(&node, &s.unit, &s.unit_text),
+                    _ => {}
+                }
+                earlier.insert(r.id().clone());
+            }
+        }
+    }
+}
+
+#[test]
+fn re_rendering_unchanged_inputs_is_byte_identical() {
+    let (_, a) = reference();
+    let (_, b) = reference();
+    for (node, res) in &a {
+        assert_eq!(
+            hiveseed_proto::canonical_bytes(res),
+            hiveseed_proto::canonical_bytes(&b[node]),
+            "{node}"
+        );
+    }
+    // And the manifest digest the seeder signs is stable too.
+    assert_eq!(
+        Manifest::digest_of(&a[PEER_NODE]),
+        Manifest::digest_of(&b[PEER_NODE])
+    );
+}
+
+/// Resources that differ between two renderings, as `node id`; the id lists must be equal.
+fn changed(
+    a: &BTreeMap<String, Vec<Resource>>,
+    b: &BTreeMap<String, Vec<Resource>>,
+) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for (node, ra) in a {
+        let rb = &b[node];
+        let ids = |r: &[Resource]| r.iter().map(|x| x.id().to_string()).collect::<Vec<_>>();
+        assert_eq!(ids(ra), ids(rb), "{node}: the resource list changed");
+        for (x, y) in ra.iter().zip(rb) {
+            if x != y {
+                out.insert(format!("{node} {}", x.id()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn changing_one_pin_changes_only_the_affected_resources() {
+    let base_text = fleet_text("fleet.example.toml");
+    let (fleet, base) = reference();
+    let nodes_of = |role: &str| -> Vec<String> {
+        fleet
+            .nodes_with_role(role)
+            .map(|n| n.name.to_string())
+            .collect()
+    };
+    let cases: [(&str, &str, &str, &[&str]); 4] = [
+        (
+            "pgvector = \"0.8.6-1.pgdg24.04+1\"",
+            "pgvector = \"0.8.7-1.pgdg24.04+1\"",
+            "pg",
+            &["package:postgresql"],
+        ),
+        (
+            "expect_age = \"1.7.0\"",
+            "expect_age = \"1.7.1\"",
+            "pg",
+            &["check:store.age_version"],
+        ),
+        (
+            "version = \"0.7.0\"",
+            "version = \"0.7.1\"",
+            "peer",
+            &["check:binary.version", "check:health.version"],
+        ),
+        (
+            "schema = 57",
+            "schema = 58",
+            "peer",
+            &["check:caps.db_schema_version"],
+        ),
+    ];
+    for (from, to, role, ids) in cases {
+        assert!(base_text.contains(from), "fixture lost {from}");
+        let (_, after) = render_all(&base_text.replacen(from, to, 1));
+        let want: BTreeSet<String> = nodes_of(role)
+            .iter()
+            .flat_map(|n| ids.iter().map(move |id| format!("{n} {id}")))
+            .collect();
+        assert_eq!(changed(&base, &after), want, "{from} -> {to}");
+    }
+}
+
+#[test]
+fn both_fleet_files_validate() {
+    let roles = roles();
+    for file in ["fleet.example.toml", "fleet.lab.toml"] {
+        let fleet = Fleet::parse(&fleet_text(file)).unwrap();
+        validate_roles(&fleet, &roles).unwrap_or_else(|e| panic!("{file}: {e:#}"));
+    }
+}
+
+#[test]
+fn lab_fleet_uses_distro_prefix_pins_and_has_agents() {
+    let (fleet, nodes) = render_all(&fleet_text("fleet.lab.toml"));
+    assert_eq!(fleet.nodes_with_role("agent").count(), 2);
+    assert_eq!(fleet.nodes.len(), 14);
+    let pg = &nodes["do-1461-pg-fra1-01"];
+    let Resource::Package(p) = find(pg, "package:postgresql") else {
+        panic!()
+    };
+    assert!(p.source.is_none(), "distro: the node's own suites");
+    let pins: Vec<(&str, &VersionPin)> = p
+        .packages
+        .iter()
+        .map(|x| (x.name.as_str(), &x.version))
+        .collect();
+    assert_eq!(
+        pins,
+        [
+            ("postgresql-17", &VersionPin::Prefix("17.".into())),
+            ("postgresql-17-pgvector", &VersionPin::Prefix("0.8.".into())),
+            ("postgresql-17-age", &VersionPin::Prefix("1.5.".into())),
+        ]
+    );
+    let checks = checks_of(pg);
+    assert_eq!(checks["store.pg_version"].0, "17");
+    let Probe::Sql { query, .. } = &checks["store.pg_version"].1 else {
+        panic!()
+    };
+    assert!(query.contains("starts_with(v, '17.')"), "{query}");
+
+    let agent = &nodes["do-1461-agent-nyc3-01"];
+    assert!(
+        agent.iter().all(|r| !matches!(r, Resource::Service(_))),
+        "no daemon on an agent"
+    );
+    let Resource::Certificate(c) = find(agent, "cert:client") else {
+        panic!()
+    };
+    assert_eq!(c.purpose, CertificatePurpose::Client);
+    let config: toml::Table = toml::from_str(text_of(agent, "file:config")).unwrap();
+    assert_eq!(config["llm"]["backend"].as_str(), Some("xai"));
+
+    let peer = &nodes["do-1461-peer-fra1-02"];
+    let f = flags(&exec_start(text_of(peer, "service:ai-memory")));
+    assert_eq!(f["--quorum-timeout-ms"], "2000");
+    assert_eq!(f["--catchup-interval-secs"], "5");
+    assert_eq!(f["--quorum-peers"].split(',').count(), 8);
+    assert!(text_of(peer, "file:env").contains("search_path%3Dic_peer_2%2C"));
+    let checks = checks_of(peer);
+    assert_eq!(
+        checks["binary.sha256"].0,
+        "476cf390110b410d66f029d3a4efa0aa304014e08b908f3f1dd4ade3b2ff6b3f"
+    );
+}
+
+/// The seeder re-renders a role only for the fleet-wide keys it names (render::FLEET_WIDE): a peer
+/// enrolling must not touch agents, and a new client certificate must not touch pg nodes.
+#[test]
+fn roles_name_only_the_fleet_wide_keys_they_need() {
+    let fleet = Fleet::parse(&fleet_text("fleet.lab.toml")).unwrap();
+    let roles = roles();
+    let r = Renderer::new(&fleet, &roles);
+    let wide = |role: &str| -> BTreeSet<String> {
+        r.role_deps(role)
+            .unwrap_or_else(|| panic!("{role}: dependencies cannot be analysed"))
+            .into_iter()
+            .filter(|k| hiveseed_seeder::render::FLEET_WIDE.contains(&k.as_str()))
+            .collect()
+    };
+    let set = |keys: &[&str]| keys.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+    assert_eq!(wide("pg"), set(&["region"]));
+    assert_eq!(wide("peer"), set(&["allowlist", "mesh", "peers", "region"]));
+    assert_eq!(wide("agent"), set(&[]));
+    assert_eq!(wide("ctrl"), set(&[]));
+}
