@@ -746,3 +746,67 @@ fn render_module_matches_what_droplets_receive() {
     let ignored = read(".gitignore");
     assert!(ignored.lines().any(|l| l == "nodes.auto.tfvars.json"));
 }
+
+fn seeder_ok(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_seeder"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "seeder {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `seeder tfvars` + the render module give every node the same user_data before and after a
+/// `seeder publish` (user_data must never change, or DigitalOcean replaces the droplet).
+#[test]
+fn user_data_is_byte_identical_across_publishes() {
+    let Some(tf) = Terraform::get() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let roles = tmp.path().join("roles");
+    copy_tree(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../roles"),
+        &roles,
+    );
+    let fleet = roles.join("fleet.example.toml");
+    let dir = tmp.path().join("campaign");
+    let d = dir.to_str().unwrap();
+    seeder_ok(&["init", "--fleet", fleet.to_str().unwrap(), "--dir", d]);
+    let bin = tmp.path().join("bootstrap.bin");
+    fs::write(&bin, b"not really an agent").unwrap();
+    seeder_ok(&[
+        "artifact",
+        "add",
+        "--dir",
+        d,
+        "--name",
+        "bootstrap",
+        bin.to_str().unwrap(),
+    ]);
+
+    let (_ws, render) = render_workspace(&tf);
+    let tfvars = render.join("nodes.auto.tfvars.json");
+    let user_data = || {
+        seeder_ok(&["tfvars", "--dir", d, "--out", tfvars.to_str().unwrap()]);
+        apply(&tf, &render);
+        rendered(&tf, &render).0
+    };
+    let first = user_data();
+    assert_eq!(first.len(), 12);
+
+    let text = fs::read_to_string(&fleet).unwrap();
+    fs::write(
+        &fleet,
+        text.replace("catchup_interval_secs = 30", "catchup_interval_secs = 31"),
+    )
+    .unwrap();
+    let out = seeder_ok(&["publish", "--dir", d]);
+    assert!(out.contains("published inputs"), "{out}");
+    assert_eq!(user_data(), first, "a publish changed user_data");
+    let out = seeder_ok(&["publish", "--dir", d]);
+    assert!(out.contains("nothing published"), "{out}");
+    assert_eq!(user_data(), first, "a no-op publish changed user_data");
+}
