@@ -207,6 +207,8 @@ pub struct Agent {
     applied: Option<Applied>,
     etag: Option<String>,
     last_phase: String,
+    /// The phase last reported, re-sent as a heartbeat while a long step (a wait) runs.
+    current_phase: Phase,
 }
 
 impl std::fmt::Debug for Agent {
@@ -264,6 +266,7 @@ impl Agent {
             applied,
             etag: None,
             last_phase: String::new(),
+            current_phase: Phase::Enrolling,
         })
     }
 
@@ -280,6 +283,7 @@ impl Agent {
             checks: self.last_checks.clone(),
         };
         // INFO for state transitions, DEBUG for heartbeats that change nothing.
+        self.current_phase = phase.clone();
         let label = phase.label();
         if label != self.last_phase {
             tracing::info!(node = %self.join.node, phase = %label, "state");
@@ -505,10 +509,19 @@ impl Agent {
             };
             let run = apply(&the_plan, &env, &mut on_event);
             tokio::pin!(run);
+            // A step may take long (a wait for another node): keep reporting meanwhile, or the
+            // seeder would count this node as missing.
+            let every = Duration::from_secs(u64::from(manifest.report_interval_secs.max(1)));
+            let mut heartbeat =
+                tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             loop {
                 tokio::select! {
                     r = &mut run => break r,
                     Some(ev) = rx.recv() => self.on_apply_event(ev, &mut progress, total).await,
+                    _ = heartbeat.tick() => {
+                        let phase = self.current_phase.clone();
+                        self.report(phase, vec![]).await;
+                    }
                 }
             }
         };

@@ -83,6 +83,16 @@ expected = "active"
 probe = { type = "service_active", unit = "e2e-app.service" }
 "#;
 
+/// Holds the pg in a wait until the test opens this address: long enough to see heartbeats.
+const GATE_ADDR: &str = "127.0.9.2:47123";
+const PG_GATE: &str = r#"
+[[resource]]
+kind = "wait"
+id = "wait:gate"
+timeout_secs = 120
+target = { type = "tcp", host = "127.0.9.2", port = 47123 }
+"#;
+
 const PEER: &str = r#"
 [[resource]]
 kind = "wait"
@@ -267,7 +277,7 @@ async fn agents_converge_redeploy_repair_and_spool_through_a_seeder_outage() {
     let roles = tmp.path().join("roles");
     std::fs::create_dir_all(&roles).unwrap();
     std::fs::write(roles.join("fleet.toml"), FLEET).unwrap();
-    std::fs::write(roles.join("pg.toml"), PG).unwrap();
+    std::fs::write(roles.join("pg.toml"), format!("{PG_GATE}{PG}")).unwrap();
     std::fs::write(roles.join("peer.toml"), PEER).unwrap();
     let dir = CampaignDir::new(tmp.path().join("campaign"));
     let fleet = Fleet::parse(FLEET).unwrap();
@@ -290,11 +300,42 @@ async fn agents_converge_redeploy_repair_and_spool_through_a_seeder_outage() {
 
     let mut pg = Node::new(tmp.path(), &dir, "e2e-pg-r1-01", "pg", 10, &seeder_url);
     let mut peer = Node::new(tmp.path(), &dir, "e2e-peer-r1-01", "peer", 11, &seeder_url);
-    // The peer starts first: it must wait for its pg.
+    // The peer starts first: it must wait for its pg. The pg itself is held in a wait until the
+    // test opens GATE_ADDR, and keeps reporting while it waits, so the seeder never counts it
+    // missing.
     peer.start();
     pg.start();
-
     let store = Store::open(&dir.state_db()).unwrap();
+    let pg_name: hiveseed_proto::NodeName = "e2e-pg-r1-01".parse().unwrap();
+    let waiting = |store: &Store| {
+        store
+            .latest_report(&pg_name)
+            .unwrap()
+            .map(|(r, _)| matches!(r.phase, hiveseed_proto::status::Phase::Waiting { .. }))
+            .unwrap_or(false)
+    };
+    eventually("the pg waits at its gate", Duration::from_secs(30), || {
+        waiting(&store).then_some(())
+    })
+    .await;
+    let before = store.report_seqs(&pg_name).unwrap().len();
+    eventually(
+        "heartbeats while waiting (report interval 5 s)",
+        Duration::from_secs(30),
+        || {
+            (store.report_seqs(&pg_name).unwrap().len() >= before + 2 && waiting(&store))
+                .then_some(())
+        },
+    )
+    .await;
+    let v = view(&store, FLEET);
+    let row = v.nodes.iter().find(|n| n.name == "e2e-pg-r1-01").unwrap();
+    assert!(
+        !row.missing && row.last_report_age_secs.unwrap_or(99) <= 10,
+        "{row:?}"
+    );
+    let _gate = std::net::TcpListener::bind(GATE_ADDR).unwrap();
+
     eventually("both nodes converged", Duration::from_secs(60), || {
         view(&store, FLEET).all_converged.then_some(())
     })
