@@ -188,6 +188,9 @@ pub fn process_count(exe: &AbsPath, arg: &str) -> usize {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return 0;
     };
+    // Only processes that share our root: in a container or a lab chroot, the host's other
+    // nodes run the same binaries in the same pid namespace.
+    let our_root = std::fs::read_link("/proc/self/root").ok();
     dir.filter_map(Result::ok)
         .filter(|e| {
             e.file_name()
@@ -195,6 +198,7 @@ pub fn process_count(exe: &AbsPath, arg: &str) -> usize {
                 .bytes()
                 .all(|b| b.is_ascii_digit())
         })
+        .filter(|e| std::fs::read_link(e.path().join("root")).ok() == our_root)
         .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
         .filter(|c| {
             let mut parts = c.split(|b| *b == 0);

@@ -184,6 +184,14 @@ fn down_recovers_without_state_file() {
         .command(["sleep", "infinity"])
         .spawn_background(&c.dir().join("log"))
         .unwrap();
+    // A crash long after the start: the process has entered its chroot (until it has, only the
+    // state file knows it, and that is what this test takes away).
+    hiveseed_lab::wait::until(
+        "the process to enter the node",
+        std::time::Duration::from_secs(10),
+        || hiveseed_lab::procs::rooted_under(&t.lab.nodes_dir()).contains(&bg.pid),
+    )
+    .unwrap();
     // Simulate a crash that lost the state file.
     std::fs::remove_file(t.lab.state_file().path()).unwrap();
     let report = t.lab.down().unwrap();
