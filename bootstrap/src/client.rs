@@ -223,18 +223,34 @@ impl SeederClient {
     }
 
     pub async fn report(&self, report: &StatusReport) -> Result<(), ClientError> {
+        // The answer says whether it was new or a resend; both are delivered.
+        let _: serde_json::Value = self
+            .post_mtls("/v1/status", report, Duration::from_secs(20))
+            .await?;
+        Ok(())
+    }
+
+    /// POSTs JSON over mTLS and decodes a JSON answer; refusals carry the seeder's error body.
+    async fn post_mtls<B: serde::Serialize, R: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        timeout: Duration,
+    ) -> Result<R, ClientError> {
         let resp = self
             .mtls()?
-            .post(self.url("/v1/status"))
-            .timeout(Duration::from_secs(20))
-            .json(report)
+            .post(self.url(path))
+            .timeout(timeout)
+            .json(body)
             .send()
             .await
             .map_err(unreachable)?;
         if !resp.status().is_success() {
             return Err(refused(resp).await);
         }
-        Ok(())
+        resp.json()
+            .await
+            .map_err(|e| ClientError::Protocol(e.without_url().to_string()))
     }
 
     pub async fn certificate(
@@ -242,44 +258,22 @@ impl SeederClient {
         purpose: CertificatePurpose,
         csr_pem: &str,
     ) -> Result<String, ClientError> {
-        let resp = self
-            .mtls()?
-            .post(self.url("/v1/certs"))
-            .timeout(Duration::from_secs(30))
-            .json(&CertRequest {
-                purpose,
-                csr_pem: csr_pem.to_owned(),
-            })
-            .send()
-            .await
-            .map_err(unreachable)?;
-        if !resp.status().is_success() {
-            return Err(refused(resp).await);
-        }
-        let r: CertResponse = resp
-            .json()
-            .await
-            .map_err(|e| ClientError::Protocol(e.without_url().to_string()))?;
+        let body = CertRequest {
+            purpose,
+            csr_pem: csr_pem.to_owned(),
+        };
+        let r: CertResponse = self
+            .post_mtls("/v1/certs", &body, Duration::from_secs(30))
+            .await?;
         Ok(r.cert_chain_pem)
     }
 
     /// Renews the node's own identity certificate.
     pub async fn renew_identity(&self, csr_pem: &str) -> Result<String, ClientError> {
-        let resp = self
-            .mtls()?
-            .post(self.url("/v1/identity"))
-            .timeout(Duration::from_secs(30))
-            .json(&serde_json::json!({ "csr_pem": csr_pem }))
-            .send()
-            .await
-            .map_err(unreachable)?;
-        if !resp.status().is_success() {
-            return Err(refused(resp).await);
-        }
-        let r: CertResponse = resp
-            .json()
-            .await
-            .map_err(|e| ClientError::Protocol(e.without_url().to_string()))?;
+        let body = serde_json::json!({ "csr_pem": csr_pem });
+        let r: CertResponse = self
+            .post_mtls("/v1/identity", &body, Duration::from_secs(30))
+            .await?;
         Ok(r.cert_chain_pem)
     }
 

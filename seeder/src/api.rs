@@ -71,6 +71,17 @@ fn conn(parts: &Parts) -> ApiResult<ConnInfo> {
         .ok_or_else(|| Error::internal("request without connection info"))
 }
 
+/// The fingerprint of the connection's (CA-verified) client certificate; 401 without one.
+fn client_fpr(parts: &Parts) -> ApiResult<String> {
+    let der = conn(parts)?.client_cert.ok_or_else(|| {
+        Error::new(
+            ErrorKind::Unauthenticated,
+            "a client certificate is required",
+        )
+    })?;
+    Ok(fingerprint(&der))
+}
+
 /// A node calling with its identity certificate (verified chain, known, not revoked).
 #[derive(Debug, Clone)]
 pub struct NodeIdentity {
@@ -82,14 +93,7 @@ impl FromRequestParts<Arc<Seeder>> for NodeIdentity {
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, s: &Arc<Seeder>) -> ApiResult<Self> {
-        let c = conn(parts)?;
-        let der = c.client_cert.ok_or_else(|| {
-            Error::new(
-                ErrorKind::Unauthenticated,
-                "a client certificate is required",
-            )
-        })?;
-        let fpr = fingerprint(&der);
+        let fpr = client_fpr(parts)?;
         let rec = s
             .cert_info(&fpr)?
             .ok_or_else(|| Error::new(ErrorKind::Unauthenticated, "unknown client certificate"))?;
@@ -126,15 +130,9 @@ impl FromRequestParts<Arc<Seeder>> for Operator {
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, s: &Arc<Seeder>) -> ApiResult<Self> {
-        let c = conn(parts)?;
-        let der = c.client_cert.ok_or_else(|| {
-            Error::new(
-                ErrorKind::Unauthenticated,
-                "a client certificate is required",
-            )
-        })?;
+        let fpr = client_fpr(parts)?;
         match &s.operator_fpr {
-            Some(op) if *op == fingerprint(&der) => Ok(Operator),
+            Some(op) if *op == fpr => Ok(Operator),
             _ => Err(Error::new(
                 ErrorKind::Forbidden,
                 "the operator certificate is required",
