@@ -198,18 +198,7 @@ async fn enroll_fetch_long_poll_publish_report_fleet_view() {
     assert_eq!(view["all_converged"], false);
 
     // The operator's fleet view over HTTPS needs the operator certificate.
-    let op_pem = format!(
-        "{}{}",
-        std::fs::read_to_string(c.dir.join("operator.key")).unwrap(),
-        std::fs::read_to_string(c.dir.join("operator.pem")).unwrap()
-    );
-    let op = reqwest::Client::builder()
-        .use_rustls_tls()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(c.ca_pem().as_bytes()).unwrap())
-        .identity(reqwest::Identity::from_pem(op_pem.as_bytes()).unwrap())
-        .build()
-        .unwrap();
+    let op = c.operator();
     let v: serde_json::Value = op
         .get(server.url("/v1/status"))
         .send()
@@ -363,28 +352,11 @@ async fn client_certificates_missing_unknown_revoked_and_superseded() {
         .self_signed(&rogue_key)
         .unwrap();
     let pem = format!("{}{}", rogue_key.serialize_pem(), rogue.pem());
-    let client = reqwest::Client::builder()
-        .use_rustls_tls()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(c.ca_pem().as_bytes()).unwrap())
-        .identity(reqwest::Identity::from_pem(pem.as_bytes()).unwrap())
-        .build()
-        .unwrap();
+    let client = c.client_with(&pem);
     assert!(client.get(server.url("/v1/manifest")).send().await.is_err());
 
     // A CA-signed certificate the seeder never issued to a node (the operator's) is not a node.
-    let op_pem = format!(
-        "{}{}",
-        std::fs::read_to_string(c.dir.join("operator.key")).unwrap(),
-        std::fs::read_to_string(c.dir.join("operator.pem")).unwrap()
-    );
-    let op = reqwest::Client::builder()
-        .use_rustls_tls()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(c.ca_pem().as_bytes()).unwrap())
-        .identity(reqwest::Identity::from_pem(op_pem.as_bytes()).unwrap())
-        .build()
-        .unwrap();
+    let op = c.operator();
     let resp = op.get(server.url("/v1/manifest")).send().await.unwrap();
     assert_eq!(resp.status(), 401);
 

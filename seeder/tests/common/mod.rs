@@ -187,6 +187,27 @@ impl Campaign {
         Server { child, addr }
     }
 
+    /// A client that trusts only the campaign CA and presents `identity_pem` (key + chain).
+    pub fn client_with(&self, identity_pem: &str) -> reqwest::Client {
+        reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(self.ca_pem().as_bytes()).unwrap())
+            .identity(reqwest::Identity::from_pem(identity_pem.as_bytes()).unwrap())
+            .build()
+            .unwrap()
+    }
+
+    /// A client presenting the operator certificate `seeder init` made.
+    pub fn operator(&self) -> reqwest::Client {
+        let pem = format!(
+            "{}{}",
+            std::fs::read_to_string(self.dir.join("operator.key")).unwrap(),
+            std::fs::read_to_string(self.dir.join("operator.pem")).unwrap()
+        );
+        self.client_with(&pem)
+    }
+
     pub fn seeder(&self, args: &[&str]) -> std::process::Output {
         let mut full: Vec<&str> = args.to_vec();
         full.extend_from_slice(&["--dir", self.dir_str()]);
