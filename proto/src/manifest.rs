@@ -217,6 +217,9 @@ pub struct User {
     pub name: String,
     #[serde(default)]
     pub system: bool,
+    /// A pinned uid (and gid of the user's group); `None` lets useradd pick.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub home: Option<AbsPath>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -315,6 +318,10 @@ pub enum WaitTarget {
         password_file: AbsPath,
         ca_path: AbsPath,
         schema: String,
+        /// Connect from this local address (pg_hba admits the node's private address, not
+        /// whatever source the kernel would pick).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        source: Option<std::net::IpAddr>,
     },
 }
 

@@ -48,7 +48,20 @@ pub struct FleetConfig {
     pub federation: FederationConfig,
     #[serde(default)]
     pub ttl: TtlConfig,
+    #[serde(default)]
+    pub accounts: AccountsConfig,
     pub pins: PinsConfig,
+}
+
+/// Service accounts. Production leaves this out (useradd picks the uid).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountsConfig {
+    /// Lab only: every node's service account gets uid `service_uid_base + N`, N the node's
+    /// 1-based position in the fleet's name-sorted node list. All lab nodes share one kernel, so
+    /// the lab's per-uid policy routing is what gives a node's daemons the node's own source
+    /// address (lab-feasibility §8); distinct uids per node make that possible.
+    pub service_uid_base: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -204,6 +217,8 @@ pub struct NodeSpec {
     /// 1-based position among the nodes of this role in this region (the seed's `ic_peer_K`).
     pub index: u32,
     pub size: String,
+    /// The uid of the node's service account when the fleet pins one (`accounts`).
+    pub service_uid: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -379,11 +394,29 @@ impl Fleet {
                         region: region.clone(),
                         index,
                         size: size.clone(),
+                        service_uid: None,
                     });
                 }
             }
         }
         nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        if let Some(base) = raw.accounts.service_uid_base {
+            // Below 1000 are the distribution's system accounts; the top must stay clear of
+            // nobody (65534) and the 32-bit overflow.
+            let top = u64::from(base) + nodes.len() as u64;
+            if base < 1000 || top >= 65534 {
+                return Err(field(
+                    "accounts.service_uid_base",
+                    format!(
+                        "{base} + {} nodes must stay within 1000..65534",
+                        nodes.len()
+                    ),
+                ));
+            }
+            for (n, node) in nodes.iter_mut().enumerate() {
+                node.service_uid = Some(base + n as u32 + 1);
+            }
+        }
 
         let f = &raw.federation;
         if f.port == 0 {

@@ -342,6 +342,7 @@ impl<'a> Renderer<'a> {
                 "role": node.role.as_str(),
                 "region": node.region.as_str(),
                 "index": node.index,
+                "service_uid": node.service_uid,
                 "public_ip": me.public_ip.to_string(),
                 "private_ip": me.private_ip.to_string(),
                 "fed_id": format!("{campaign}/{}/{}", node.region, node.name),

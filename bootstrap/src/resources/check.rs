@@ -191,20 +191,32 @@ pub fn process_count(exe: &AbsPath, arg: &str) -> usize {
     // Only processes that share our root: in a container or a lab chroot, the host's other
     // nodes run the same binaries in the same pid namespace.
     let our_root = std::fs::read_link("/proc/self/root").ok();
-    dir.filter_map(Result::ok)
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .bytes()
-                .all(|b| b.is_ascii_digit())
+    let matching: std::collections::HashMap<u32, u32> = dir
+        .filter_map(Result::ok)
+        .filter_map(|e| Some((e.file_name().to_str()?.parse::<u32>().ok()?, e.path())))
+        .filter(|(_, p)| std::fs::read_link(p.join("root")).ok() == our_root)
+        .filter(|(_, p)| {
+            std::fs::read(p.join("cmdline")).is_ok_and(|c| {
+                let mut parts = c.split(|b| *b == 0);
+                parts.next() == Some(exe.as_str().as_bytes())
+                    && parts.next() == Some(arg.as_bytes())
+            })
         })
-        .filter(|e| std::fs::read_link(e.path().join("root")).ok() == our_root)
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .filter(|c| {
-            let mut parts = c.split(|b| *b == 0);
-            parts.next() == Some(exe.as_str().as_bytes()) && parts.next() == Some(arg.as_bytes())
-        })
+        .filter_map(|(pid, p)| Some((pid, parent_pid(&p)?)))
+        .collect();
+    // A child forked by a matching process (a PostgreSQL backend before it retitles itself) is
+    // part of the same instance, not a second one.
+    matching
+        .values()
+        .filter(|ppid| !matching.contains_key(ppid))
         .count()
+}
+
+/// The parent pid from `/proc/<pid>/stat` (the field after the parenthesised command name).
+fn parent_pid(proc_dir: &std::path::Path) -> Option<u32> {
+    let stat = std::fs::read_to_string(proc_dir.join("stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// One value over the local socket as the `postgres` superuser (pg_hba `local all all trust`).

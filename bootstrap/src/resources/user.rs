@@ -33,6 +33,11 @@ pub fn useradd_argv(u: &User) -> Vec<String> {
         argv.push("--system".into());
     }
     argv.push("--user-group".into());
+    if let Some(uid) = u.uid {
+        // The group of the same name gets the same number (--user-group follows --uid when free).
+        argv.push("--uid".into());
+        argv.push(uid.to_string());
+    }
     if let Some(home) = &u.home {
         argv.push("--home-dir".into());
         argv.push(home.to_string());

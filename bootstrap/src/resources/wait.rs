@@ -170,6 +170,7 @@ pub async fn probe(
             password_file,
             ca_path,
             schema,
+            source,
         } => {
             let password = read_text(host, password_file)?;
             let tls = tls_config(host, ca_path, None)?;
@@ -181,13 +182,32 @@ pub async fn probe(
                 .password(password.trim_end_matches(['\n', '\r']))
                 .ssl_mode(tokio_postgres::config::SslMode::Require)
                 .connect_timeout(Duration::from_secs(5));
-            let (client, conn) = cfg
-                .connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
-                .await
-                .map_err(|e| {
-                    format!("connect {h}:{port}/{dbname} as {user}: {}", error_chain(&e))
-                })?;
-            let conn = tokio::spawn(conn);
+            let what = || format!("connect {h}:{port}/{dbname} as {user}");
+            let mut make = tokio_postgres_rustls::MakeRustlsConnect::new(tls);
+            let (client, conn) = match source {
+                None => {
+                    let (client, conn) = cfg
+                        .connect(make)
+                        .await
+                        .map_err(|e| format!("{}: {}", what(), error_chain(&e)))?;
+                    (client, tokio::spawn(conn))
+                }
+                Some(src) => {
+                    let ip: std::net::IpAddr = h
+                        .parse()
+                        .map_err(|_| format!("{}: a source address needs an IP host", what()))?;
+                    let stream = bound_stream(*src, (ip, *port).into())
+                        .await
+                        .map_err(|e| format!("{} from {src}: {e}", what()))?;
+                    let tls = tokio_postgres::tls::MakeTlsConnect::<tokio::net::TcpStream>::make_tls_connect(&mut make, h)
+                        .map_err(|e| format!("{}: {}", what(), error_chain(&e)))?;
+                    let (client, conn) = cfg
+                        .connect_raw(stream, tls)
+                        .await
+                        .map_err(|e| format!("{} from {src}: {}", what(), error_chain(&e)))?;
+                    (client, tokio::spawn(conn))
+                }
+            };
             let row = client
                 .query_opt(
                     "SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = $1",
@@ -203,6 +223,21 @@ pub async fn probe(
             }
         }
     }
+}
+
+/// A TCP connection from a given local address (bound before connect), bounded by 5 s.
+async fn bound_stream(
+    src: std::net::IpAddr,
+    dst: std::net::SocketAddr,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = match dst {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.bind((src, 0).into())?;
+    tokio::time::timeout(Duration::from_secs(5), socket.connect(dst))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
 }
 
 pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {

@@ -286,6 +286,19 @@ pub fn up(cfg: &UpConfig) -> Result<Fleet> {
         .map(|(n, v)| (n.clone(), (v.role.clone(), v.region.clone())))
         .collect();
     let plan = address_plan(&roles);
+    // Service accounts leave from their node's private address (see route.rs).
+    let spec = hiveseed_seeder::fleet::Fleet::load(&fleet).map_err(|e| step("fleet", e))?;
+    let mut routes = Vec::new();
+    for n in &spec.nodes {
+        if let (Some(uid), Some(&(r, num))) = (n.service_uid, plan.get(n.name.as_str())) {
+            let addr = crate::addr::NodeAddr::new(r, num).map_err(|e| step("address plan", e))?;
+            routes.push(crate::route::UidRoute {
+                uid,
+                source: addr.private(),
+            });
+        }
+    }
+    crate::route::setup(lab.dir(), &routes)?;
     let boot_started = Instant::now();
     let mut nodes = Vec::new();
     for (name, cc) in &user_data {
@@ -427,7 +440,9 @@ pub fn down(lab_dir: &Path) -> Result<crate::node::DownReport> {
         }
         let _ = std::fs::remove_file(&pid_file);
     }
-    Ok(lab.down()?)
+    let report = lab.down()?;
+    crate::route::teardown(lab.dir())?;
+    Ok(report)
 }
 
 impl Fleet {

@@ -17,6 +17,7 @@ pub mod fleet;
 pub mod mounts;
 pub mod node;
 pub mod procs;
+pub mod route;
 pub mod state;
 pub mod wait;
 
