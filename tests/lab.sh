@@ -28,7 +28,14 @@ case "${1:-up}" in
       --seeder target/release/seeder \
       --bootstrap target/x86_64-unknown-linux-gnu/agent/bootstrap "${@:2}"
     ;;
+  scenarios)
+    build
+    exec ./target/release/lab scenarios --dir "$LAB_DIR" \
+      --fleet roles/fleet.lab.toml --roles roles --terraform terraform \
+      --seeder target/release/seeder \
+      --bootstrap target/x86_64-unknown-linux-gnu/agent/bootstrap "${@:2}"
+    ;;
   down) exec ./target/release/lab down --dir "$LAB_DIR" "${@:2}" ;;
   status) exec ./target/release/lab status --dir "$LAB_DIR" --seeder target/release/seeder ;;
-  *) echo "usage: tests/lab.sh up|down|status" >&2; exit 2 ;;
+  *) echo "usage: tests/lab.sh up|scenarios|down|status" >&2; exit 2 ;;
 esac

@@ -76,6 +76,14 @@ CREATE TABLE IF NOT EXISTS report_log (
     report TEXT NOT NULL,
     PRIMARY KEY (node, seq)
 );
+-- Reports of a node's earlier identities (a replaced droplet starts its sequence again).
+CREATE TABLE IF NOT EXISTS report_archive (
+    node TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    received_at INTEGER NOT NULL,
+    report TEXT NOT NULL,
+    superseded_at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     at INTEGER NOT NULL,
@@ -283,9 +291,19 @@ impl Store {
             ],
         )?;
         insert_cert(&tx, cert)?;
-        // A new identity starts a new report sequence.
+        // A new identity starts a new report sequence: the old one's log moves to the archive,
+        // or the new agent's reports would be taken for resends of numbers already held.
         tx.execute(
             "DELETE FROM reports WHERE node = ?1",
+            params![e.node.as_str()],
+        )?;
+        tx.execute(
+            "INSERT INTO report_archive (node, seq, received_at, report, superseded_at)
+             SELECT node, seq, received_at, report, ?2 FROM report_log WHERE node = ?1",
+            params![e.node.as_str(), e.enrolled_at as i64],
+        )?;
+        tx.execute(
+            "DELETE FROM report_log WHERE node = ?1",
             params![e.node.as_str()],
         )?;
         tx.commit()?;

@@ -388,6 +388,18 @@ async fn client_certificates_missing_unknown_revoked_and_superseded() {
         Some(true)
     );
 
+    // The old incarnation reported up to sequence 3.
+    for seq in 1..=3 {
+        let resp = p1
+            .mtls()
+            .post(server.url("/v1/status"))
+            .json(&report(P1, seq, Phase::Converged, None))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+
     // Re-enrollment with a new key (node replacement) supersedes the old identity.
     let mut replacement = Agent::new(P1, "127.1.1.11", "127.0.1.11", &c.ca_pem());
     replacement.enroll(&server, &c.token(P1, "peer", 600)).await;
@@ -400,6 +412,19 @@ async fn client_certificates_missing_unknown_revoked_and_superseded() {
     assert_eq!(resp.status(), 403);
     assert_eq!(error_kind(&resp.text().await.unwrap()), "revoked");
     assert_eq!(fetch(&replacement, &server, None, 0).await.status(), 200);
+    // The new disk numbers its reports from 1 again: stored, not taken for resends.
+    let resp = replacement
+        .mtls()
+        .post(server.url("/v1/status"))
+        .json(&report(P1, 1, Phase::Applying { done: 1, total: 2 }, None))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.json::<serde_json::Value>().await.unwrap()["stored"],
+        true
+    );
 
     // Operator revocation.
     let out = c.seeder(&["revoke", P1]);

@@ -54,6 +54,10 @@ pub struct BootedNode {
     pub private_ip: Ipv4Addr,
     pub root: PathBuf,
     pub console_log: PathBuf,
+    /// What the metadata service would answer (written to /etc/hiveseed/facts.json).
+    pub facts: serde_json::Value,
+    /// Its user_data, as Terraform rendered it.
+    cloud_config: CloudConfig,
 }
 
 #[derive(Debug)]
@@ -62,9 +66,17 @@ pub struct Fleet {
     pub campaign_dir: PathBuf,
     pub seeder_bin: PathBuf,
     pub seeder_pid: u32,
+    /// The lab's copy of the fleet file (what `seeder publish` reads).
+    pub fleet_file: PathBuf,
+    /// The base rootfs every node overlays.
+    pub base: PathBuf,
+    /// Every node's rendered user_data (cloud-config text), by name.
+    pub user_data: BTreeMap<String, String>,
     pub nodes: Vec<BootedNode>,
     /// When the first node's runcmd started.
     pub boot_started: Instant,
+    /// The same moment on the wall clock (to compare with log timestamps).
+    pub boot_started_wall: std::time::SystemTime,
     pub phases: Vec<(String, Duration)>,
 }
 
@@ -79,7 +91,7 @@ struct TfNode {
     region: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 struct CloudConfig {
     #[serde(default)]
     hostname: Option<String>,
@@ -89,7 +101,7 @@ struct CloudConfig {
     runcmd: Vec<Vec<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 struct WriteFile {
     path: String,
     content: String,
@@ -155,6 +167,40 @@ pub fn address_plan(nodes: &BTreeMap<String, (String, String)>) -> BTreeMap<Stri
     out
 }
 
+/// `seeder serve` on the lab's seeder address, in its own process group, log appended to
+/// `<lab>/seeder.log`; returns once it listens.
+fn start_seeder(lab_dir: &Path, seeder_bin: &Path, campaign: &Path) -> Result<u32> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(lab_dir.join("seeder.log"))
+        .map_err(io("seeder log"))?;
+    let child = Command::new(seeder_bin)
+        .args([
+            "serve",
+            "--listen",
+            SEEDER_LISTEN,
+            "--mesh-deadline",
+            "120",
+            "--dir",
+        ])
+        .arg(campaign)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(io("seeder log"))?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .map_err(io("starting seeder serve"))?;
+    let seeder_pid = child.id();
+    std::fs::write(lab_dir.join("seeder.pid"), seeder_pid.to_string())
+        .map_err(io("seeder.pid"))?;
+    wait_listening(
+        SEEDER_LISTEN.parse().expect("static"),
+        Duration::from_secs(30),
+    )?;
+    Ok(seeder_pid)
+}
+
 fn wait_listening(addr: SocketAddr, deadline: Duration) -> Result<()> {
     crate::wait::until("the seeder to listen", deadline, || {
         TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
@@ -170,6 +216,8 @@ pub fn up(cfg: &UpConfig) -> Result<Fleet> {
     let (base, _) = cache.ensure_rootfs()?;
     let lab = Lab::open(&cfg.lab_dir)?;
     down(&cfg.lab_dir)?;
+    // From clean: no node disk survives from an earlier lab.
+    lab.purge()?;
     let campaign = lab.dir().join("campaign");
     let _ = std::fs::remove_dir_all(&campaign);
     let fleet = lab.dir().join("fleet.toml");
@@ -214,30 +262,7 @@ pub fn up(cfg: &UpConfig) -> Result<Fleet> {
 
     // The seeder, on the host, on its own address.
     let t = Instant::now();
-    let log = std::fs::File::create(lab.dir().join("seeder.log")).map_err(io("seeder log"))?;
-    let child = Command::new(&cfg.seeder_bin)
-        .args([
-            "serve",
-            "--listen",
-            SEEDER_LISTEN,
-            "--mesh-deadline",
-            "120",
-            "--dir",
-        ])
-        .arg(&campaign)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(io("seeder log"))?)
-        .stderr(log)
-        .process_group(0)
-        .spawn()
-        .map_err(io("starting seeder serve"))?;
-    let seeder_pid = child.id();
-    std::fs::write(lab.dir().join("seeder.pid"), seeder_pid.to_string())
-        .map_err(io("seeder.pid"))?;
-    wait_listening(
-        SEEDER_LISTEN.parse().expect("static"),
-        Duration::from_secs(30),
-    )?;
+    let seeder_pid = start_seeder(lab.dir(), &cfg.seeder_bin, &campaign)?;
     phases.push(("seeder up".to_string(), t.elapsed()));
 
     // Terraform renders every node's user_data from the seeder's tfvars.
@@ -300,6 +325,7 @@ pub fn up(cfg: &UpConfig) -> Result<Fleet> {
     }
     crate::route::setup(lab.dir(), &routes)?;
     let boot_started = Instant::now();
+    let boot_started_wall = std::time::SystemTime::now();
     let mut nodes = Vec::new();
     for (name, cc) in &user_data {
         let (role, region) = roles
@@ -308,42 +334,65 @@ pub fn up(cfg: &UpConfig) -> Result<Fleet> {
             .ok_or_else(|| step("user_data", format!("{name} is not in the tfvars")))?;
         let (r, n) = plan[name];
         let addr = crate::addr::NodeAddr::new(r, n).map_err(|e| step("address plan", e))?;
-        let node_name: NodeName = name.parse()?;
-        let node = lab.node_up(&node_name, &base.root)?;
         let facts = serde_json::json!({
             "droplet_id": u64::from(r) * 1000 + u64::from(n),
             "region": region,
             "public_ipv4": addr.public().to_string(),
             "private_ipv4": addr.private().to_string(),
         });
-        node.write_file(
-            "/etc/hiveseed/facts.json",
-            facts.to_string().as_bytes(),
-            0o644,
-        )?;
-        let host = cc.hostname.clone().unwrap_or_else(|| name.clone());
-        node.write_hosts(&[(addr.private(), host.as_str())])?;
-        let console_log = boot(&node, cc)?;
-        nodes.push(BootedNode {
+        let node = BootedNode {
             name: name.clone(),
             role,
             region,
             public_ip: addr.public(),
             private_ip: addr.private(),
-            root: node.root().to_path_buf(),
-            console_log,
-        });
+            root: lab.nodes_dir().join(name).join("root"),
+            console_log: lab.nodes_dir().join(name).join("console.log"),
+            facts,
+            cloud_config: cc.clone(),
+        };
+        boot_node(&lab, &base.root, &node)?;
+        nodes.push(node);
     }
     phases.push(("nodes booted".to_string(), t.elapsed()));
+    let user_data_text = serde_json::from_str::<BTreeMap<String, String>>(&run(
+        "terraform output",
+        &mut terraform(&["output", "-json", "user_data"]),
+    )?)
+    .map_err(|e| step("parsing user_data", e))?;
     Ok(Fleet {
         lab,
         campaign_dir: campaign,
         seeder_bin: cfg.seeder_bin.clone(),
         seeder_pid,
+        fleet_file: fleet,
+        base: base.root.clone(),
+        user_data: user_data_text,
         nodes,
         boot_started,
+        boot_started_wall,
         phases,
     })
+}
+
+/// A fresh node from its user_data: overlay, facts file in place of the metadata service,
+/// /etc/hosts, then cloud-init's write_files and runcmd.
+fn boot_node(lab: &Lab, base: &Path, n: &BootedNode) -> Result<()> {
+    let node_name: NodeName = n.name.parse()?;
+    let node = lab.node_up(&node_name, base)?;
+    node.write_file(
+        "/etc/hiveseed/facts.json",
+        n.facts.to_string().as_bytes(),
+        0o644,
+    )?;
+    let host = n
+        .cloud_config
+        .hostname
+        .clone()
+        .unwrap_or_else(|| n.name.clone());
+    node.write_hosts(&[(n.private_ip, host.as_str())])?;
+    boot(&node, &n.cloud_config)?;
+    Ok(())
 }
 
 /// Plays a node's cloud-config: write_files, then runcmd in the background (cloud-init's final
@@ -448,6 +497,160 @@ pub fn down(lab_dir: &Path) -> Result<crate::node::DownReport> {
 impl Fleet {
     pub fn seeder_cmd(&self, args: &[&str]) -> Command {
         seeder(&self.seeder_bin, &self.campaign_dir, args)
+    }
+
+    /// [`Fleet::boot_started_wall`] in seconds since the epoch.
+    pub fn boot_started_unix(&self) -> f64 {
+        self.boot_started_wall
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0)
+    }
+
+    pub fn node(&self, name: &str) -> Result<&BootedNode> {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .ok_or_else(|| step("lab", format!("no node {name}")))
+    }
+
+    /// Names of the nodes with `role`, sorted.
+    pub fn with_role(&self, role: &str) -> Vec<&BootedNode> {
+        self.nodes.iter().filter(|n| n.role == role).collect()
+    }
+
+    /// `seeder status --json`.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let out = run(
+            "seeder status",
+            &mut self.seeder_cmd(&["status", "--json"]),
+        )?;
+        serde_json::from_str(&out).map_err(|e| step("parsing seeder status --json", e))
+    }
+
+    /// One node's entry of the fleet view.
+    pub fn node_status(status: &serde_json::Value, name: &str) -> Option<serde_json::Value> {
+        status["nodes"]
+            .as_array()?
+            .iter()
+            .find(|n| n["name"] == name)
+            .cloned()
+    }
+
+    /// `seeder report`: whether every check passed, and its output.
+    pub fn report(&self) -> Result<(bool, String)> {
+        let out = self
+            .seeder_cmd(&["report"])
+            .output()
+            .map_err(io("seeder report"))?;
+        Ok((
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        ))
+    }
+
+    /// `seeder publish` of the lab's fleet file and roles as they are on disk.
+    pub fn publish(&self) -> Result<String> {
+        run("seeder publish", &mut self.seeder_cmd(&["publish"]))
+    }
+
+    /// SIGKILL the seeder (no drain, no goodbye) and wait until it is gone.
+    pub fn kill_seeder(&mut self) -> Result<()> {
+        let pid = self.seeder_pid as i32;
+        let target = crate::procs::Target {
+            pid,
+            start_time: crate::procs::start_time(pid),
+            group: true,
+        };
+        nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .map_err(|e| step("killing the seeder", e))?;
+        let left = crate::procs::wait_gone(&[target], Duration::from_secs(10));
+        if !left.is_empty() {
+            return Err(step("killing the seeder", "still running after SIGKILL"));
+        }
+        Ok(())
+    }
+
+    /// `seeder serve` again on the same campaign (after [`Fleet::kill_seeder`]).
+    pub fn restart_seeder(&mut self) -> Result<()> {
+        self.seeder_pid = start_seeder(self.lab.dir(), &self.seeder_bin, &self.campaign_dir)?;
+        Ok(())
+    }
+
+    /// Destroys a node's disk and boots a new one from the same user_data (a droplet replaced
+    /// by `terraform apply -replace`).
+    pub fn replace_node(&self, name: &str) -> Result<()> {
+        let n = self.node(name)?;
+        let node_name: NodeName = name.parse()?;
+        self.lab.node_down(&node_name)?;
+        let dir = self.lab.nodes_dir().join(name);
+        std::fs::remove_dir_all(&dir).map_err(io(format!("removing {}", dir.display())))?;
+        boot_node(&self.lab, &self.base, n)
+    }
+
+    /// Reboots a node: every process in it stops, /run starts empty, its disk stays; then the
+    /// init system starts the agent (`hiveseed-agent.service` on a droplet; here the agent's
+    /// own no-systemd start, `bootstrap run`).
+    pub fn reboot_node(&self, name: &str) -> Result<()> {
+        let node_name: NodeName = name.parse()?;
+        self.lab.node_reboot(&node_name, &self.base)?;
+        self.start_agent(name)
+    }
+
+    /// What the init system does when the agent died (`Restart=always`): start it again.
+    pub fn start_agent(&self, name: &str) -> Result<()> {
+        let node = self.lab.node(&name.parse()?)?;
+        let out = node
+            .command(["/usr/local/bin/bootstrap", "run"])
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .env("HOME", "/root")
+            .env("LANG", "C.UTF-8")
+            .output()?;
+        if !out.status.success() {
+            return Err(step(
+                format!("starting the agent on {name}"),
+                String::from_utf8_lossy(&out.stderr),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The agent's pid on a node (its pidfile), if it is alive.
+    pub fn agent_pid(&self, name: &str) -> Option<i32> {
+        let n = self.node(name).ok()?;
+        let pid: i32 = std::fs::read_to_string(n.root.join("run/hiveseed/agent.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        crate::procs::is_alive(pid, None).then_some(pid)
+    }
+
+    /// Processes inside a node whose argv starts with `argv0 arg1`, with their start times
+    /// (a restarted process has a new start time even if its pid were reused).
+    pub fn processes(&self, name: &str, argv0: &str, arg1: &str) -> Vec<(i32, u64)> {
+        let Ok(n) = self.node(name) else {
+            return Vec::new();
+        };
+        crate::procs::rooted_under(&n.root)
+            .into_iter()
+            .filter(|&pid| {
+                let c = crate::procs::cmdline(pid);
+                c.first().map(String::as_str) == Some(argv0)
+                    && c.get(1).map(String::as_str) == Some(arg1)
+            })
+            .filter_map(|pid| Some((pid, crate::procs::start_time(pid)?)))
+            .collect()
     }
 
     /// Waits until every node converged; returns the time from the first runcmd to green.

@@ -18,6 +18,7 @@ pub mod mounts;
 pub mod node;
 pub mod procs;
 pub mod route;
+pub mod scenario;
 pub mod state;
 pub mod wait;
 

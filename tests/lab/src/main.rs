@@ -42,6 +42,33 @@ enum Cmd {
         #[arg(long, default_value_t = 900)]
         timeout: u64,
     },
+    /// The acceptance scenarios, in order, on one lab: bring-up (timed, from clean), secrets,
+    /// redeploy, replace, faults (agent killed mid-apply, pg node rebooted, seeder killed during
+    /// a second bring-up). Prints every check and a table; exit status 0 iff none failed.
+    /// The lab stays up afterwards (`lab down` stops it).
+    Scenarios {
+        #[arg(long, default_value = "/var/tmp/hiveseed-lab")]
+        dir: PathBuf,
+        #[arg(long, default_value = "roles/fleet.lab.toml")]
+        fleet: PathBuf,
+        #[arg(long, default_value = "roles")]
+        roles: PathBuf,
+        #[arg(long, default_value = "terraform")]
+        terraform: PathBuf,
+        #[arg(long, default_value = "target/release/seeder")]
+        seeder: PathBuf,
+        #[arg(
+            long,
+            default_value = "target/x86_64-unknown-linux-gnu/agent/bootstrap"
+        )]
+        bootstrap: PathBuf,
+        /// Only these scenarios (bring-up always runs first).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<Scenario>,
+        /// Seconds to wait for each convergence.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
     /// `seeder status` of a running lab.
     Status {
         #[arg(long, default_value = "/var/tmp/hiveseed-lab")]
@@ -93,6 +120,14 @@ enum Cmd {
         #[arg(long)]
         purge: bool,
     },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Scenario {
+    Secrets,
+    Redeploy,
+    Replace,
+    Faults,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -217,6 +252,39 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ExitCode::FAILURE
             });
         }
+        Cmd::Scenarios {
+            dir,
+            fleet,
+            roles,
+            terraform,
+            seeder,
+            bootstrap,
+            only,
+            timeout,
+        } => {
+            let abs = |p: PathBuf| {
+                std::fs::canonicalize(&p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+            };
+            let cfg = hiveseed_lab::fleet::UpConfig {
+                lab_dir: dir.clone(),
+                fleet_file: abs(fleet)?,
+                roles_dir: abs(roles)?,
+                terraform_dir: abs(terraform)?,
+                seeder_bin: abs(seeder)?,
+                bootstrap_bin: abs(bootstrap)?,
+                with_ai_memory: true,
+            };
+            let record = scenarios(&cfg, &only, std::time::Duration::from_secs(timeout));
+            print!("{}", record.table());
+            let path = dir.join("scenarios.txt");
+            std::fs::write(&path, record.table())?;
+            println!("table: {}", path.display());
+            return Ok(if record.failed() == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
         Cmd::Status { dir, seeder } => {
             let out = std::process::Command::new(seeder)
                 .args(["status", "--dir"])
@@ -227,6 +295,53 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Runs the scenarios; a scenario that errors out (rather than failing a check) is recorded as
+/// a failed check and the rest still run where they can.
+fn scenarios(
+    cfg: &hiveseed_lab::fleet::UpConfig,
+    only: &[Scenario],
+    timeout: std::time::Duration,
+) -> hiveseed_lab::scenario::Record {
+    use hiveseed_lab::scenario as sc;
+    let want = |s| only.is_empty() || only.contains(&s);
+    let mut rec = sc::Record::default();
+    println!("== bring-up");
+    let fleet = match sc::bring_up(cfg, &mut rec, timeout) {
+        Ok(f) => f,
+        Err(e) => {
+            rec.error("bring-up", &e);
+            return rec;
+        }
+    };
+    type Step = fn(
+        &hiveseed_lab::fleet::Fleet,
+        &mut sc::Record,
+        std::time::Duration,
+    ) -> anyhow::Result<()>;
+    let steps: [(Scenario, &'static str, Step); 5] = [
+        (Scenario::Secrets, "secrets", |f, r, _| sc::secrets(f, r)),
+        (Scenario::Redeploy, "redeploy", |f, r, _| sc::redeploy(f, r)),
+        (Scenario::Replace, "replace", sc::replace),
+        (Scenario::Faults, "faults", |f, r, _| sc::agent_killed(f, r)),
+        (Scenario::Faults, "faults", |f, r, _| sc::pg_rebooted(f, r)),
+    ];
+    for (s, name, step) in steps {
+        if want(s) {
+            println!("== {name}");
+            if let Err(e) = step(&fleet, &mut rec, timeout) {
+                rec.error(name, &e);
+            }
+        }
+    }
+    if want(Scenario::Faults) {
+        println!("== faults (seeder killed during a second bring-up)");
+        if let Err(e) = sc::seeder_killed(cfg, &mut rec, timeout) {
+            rec.error("faults", &e);
+        }
+    }
+    rec
 }
 
 fn cache(only: &[Entry]) -> Result<()> {

@@ -182,6 +182,17 @@ impl Lab {
     /// Brings up a fresh node on `base`. A leftover directory of a node with this name (from an
     /// earlier run, already down) is wiped first: a node always boots from the pristine base.
     pub fn node_up(&self, name: &NodeName, base: &Path) -> Result<Node> {
+        self.node_up_with(name, base, true)
+    }
+
+    /// A reboot: the node's processes are stopped and its mounts replaced (fresh /run, /dev,
+    /// /dev/shm) while its disk (the upper dir) stays, as on a droplet reboot.
+    pub fn node_reboot(&self, name: &NodeName, base: &Path) -> Result<Node> {
+        self.node_down(name)?;
+        self.node_up_with(name, base, false)
+    }
+
+    fn node_up_with(&self, name: &NodeName, base: &Path, fresh: bool) -> Result<Node> {
         if !base.join("etc/os-release").exists() {
             return Err(LabError::BadBase(base.to_path_buf()));
         }
@@ -230,7 +241,7 @@ impl Lab {
             return Err(LabError::AlreadyUp(name.to_string()));
         }
 
-        match self.mount_node(name, &rec, &base, &work) {
+        match self.mount_node(name, &rec, &base, &work, fresh) {
             Ok(()) => {
                 tracing::info!(node = %name, root = %root.display(), "node up");
                 Ok(self.handle(name, &rec))
@@ -250,6 +261,7 @@ impl Lab {
         rec: &NodeRecord,
         base: &Path,
         work: &Path,
+        fresh: bool,
     ) -> Result<()> {
         let dir = &rec.dir;
         if dir.exists() {
@@ -261,7 +273,9 @@ impl Lab {
                     mounts: left,
                 });
             }
-            fs::remove_dir_all(dir).map_err(LabError::io("remove old node dir", dir))?;
+            if fresh {
+                fs::remove_dir_all(dir).map_err(LabError::io("remove old node dir", dir))?;
+            }
         }
         for d in [&rec.upper, &work.to_path_buf(), &rec.root] {
             fs::create_dir_all(d).map_err(LabError::io("create", d))?;

@@ -1,0 +1,1020 @@
+//! The lab's named scenarios (the acceptance gate): each drives a running fleet the way an
+//! operator or a failure would, then checks what the fleet did. Every wait is a condition with a
+//! deadline; every check is recorded with what was expected and what was seen.
+//!
+//! - `bring-up`: from clean to a green validation report, timed (first agent start → green).
+//! - `secrets`: no secret in user_data, command lines, logs or non-root-readable files.
+//! - `redeploy`: a peer setting changes → only peers get a generation and restart, pg untouched;
+//!   then a no-op publish restarts nothing.
+//! - `replace`: a peer's disk is destroyed and it boots again from the same user_data.
+//! - `faults`: an agent killed mid-apply, a pg node rebooted, the seeder killed during a bring-up.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::fleet::{Fleet, UpConfig};
+
+type Result<T> = anyhow::Result<T>;
+
+/// One recorded check of a scenario.
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub scenario: &'static str,
+    pub name: String,
+    pub expected: String,
+    pub got: String,
+    pub pass: bool,
+}
+
+/// Everything the scenarios recorded, printed as a table at the end.
+#[derive(Debug, Default)]
+pub struct Record {
+    pub checks: Vec<Check>,
+    /// Free-form timings, printed after the table.
+    pub notes: Vec<String>,
+}
+
+impl Record {
+    fn check(
+        &mut self,
+        scenario: &'static str,
+        name: impl Into<String>,
+        expected: impl Into<String>,
+        got: impl Into<String>,
+        pass: bool,
+    ) {
+        let c = Check {
+            scenario,
+            name: name.into(),
+            expected: expected.into(),
+            got: got.into(),
+            pass,
+        };
+        println!(
+            "  {:<4} {:<10} {:<44} {}",
+            if c.pass { "PASS" } else { "FAIL" },
+            c.scenario,
+            c.name,
+            one_line(&c.got, 120)
+        );
+        self.checks.push(c);
+    }
+
+    fn note(&mut self, s: impl Into<String>) {
+        let s = s.into();
+        println!("  {s}");
+        self.notes.push(s);
+    }
+
+    /// A scenario that could not run to its end.
+    pub fn error(&mut self, scenario: &'static str, e: &anyhow::Error) {
+        self.check(scenario, "ran to the end", "no error", format!("{e:#}"), false);
+    }
+
+    pub fn failed(&self) -> usize {
+        self.checks.iter().filter(|c| !c.pass).count()
+    }
+
+    pub fn table(&self) -> String {
+        let mut t = String::new();
+        let _ = writeln!(t, "{:<10} {:<44} {:<6} GOT", "SCENARIO", "CHECK", "STATUS");
+        for c in &self.checks {
+            let _ = writeln!(
+                t,
+                "{:<10} {:<44} {:<6} {}",
+                c.scenario,
+                c.name,
+                if c.pass { "PASS" } else { "FAIL" },
+                one_line(&c.got, 100)
+            );
+        }
+        for n in &self.notes {
+            let _ = writeln!(t, "{n}");
+        }
+        let _ = writeln!(
+            t,
+            "TOTAL={} PASS={} FAIL={}",
+            self.checks.len(),
+            self.checks.len() - self.failed(),
+            self.failed()
+        );
+        t
+    }
+}
+
+fn one_line(s: &str, max: usize) -> String {
+    let s = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if s.chars().count() > max {
+        format!("{}…", s.chars().take(max).collect::<String>())
+    } else {
+        s
+    }
+}
+
+/// Polls `probe` (which returns `Some` when the condition holds) until `deadline`.
+fn poll<T>(deadline: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = probe() {
+            return Some(v);
+        }
+        if start.elapsed() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Per node: (seeder's generation, applied generation, phase).
+fn generations(status: &serde_json::Value) -> BTreeMap<String, (u64, u64, String)> {
+    status["nodes"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|n| {
+                    (
+                        n["name"].as_str().unwrap_or("?").to_owned(),
+                        (
+                            n["generation"].as_u64().unwrap_or(0),
+                            n["applied_generation"].as_u64().unwrap_or(0),
+                            n["phase"].as_str().unwrap_or("?").to_owned(),
+                        ),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Polls the validation report until it is all PASS; returns the last output.
+fn report_green(f: &Fleet, deadline: Duration) -> (bool, String) {
+    let mut last = String::new();
+    let ok = poll(deadline, || match f.report() {
+        Ok((true, out)) => {
+            last = out;
+            Some(())
+        }
+        Ok((false, out)) => {
+            last = out;
+            None
+        }
+        Err(e) => {
+            last = format!("{e:#}");
+            None
+        }
+    })
+    .is_some();
+    (ok, last)
+}
+
+fn fails_of(report: &str) -> String {
+    report
+        .lines()
+        .filter(|l| l.contains(" FAIL ") || l.starts_with("TOTAL="))
+        .take(8)
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+const PG_BIN: &str = "/usr/lib/postgresql/17/bin/postgres";
+const AI_MEMORY: &str = "/usr/local/bin/ai-memory";
+
+/// The postmaster of a pg node: the oldest `postgres -D` process in it.
+fn postmaster(f: &Fleet, node: &str) -> Option<(i32, u64)> {
+    f.processes(node, PG_BIN, "-D")
+        .into_iter()
+        .min_by_key(|&(_, start)| start)
+}
+
+fn daemon(f: &Fleet, node: &str) -> Option<(i32, u64)> {
+    f.processes(node, AI_MEMORY, "serve")
+        .into_iter()
+        .min_by_key(|&(_, start)| start)
+}
+
+// ---- bring-up ---------------------------------------------------------------------------
+
+/// From clean to all green: every node converged, the validation report all PASS.
+pub fn bring_up(cfg: &UpConfig, rec: &mut Record, timeout: Duration) -> Result<Fleet> {
+    const S: &str = "bring-up";
+    let f = crate::fleet::up(cfg)?;
+    for (phase, took) in &f.phases {
+        rec.note(format!("bring-up phase {phase:<22} {:>6.1}s", took.as_secs_f64()));
+    }
+    match f.wait_converged(timeout) {
+        Ok(green) => {
+            rec.note(format!(
+                "bring-up: first agent start -> every node converged: {:.1}s ({} nodes)",
+                green.as_secs_f64(),
+                f.nodes.len()
+            ));
+            rec.check(
+                S,
+                "every node converged",
+                format!("{} converged", f.nodes.len()),
+                format!("{:.1}s after the first agent start", green.as_secs_f64()),
+                true,
+            );
+        }
+        Err(e) => {
+            rec.check(
+                S,
+                "every node converged",
+                "all converged",
+                format!("{e:#}"),
+                false,
+            );
+            return Ok(f);
+        }
+    }
+    per_role_times(&f, rec);
+    let (ok, out) = report_green(&f, Duration::from_secs(60));
+    let green = f.boot_started.elapsed();
+    let total = out
+        .lines()
+        .find(|l| l.starts_with("TOTAL="))
+        .unwrap_or("")
+        .to_owned();
+    rec.check(
+        S,
+        "validation report all PASS",
+        "FAIL=0",
+        if ok { total } else { fails_of(&out) },
+        ok,
+    );
+    rec.note(format!(
+        "bring-up: first agent start -> report green: {:.1}s",
+        green.as_secs_f64()
+    ));
+    Ok(f)
+}
+
+/// When each role's last node converged, from the agents' own logs (first `converged` line).
+fn per_role_times(f: &Fleet, rec: &mut Record) {
+    let mut by_role: BTreeMap<&str, f64> = BTreeMap::new();
+    let start = f.boot_started_unix();
+    for n in &f.nodes {
+        let log = std::fs::read_to_string(n.root.join("var/log/hiveseed/agent.log"))
+            .unwrap_or_default();
+        let at = log
+            .lines()
+            .find(|l| l.contains("phase=converged"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(parse_rfc3339);
+        if let Some(at) = at {
+            let e = by_role.entry(n.role.as_str()).or_insert(0.0);
+            *e = e.max(at - start);
+        }
+    }
+    for (role, secs) in by_role {
+        rec.note(format!(
+            "bring-up: last {role} node converged {secs:.1}s after the first agent start"
+        ));
+    }
+}
+
+/// Seconds since the epoch of an RFC 3339 UTC timestamp as the agent logs it.
+fn parse_rfc3339(s: &str) -> Option<f64> {
+    let t = time::OffsetDateTime::parse(
+        s.trim_end_matches(|c: char| !c.is_ascii_digit() && c != 'Z'),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .ok()?;
+    Some(t.unix_timestamp_nanos() as f64 / 1e9)
+}
+
+// ---- secrets ----------------------------------------------------------------------------
+
+/// The campaign's secrets as they would appear in text.
+fn secret_values(f: &Fleet) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (label, file) in [
+        ("fleet PG password", "secrets/pg-password"),
+        ("API key", "secrets/api-key"),
+    ] {
+        if let Ok(v) = std::fs::read_to_string(f.campaign_dir.join(file)) {
+            let v = v.trim().to_owned();
+            if v.len() >= 8 {
+                out.push((label.to_owned(), v));
+            }
+        }
+    }
+    out
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let Ok(ft) = e.file_type() else { continue };
+        if ft.is_dir() {
+            walk(&e.path(), out);
+        } else if ft.is_file() {
+            out.push(e.path());
+        }
+    }
+}
+
+/// Files that hold key material by their content: PEM private keys. Raw 32-byte keys (`.priv`)
+/// are recognised by name.
+fn holds_private_key(path: &Path, bytes: &[u8]) -> bool {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    name.ends_with(".priv")
+        || name == "enroll.key"
+        || bytes.windows(11).any(|w| w == b"PRIVATE KEY")
+}
+
+pub fn secrets(f: &Fleet, rec: &mut Record) -> Result<()> {
+    const S: &str = "secrets";
+    let secrets = secret_values(f);
+    rec.check(
+        S,
+        "campaign has secrets to look for",
+        "pg password + API key",
+        format!("{} secret values", secrets.len()),
+        secrets.len() == 2,
+    );
+    let leaks = |text: &str| -> Vec<String> {
+        let mut l: Vec<String> = secrets
+            .iter()
+            .filter(|(_, v)| text.contains(v.as_str()))
+            .map(|(k, _)| k.clone())
+            .collect();
+        if text.contains("PRIVATE KEY") {
+            l.push("a PEM private key".into());
+        }
+        l
+    };
+
+    // user_data: only the node's own join token may be in it.
+    let mut bad = Vec::new();
+    for (node, ud) in &f.user_data {
+        for l in leaks(ud) {
+            bad.push(format!("{node}: {l}"));
+        }
+        for (other, oud) in &f.user_data {
+            if other != node {
+                if let Some(tok) = join_token(oud) {
+                    if ud.contains(&tok) {
+                        bad.push(format!("{node}: {other}'s join token"));
+                    }
+                }
+            }
+        }
+    }
+    rec.check(
+        S,
+        "user_data: no secret but the node's own token",
+        "none",
+        if bad.is_empty() {
+            format!("{} user_data checked", f.user_data.len())
+        } else {
+            bad.join("; ")
+        },
+        bad.is_empty(),
+    );
+
+    // Command lines of every process in the lab (nodes and the seeder).
+    let mut bad = Vec::new();
+    let mut seen = 0;
+    let tokens: Vec<String> = f.user_data.values().filter_map(|u| join_token(u)).collect();
+    for pid in crate::procs::all_pids() {
+        let root = std::fs::read_link(format!("/proc/{pid}/root")).unwrap_or_default();
+        let in_lab = root.starts_with(f.lab.dir()) || pid == f.seeder_pid as i32;
+        if !in_lab {
+            continue;
+        }
+        seen += 1;
+        let cmd = crate::procs::cmdline(pid).join(" ");
+        let env_leak = leaks(&cmd);
+        for l in env_leak {
+            bad.push(format!("pid {pid} ({}): {l}", one_line(&cmd, 40)));
+        }
+        if tokens.iter().any(|t| cmd.contains(t.as_str())) {
+            bad.push(format!("pid {pid}: a join token"));
+        }
+    }
+    rec.check(
+        S,
+        "/proc/*/cmdline: no secret",
+        "none",
+        if bad.is_empty() {
+            format!("{seen} processes checked")
+        } else {
+            bad.join("; ")
+        },
+        bad.is_empty() && seen > 0,
+    );
+
+    // Logs: the seeder's, every node's console and /var/log.
+    let mut logs = vec![f.lab.dir().join("seeder.log")];
+    for n in &f.nodes {
+        logs.push(n.console_log.clone());
+        walk(&n.root.join("var/log"), &mut logs);
+    }
+    let mut bad = Vec::new();
+    for p in &logs {
+        let text = String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned();
+        for l in leaks(&text) {
+            bad.push(format!("{}: {l}", p.display()));
+        }
+        if tokens.iter().any(|t| text.contains(t.as_str())) {
+            bad.push(format!("{}: a join token", p.display()));
+        }
+    }
+    rec.check(
+        S,
+        "log files: no secret",
+        "none",
+        if bad.is_empty() {
+            format!("{} log files checked", logs.len())
+        } else {
+            bad.join("; ")
+        },
+        bad.is_empty(),
+    );
+
+    // Files on every node's disk (its upper dir: what the node wrote) and in the campaign dir:
+    // anything with a secret or a private key is 0600/0400 (no group or other bits).
+    let mut files = Vec::new();
+    for n in &f.nodes {
+        walk(&n.root.parent().unwrap_or(&n.root).join("upper"), &mut files);
+    }
+    walk(&f.campaign_dir, &mut files);
+    let mut bad = Vec::new();
+    let mut secret_files = 0;
+    for p in &files {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(meta) = std::fs::symlink_metadata(p) else {
+            continue;
+        };
+        if meta.len() > 64 << 20 {
+            continue;
+        }
+        let bytes = std::fs::read(p).unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes);
+        let has = !leaks(&text).is_empty()
+            || holds_private_key(p, &bytes)
+            || tokens.iter().any(|t| text.contains(t.as_str()));
+        if has {
+            secret_files += 1;
+            if meta.mode() & 0o077 != 0 {
+                bad.push(format!("{} mode {:o}", p.display(), meta.mode() & 0o7777));
+            }
+        }
+    }
+    rec.check(
+        S,
+        "files with secrets: 0600/0400",
+        "no group/other bits",
+        if bad.is_empty() {
+            format!(
+                "{secret_files} secret-bearing files of {} checked",
+                files.len()
+            )
+        } else {
+            bad.join("; ")
+        },
+        bad.is_empty() && secret_files > 0,
+    );
+    Ok(())
+}
+
+/// The join token in a cloud-config (the `token=` of the join URL in join.toml).
+fn join_token(user_data: &str) -> Option<String> {
+    let i = user_data.find("token=")?;
+    let rest = &user_data[i + "token=".len()..];
+    let tok: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
+        .collect();
+    (tok.len() > 20).then_some(tok)
+}
+
+// ---- redeploy ---------------------------------------------------------------------------
+
+/// Rewrites `key = value` under `[section]` of the lab's fleet file.
+fn set_fleet_value(f: &Fleet, section: &str, key: &str, value: &str) -> Result<()> {
+    let text = std::fs::read_to_string(&f.fleet_file)?;
+    let mut out = String::new();
+    let mut in_section = false;
+    let mut done = false;
+    for line in text.lines() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            in_section = t == format!("[{section}]");
+        }
+        let is_key = t.split('=').next().map(str::trim) == Some(key);
+        if in_section && !done && is_key {
+            out.push_str(&format!("{key} = {value}\n"));
+            done = true;
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    anyhow::ensure!(done, "no {key} under [{section}] in {}", f.fleet_file.display());
+    std::fs::write(&f.fleet_file, out)?;
+    Ok(())
+}
+
+/// Waits until every node in `names` applied a generation above `before` and converged;
+/// returns the time each took.
+fn wait_applied(
+    f: &Fleet,
+    names: &[String],
+    before: &BTreeMap<String, (u64, u64, String)>,
+    started: Instant,
+    deadline: Duration,
+) -> BTreeMap<String, f64> {
+    let mut when: BTreeMap<String, f64> = BTreeMap::new();
+    poll(deadline, || {
+        let st = f.status().ok()?;
+        let g = generations(&st);
+        for n in names {
+            let old = before.get(n).map(|b| b.1).unwrap_or(0);
+            if let Some((gen, applied, phase)) = g.get(n) {
+                if *applied > old && applied == gen && phase == "converged" && !when.contains_key(n) {
+                    when.insert(n.clone(), started.elapsed().as_secs_f64());
+                }
+            }
+        }
+        (when.len() == names.len()).then_some(())
+    });
+    when
+}
+
+/// Waits until every node has reported at least twice since now (so any new manifest would
+/// have reached it and been applied).
+fn wait_reports(f: &Fleet, deadline: Duration) -> bool {
+    let store = match hiveseed_seeder::store::Store::open(&f.campaign_dir.join("state.db")) {
+        Ok(s) => s,
+        Err(_) => return false,
+    };
+    let last = |n: &str| -> u64 {
+        n.parse()
+            .ok()
+            .and_then(|name| store.report_seqs(&name).ok())
+            .and_then(|s| s.last().copied())
+            .unwrap_or(0)
+    };
+    let start: BTreeMap<String, u64> = f.nodes.iter().map(|n| (n.name.clone(), last(&n.name))).collect();
+    poll(deadline, || {
+        start
+            .iter()
+            .all(|(n, s)| last(n) >= s + 2)
+            .then_some(())
+    })
+    .is_some()
+}
+
+pub fn redeploy(f: &Fleet, rec: &mut Record) -> Result<()> {
+    const S: &str = "redeploy";
+    let peers: Vec<String> = f.with_role("peer").iter().map(|n| n.name.clone()).collect();
+    let pgs: Vec<String> = f.with_role("pg").iter().map(|n| n.name.clone()).collect();
+    let before = generations(&f.status()?);
+    let daemons: BTreeMap<String, Option<(i32, u64)>> =
+        peers.iter().map(|p| (p.clone(), daemon(f, p))).collect();
+    let postmasters: BTreeMap<String, Option<(i32, u64)>> =
+        pgs.iter().map(|p| (p.clone(), postmaster(f, p))).collect();
+
+    // The catch-up interval, a peer-only setting.
+    let text = std::fs::read_to_string(&f.fleet_file)?;
+    let current: u64 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("catchup_interval_secs"))
+        .and_then(|v| v.trim().trim_start_matches('=').trim().parse().ok())
+        .unwrap_or(5);
+    let new = current + 1;
+    set_fleet_value(f, "federation", "catchup_interval_secs", &new.to_string())?;
+    let started = Instant::now();
+    let out = f.publish()?;
+    rec.note(format!("redeploy: catchup_interval_secs {current} -> {new}; {}", one_line(&out, 100)));
+    let when = wait_applied(f, &peers, &before, started, Duration::from_secs(60));
+    let slowest = when.values().cloned().fold(0.0, f64::max);
+    rec.check(
+        S,
+        "every peer applied the new generation",
+        format!("{} peers within 5 s", peers.len()),
+        format!(
+            "{}/{} peers, slowest {slowest:.1}s",
+            when.len(),
+            peers.len()
+        ),
+        when.len() == peers.len() && slowest <= 5.0,
+    );
+    let after = generations(&f.status()?);
+    let untouched: Vec<String> = f
+        .nodes
+        .iter()
+        .filter(|n| n.role != "peer")
+        .filter(|n| after.get(&n.name).map(|a| a.0) != before.get(&n.name).map(|b| b.0))
+        .map(|n| n.name.clone())
+        .collect();
+    rec.check(
+        S,
+        "no generation for pg and agent nodes",
+        "unchanged",
+        if untouched.is_empty() {
+            "unchanged".into()
+        } else {
+            format!("changed: {}", untouched.join(", "))
+        },
+        untouched.is_empty(),
+    );
+    let restarted: Vec<&String> = peers
+        .iter()
+        .filter(|p| daemon(f, p) != daemons[*p] && daemon(f, p).is_some())
+        .collect();
+    rec.check(
+        S,
+        "ai-memory restarted on every peer",
+        format!("{} restarted", peers.len()),
+        format!("{} restarted", restarted.len()),
+        restarted.len() == peers.len(),
+    );
+    let moved: Vec<&String> = pgs
+        .iter()
+        .filter(|p| postmaster(f, p) != postmasters[*p])
+        .collect();
+    rec.check(
+        S,
+        "pg postmasters untouched",
+        "same pid and start time",
+        if moved.is_empty() {
+            format!("{} unchanged", pgs.len())
+        } else {
+            format!("restarted: {moved:?}")
+        },
+        moved.is_empty(),
+    );
+    let (ok, out) = report_green(f, Duration::from_secs(60));
+    rec.check(S, "report green after redeploy", "FAIL=0", fails_of(&out), ok);
+
+    // No-op publish: nothing anywhere.
+    let before = generations(&f.status()?);
+    let daemons: BTreeMap<String, Option<(i32, u64)>> =
+        peers.iter().map(|p| (p.clone(), daemon(f, p))).collect();
+    let out = f.publish()?;
+    let settled = wait_reports(f, Duration::from_secs(60));
+    let after = generations(&f.status()?);
+    let changed: Vec<&String> = after
+        .keys()
+        .filter(|n| after.get(*n).map(|a| a.0) != before.get(*n).map(|b| b.0))
+        .collect();
+    rec.check(
+        S,
+        "no-op publish: no generation",
+        "none",
+        format!("{}; changed: {changed:?}", one_line(&out, 60)),
+        changed.is_empty(),
+    );
+    let restarted: Vec<&String> = peers
+        .iter()
+        .filter(|p| daemon(f, p) != daemons[*p])
+        .collect();
+    let moved: Vec<&String> = pgs
+        .iter()
+        .filter(|p| postmaster(f, p) != postmasters[*p])
+        .collect();
+    rec.check(
+        S,
+        "no-op publish: no restart anywhere",
+        "none (after 2 reports from every node)",
+        format!("settled={settled} ai-memory restarted={restarted:?} pg restarted={moved:?}"),
+        settled && restarted.is_empty() && moved.is_empty(),
+    );
+    Ok(())
+}
+
+// ---- replace ----------------------------------------------------------------------------
+
+fn cert_fingerprint(pem_path: &Path) -> Option<String> {
+    use sha2::Digest;
+    let pem = std::fs::read_to_string(pem_path).ok()?;
+    let b64: String = pem
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    use base64::Engine;
+    let der = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+    Some(hex::encode(sha2::Sha256::digest(der)))
+}
+
+/// `curl` with a client identity against a peer's health endpoint: the HTTP code, or `000`
+/// when TLS refuses.
+fn mtls_health(ca: &Path, cert: &Path, key: &Path, ip: std::net::Ipv4Addr, port: u16) -> String {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10"])
+        .arg("--cacert")
+        .arg(ca)
+        .arg("--cert")
+        .arg(cert)
+        .arg("--key")
+        .arg(key)
+        .arg(format!("https://{ip}:{port}/api/v1/health"))
+        .output();
+    match out {
+        Ok(o) => String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+        Err(e) => format!("curl: {e}"),
+    }
+}
+
+pub fn replace(f: &Fleet, rec: &mut Record, timeout: Duration) -> Result<()> {
+    const S: &str = "replace";
+    let peers = f.with_role("peer");
+    anyhow::ensure!(peers.len() >= 2, "replace needs two peers");
+    let victim = peers[peers.len() / 2].name.clone();
+    let witness = peers[0].clone();
+    let v = f.node(&victim)?;
+    // The victim's old client identity, kept outside the node (0600) to try it afterwards.
+    let keep = f.lab.dir().join("replaced-identity");
+    let _ = std::fs::remove_dir_all(&keep);
+    std::fs::create_dir_all(&keep)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&keep, std::fs::Permissions::from_mode(0o700))?;
+    for file in ["client.pem", "client.key", "ca.pem"] {
+        std::fs::copy(v.root.join("etc/ai-memory/tls").join(file), keep.join(file))?;
+    }
+    let old_fp = cert_fingerprint(&keep.join("client.pem")).unwrap_or_default();
+    let port = 9077;
+    let before = mtls_health(
+        &keep.join("ca.pem"),
+        &keep.join("client.pem"),
+        &keep.join("client.key"),
+        witness.public_ip,
+        port,
+    );
+    rec.check(
+        S,
+        "old identity accepted before",
+        "200",
+        before.clone(),
+        before == "200",
+    );
+
+    let started = Instant::now();
+    f.replace_node(&victim)?;
+    let converged = f.wait_converged(timeout);
+    rec.check(
+        S,
+        format!("{victim} re-enrolled, fleet converged"),
+        "every node converged",
+        match &converged {
+            Ok(_) => format!("{:.1}s after the new disk booted", started.elapsed().as_secs_f64()),
+            Err(e) => one_line(&format!("{e:#}"), 300),
+        },
+        converged.is_ok(),
+    );
+    let new_fp = cert_fingerprint(&v.root.join("etc/ai-memory/tls/client.pem")).unwrap_or_default();
+    rec.check(
+        S,
+        "new client certificate",
+        "a fingerprint other than the old one",
+        format!("{}… (old {}…)", &new_fp.get(..12).unwrap_or(""), &old_fp.get(..12).unwrap_or("")),
+        !new_fp.is_empty() && new_fp != old_fp,
+    );
+    let mut stale = Vec::new();
+    for p in &peers {
+        if p.name == victim {
+            continue;
+        }
+        let list = std::fs::read_to_string(p.root.join("etc/ai-memory/tls/mtls-allowlist.txt"))
+            .unwrap_or_default()
+            .to_lowercase();
+        if !list.contains(&new_fp) || list.contains(&old_fp) {
+            stale.push(p.name.clone());
+        }
+    }
+    rec.check(
+        S,
+        "every other peer's allowlist: new in, old out",
+        format!("{} peers", peers.len() - 1),
+        if stale.is_empty() {
+            "all converged".into()
+        } else {
+            format!("stale: {stale:?}")
+        },
+        stale.is_empty(),
+    );
+    let after = mtls_health(
+        &keep.join("ca.pem"),
+        &keep.join("client.pem"),
+        &keep.join("client.key"),
+        witness.public_ip,
+        port,
+    );
+    rec.check(
+        S,
+        "old client certificate refused by the mesh",
+        "000 (TLS refusal)",
+        after.clone(),
+        after == "000",
+    );
+    let _ = std::fs::remove_dir_all(&keep);
+    let (ok, out) = report_green(f, Duration::from_secs(90));
+    rec.check(S, "report green after replace", "FAIL=0", fails_of(&out), ok);
+    Ok(())
+}
+
+// ---- faults -----------------------------------------------------------------------------
+
+/// An agent SIGKILLed while it applies a new generation; the init system starts it again.
+pub fn agent_killed(f: &Fleet, rec: &mut Record) -> Result<()> {
+    const S: &str = "faults";
+    let peers = f.with_role("peer");
+    let victim = peers.last().map(|n| n.name.clone()).unwrap_or_default();
+    let before = generations(&f.status()?);
+    let text = std::fs::read_to_string(&f.fleet_file)?;
+    let current: u64 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("catchup_interval_secs"))
+        .and_then(|v| v.trim().trim_start_matches('=').trim().parse().ok())
+        .unwrap_or(5);
+    set_fleet_value(f, "federation", "catchup_interval_secs", &(current + 1).to_string())?;
+    f.publish()?;
+    // Kill it as soon as it works on the new generation (its log says so).
+    let log = f.node(&victim)?.root.join("var/log/hiveseed/agent.log");
+    let offset = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+    let caught = poll(Duration::from_secs(30), || {
+        let text = std::fs::read(&log).ok()?;
+        let new = String::from_utf8_lossy(text.get(offset as usize..)?).into_owned();
+        new.contains("phase=applying").then_some(())
+    })
+    .is_some();
+    let pid = f.agent_pid(&victim);
+    if let Some(pid) = pid {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        crate::procs::wait_gone(
+            &[crate::procs::Target {
+                pid,
+                start_time: None,
+                group: false,
+            }],
+            Duration::from_secs(10),
+        );
+    }
+    let mid = generations(&f.status()?);
+    let phase_at_kill = mid.get(&victim).map(|m| m.2.clone()).unwrap_or_default();
+    rec.check(
+        S,
+        format!("agent on {victim} killed mid-apply"),
+        "SIGKILL while applying",
+        format!("caught applying={caught}, pid={pid:?}, seeder saw: {phase_at_kill}"),
+        caught && pid.is_some(),
+    );
+    f.start_agent(&victim)?;
+    let when = wait_applied(
+        f,
+        &[victim.clone()],
+        &before,
+        Instant::now(),
+        Duration::from_secs(120),
+    );
+    rec.check(
+        S,
+        "restarted agent resumes and converges",
+        "converged on the new generation",
+        format!("{when:?}"),
+        when.len() == 1,
+    );
+    let n = f.processes(&victim, AI_MEMORY, "serve").len();
+    rec.check(
+        S,
+        "still one ai-memory on the node",
+        "1",
+        n.to_string(),
+        n == 1,
+    );
+    let (ok, out) = report_green(f, Duration::from_secs(90));
+    rec.check(S, "report green after the agent kill", "FAIL=0", fails_of(&out), ok);
+    Ok(())
+}
+
+/// A pg node reboots: postgres and the agent die, /run is empty, the disk stays.
+pub fn pg_rebooted(f: &Fleet, rec: &mut Record) -> Result<()> {
+    const S: &str = "faults";
+    let pg = f
+        .with_role("pg")
+        .first()
+        .map(|n| n.name.clone())
+        .ok_or_else(|| anyhow::anyhow!("no pg node"))?;
+    let before = postmaster(f, &pg);
+    f.reboot_node(&pg)?;
+    let back = poll(Duration::from_secs(120), || {
+        postmaster(f, &pg).filter(|p| Some(*p) != before)
+    });
+    rec.check(
+        S,
+        format!("{pg} rebooted, postgres back"),
+        "a new postmaster",
+        format!("{back:?} (was {before:?})"),
+        back.is_some(),
+    );
+    let converged = f.wait_converged(Duration::from_secs(180));
+    rec.check(
+        S,
+        "fleet converged after the pg reboot",
+        "every node converged",
+        match &converged {
+            Ok(_) => "converged".into(),
+            Err(e) => one_line(&format!("{e:#}"), 300),
+        },
+        converged.is_ok(),
+    );
+    // Peers reconnect: the pg node's own check sees >= 1 TLS backend of ai_memory again.
+    let (ok, out) = report_green(f, Duration::from_secs(120));
+    rec.check(S, "peers reconnected, report green", "FAIL=0", fails_of(&out), ok);
+    Ok(())
+}
+
+/// A whole bring-up with the seeder SIGKILLed part-way and restarted: the fleet still
+/// converges and no node's report sequence has a gap.
+pub fn seeder_killed(cfg: &UpConfig, rec: &mut Record, timeout: Duration) -> Result<Fleet> {
+    const S: &str = "faults";
+    let mut f = crate::fleet::up(cfg)?;
+    // Kill it once a pg node is busy installing (the fleet is mid bring-up).
+    let busy = poll(Duration::from_secs(120), || {
+        let st = f.status().ok()?;
+        generations(&st)
+            .iter()
+            .any(|(n, (_, _, phase))| n.contains("-pg-") && phase.starts_with("applying"))
+            .then_some(())
+    })
+    .is_some();
+    f.kill_seeder()?;
+    // Down until an agent notices (its report goes to the spool instead).
+    let noticed = poll(Duration::from_secs(60), || {
+        f.nodes
+            .iter()
+            .any(|n| {
+                std::fs::read_dir(n.root.join("var/lib/hiveseed/spool"))
+                    .map(|mut d| d.next().is_some())
+                    .unwrap_or(false)
+            })
+            .then_some(())
+    })
+    .is_some();
+    rec.check(
+        S,
+        "seeder SIGKILLed mid bring-up",
+        "killed while a pg node applies; an agent spools",
+        format!("pg applying={busy}, reports spooled={noticed}"),
+        busy && noticed,
+    );
+    f.restart_seeder()?;
+    let converged = f.wait_converged(timeout);
+    rec.check(
+        S,
+        "fleet converged after the seeder restart",
+        "every node converged",
+        match &converged {
+            Ok(t) => format!("{:.1}s after the first agent start", t.as_secs_f64()),
+            Err(e) => one_line(&format!("{e:#}"), 300),
+        },
+        converged.is_ok(),
+    );
+    // Spools drain with the next reports; then every node's report sequence is gapless.
+    let drained = poll(Duration::from_secs(60), || {
+        f.nodes
+            .iter()
+            .all(|n| {
+                std::fs::read_dir(n.root.join("var/lib/hiveseed/spool"))
+                    .map(|mut d| d.next().is_none())
+                    .unwrap_or(true)
+            })
+            .then_some(())
+    })
+    .is_some();
+    let store = hiveseed_seeder::store::Store::open(&f.campaign_dir.join("state.db"))?;
+    let mut gaps = Vec::new();
+    for n in &f.nodes {
+        let seqs = store.report_seqs(&n.name.parse()?)?;
+        let first = seqs.first().copied().unwrap_or(1);
+        if seqs.iter().enumerate().any(|(i, s)| *s != first + i as u64) {
+            gaps.push(format!("{}: {} reports from {first}", n.name, seqs.len()));
+        }
+    }
+    rec.check(
+        S,
+        "no report lost (sequences gapless)",
+        "no gaps",
+        if gaps.is_empty() {
+            format!("spools drained={drained}; {} nodes gapless", f.nodes.len())
+        } else {
+            gaps.join("; ")
+        },
+        gaps.is_empty() && drained,
+    );
+    let (ok, out) = report_green(&f, Duration::from_secs(90));
+    rec.check(S, "report green after the seeder kill", "FAIL=0", fails_of(&out), ok);
+    Ok(f)
+}
