@@ -118,6 +118,15 @@ pub enum Command {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// The full-spectrum fleet suite (reference spec §8): reports/test-<ts>.json and a table;
+    /// exit 0 iff no check fails.
+    Test {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Run only these groups (repeatable); all when absent.
+        #[arg(long = "group", value_enum)]
+        groups: Vec<crate::suite::Group>,
+    },
     /// Revoke every certificate of a node; it must enroll again.
     Revoke {
         #[arg(long)]
@@ -308,6 +317,12 @@ pub fn run(cli: Cli) -> Result<()> {
             let dir = CampaignDir::new(dir);
             let passed = write_report(&dir)?;
             if !passed {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::Test { dir, groups } => {
+            if !crate::suite::run_campaign(&CampaignDir::new(dir), &groups)? {
                 std::process::exit(1);
             }
             Ok(())

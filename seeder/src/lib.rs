@@ -12,4 +12,5 @@ pub mod render;
 pub mod report;
 pub mod state;
 pub mod store;
+pub mod suite;
 pub mod tls;

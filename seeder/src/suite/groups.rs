@@ -1,0 +1,1063 @@
+//! The groups of the seed's full-spectrum suite (reference spec §8.2, §8.3), each a list of
+//! probes with the seed's test names and expected results.
+
+use std::time::Instant;
+
+use reqwest::Method;
+
+use super::mesh::Peer;
+use super::net::{self, Request};
+use super::probes::{letters, nonce, Run};
+
+const HEALTH: &str = "/api/v1/health";
+const CAPS: &str = "/api/v1/capabilities";
+const STATS: &str = "/api/v1/stats";
+const SINCE: &str = "/api/v1/sync/since?since=1970-01-01T00:00:00Z";
+
+fn other_peers<'a>(run: &Run<'a>) -> Vec<Peer> {
+    run.mesh.peers.iter().skip(1).cloned().collect()
+}
+
+/// `regression` (on P1): CRUD, search, list, private and namespace isolation.
+pub async fn regression(run: &mut Run<'_>) {
+    const G: &str = "regression";
+    let Some(p1) = run.mesh.p1().cloned() else {
+        run.record(G, "create", "2xx with id", "no peer enrolled", false);
+        return;
+    };
+    let h = run.aid("test-harness");
+    let beta = run.aid("agent-beta");
+    let n = nonce(12);
+    let ep = p1.endpoint.clone();
+    let id = match run.enroll(G, &p1, &h).await {
+        Err(e) => Err(format!("harness not enrolled: {e}")),
+        Ok(()) => {
+            run.attested_write(
+                &p1,
+                &h,
+                "_test",
+                &format!("reg-{n}"),
+                "observation",
+                "private",
+                &format!("regression probe sentinel {n} quaternion"),
+            )
+            .await
+        }
+    };
+    let id = match id {
+        Ok(id) => {
+            run.record(G, "create", "2xx with id", format!("id {id}"), true);
+            id
+        }
+        Err(e) => {
+            run.record(G, "create", "2xx with id", e, false);
+            for t in [
+                "get_by_id",
+                "search_semantic",
+                "list_namespace",
+                "private_isolation",
+            ] {
+                run.record(G, t, "a created memory", "no memory: create failed", false);
+            }
+            return ns_cross_isolation(run, &p1, &h).await;
+        }
+    };
+    let a = run
+        .call(
+            &ep,
+            Method::GET,
+            &format!("/api/v1/memories/{id}"),
+            Some(&h),
+            None,
+        )
+        .await;
+    let ok = a.is_success() && a.body().contains(&n);
+    run.record(
+        G,
+        "get_by_id",
+        format!("body contains {n}"),
+        a.summary(),
+        ok,
+    );
+
+    let a = run
+        .call(
+            &ep,
+            Method::GET,
+            &format!("/api/v1/search?q={n}&namespace=_test&limit=5"),
+            Some(&h),
+            None,
+        )
+        .await;
+    let ok = a.is_success() && a.body().contains(&id);
+    run.record(
+        G,
+        "search_semantic",
+        format!("body contains {id}"),
+        a.summary(),
+        ok,
+    );
+
+    let a = run
+        .call(
+            &ep,
+            Method::GET,
+            "/api/v1/memories?namespace=_test&limit=20",
+            Some(&h),
+            None,
+        )
+        .await;
+    let ok = a.is_success() && a.body().contains(&id);
+    run.record(
+        G,
+        "list_namespace",
+        format!("body contains {id}"),
+        a.summary(),
+        ok,
+    );
+
+    // Another agent must not read a private memory: an HTTP answer without the marker.
+    let a = run
+        .call(
+            &ep,
+            Method::GET,
+            &format!("/api/v1/memories/{id}"),
+            Some(&beta),
+            None,
+        )
+        .await;
+    let ok = a.status().is_some() && !a.body().contains(&n);
+    run.record(
+        G,
+        "private_isolation",
+        format!("{n} not visible to {beta}"),
+        a.summary(),
+        ok,
+    );
+    ns_cross_isolation(run, &p1, &h).await;
+}
+
+async fn ns_cross_isolation(run: &mut Run<'_>, p1: &Peer, h: &str) {
+    const G: &str = "regression";
+    let n = nonce(12);
+    let id = match run
+        .attested_write(
+            p1,
+            h,
+            "_test_a",
+            &format!("nsa-{n}"),
+            "observation",
+            "private",
+            &format!("namespace isolation probe {n}"),
+        )
+        .await
+    {
+        Ok(id) => id,
+        Err(e) => {
+            run.record(
+                G,
+                "ns_cross_isolation",
+                "id absent from _test_b",
+                format!("write to _test_a failed: {e}"),
+                false,
+            );
+            return;
+        }
+    };
+    let a = run
+        .call(
+            &p1.endpoint,
+            Method::GET,
+            "/api/v1/memories?namespace=_test_b&limit=50",
+            Some(h),
+            None,
+        )
+        .await;
+    let ok = a.is_success() && !a.body().contains(&id);
+    run.record(
+        G,
+        "ns_cross_isolation",
+        format!("{id} absent from _test_b"),
+        a.summary(),
+        ok,
+    );
+}
+
+/// `crypto` (on P1): the mTLS and API-key gates.
+pub async fn crypto(run: &mut Run<'_>) {
+    const G: &str = "crypto";
+    let Some(p1) = run.mesh.p1().cloned() else {
+        run.record(G, "no_client_cert", "000", "no peer enrolled", false);
+        return;
+    };
+    let mesh = run.mesh;
+    let ep = &p1.endpoint;
+    let h = run.aid("test-harness");
+    run.expect_tls_refusal(G, "no_client_cert".into(), ep, &mesh.ca_pem, None, HEALTH)
+        .await;
+    match net::Identity::rogue() {
+        Ok(rogue) => {
+            run.expect_tls_refusal(
+                G,
+                "rogue_client_cert".into(),
+                ep,
+                &mesh.ca_pem,
+                Some(&rogue),
+                HEALTH,
+            )
+            .await
+        }
+        Err(e) => run.record(
+            G,
+            "rogue_client_cert",
+            "000",
+            format!("rcgen: {e:#}"),
+            false,
+        ),
+    }
+    let foreign = match &mesh.untrusted_ca_pem {
+        Some(pem) => Ok(pem.clone()),
+        None => net::foreign_ca_pem(),
+    };
+    match foreign {
+        Ok(foreign) => {
+            run.expect_tls_refusal(
+                G,
+                "wrong_server_ca".into(),
+                ep,
+                &foreign,
+                Some(&mesh.operator),
+                HEALTH,
+            )
+            .await
+        }
+        Err(e) => run.record(G, "wrong_server_ca", "000", format!("rcgen: {e:#}"), false),
+    }
+    api_key_gates(
+        run,
+        G,
+        ep,
+        "apikey_required",
+        "apikey_accepted",
+        "health_exempt",
+    )
+    .await;
+    let a = run.call(ep, Method::GET, STATS, Some(&h), None).await;
+    let ok = a.status() == Some(403);
+    run.record(G, "admin_gated", "403", a.summary(), ok);
+}
+
+/// Without the key a privileged route is 401, with it 200; health needs no key.
+async fn api_key_gates(
+    run: &mut Run<'_>,
+    g: &str,
+    ep: &net::Endpoint,
+    required: &str,
+    accepted: &str,
+    exempt: &str,
+) {
+    let mesh = run.mesh;
+    let a = run
+        .call_as(
+            ep,
+            &mesh.ca_pem,
+            Some(&mesh.operator),
+            Request {
+                method: Method::GET,
+                path: CAPS,
+                ..Default::default()
+            },
+        )
+        .await;
+    let ok = a.status() == Some(401);
+    run.record(g, required, "401", a.summary(), ok);
+    let a = run.call(ep, Method::GET, CAPS, None, None).await;
+    let ok = a.status() == Some(200) && a.json().is_some();
+    let got = if ok { "200".to_string() } else { a.summary() };
+    run.record(g, accepted, "200", got, ok);
+    let a = run
+        .call_as(
+            ep,
+            &mesh.ca_pem,
+            Some(&mesh.operator),
+            Request {
+                method: Method::GET,
+                path: HEALTH,
+                ..Default::default()
+            },
+        )
+        .await;
+    let ok = a.status() == Some(200);
+    run.record(g, exempt, "200", a.summary(), ok);
+}
+
+/// An attested collective write on P1, then the marker read back on every other peer.
+async fn write_and_converge(
+    run: &mut Run<'_>,
+    g: &str,
+    write_test: &str,
+    converge_test: &dyn Fn(&Peer, &Peer) -> String,
+    agent: &str,
+    namespace: &str,
+    title: &str,
+) -> Option<String> {
+    let p1 = run.mesh.p1()?.clone();
+    let marker = nonce(16);
+    let content = format!("federation convergence probe {marker}");
+    let id = match run.enroll(g, &p1, agent).await {
+        Err(e) => Err(format!("{agent} not enrolled on {}: {e}", p1.name())),
+        Ok(()) => {
+            run.attested_write(
+                &p1,
+                agent,
+                namespace,
+                title,
+                "observation",
+                "collective",
+                &content,
+            )
+            .await
+        }
+    };
+    let started = Instant::now();
+    let id = match id {
+        Ok(id) => {
+            run.record(g, write_test, "memory id", format!("id {id}"), true);
+            id
+        }
+        Err(e) => {
+            run.record(g, write_test, "memory id", e, false);
+            for p in other_peers(run) {
+                let t = converge_test(&p1, &p);
+                run.record(g, t, "converged", "nothing written", false);
+            }
+            return None;
+        }
+    };
+    for p in other_peers(run) {
+        let t = converge_test(&p1, &p);
+        let r = run
+            .poll_contains(
+                &p.endpoint,
+                &format!("/api/v1/memories/{id}"),
+                Some(agent),
+                &marker,
+                started,
+            )
+            .await;
+        let expected = format!("{id} on {}", p.name());
+        match r {
+            Ok(s) => run.record(g, t, &expected, format!("{expected} after {s:.1}s"), true),
+            Err(e) => run.record(g, t, &expected, e, false),
+        }
+    }
+    Some(id)
+}
+
+/// `federation`: a write on P1 reaches every other peer, same region and cross region.
+pub async fn federation(run: &mut Run<'_>) {
+    let h = run.aid("test-harness");
+    let title = format!("fed-{}-{}", run.stamp, nonce(6));
+    let name = |p1: &Peer, p: &Peer| {
+        if p.region() == p1.region() {
+            format!("converge_same_region[{}]", p.name())
+        } else {
+            format!("converge_cross_region[{}]", p.name())
+        }
+    };
+    if run.mesh.p1().is_none() {
+        run.record(
+            "federation",
+            "write",
+            "memory id",
+            "no peer enrolled",
+            false,
+        );
+        return;
+    }
+    write_and_converge(run, "federation", "write", &name, &h, "_verify", &title).await;
+}
+
+/// `zerotouch`: enrolled peers converge, an unenrolled peer id is refused everywhere.
+pub async fn zerotouch(run: &mut Run<'_>) {
+    const G: &str = "zerotouch";
+    let h = run.aid("test-harness");
+    let title = format!("zt-{}-{}", run.stamp, nonce(6));
+    let name = |_: &Peer, p: &Peer| format!("enrolled_converge[{}]", p.name());
+    if run.mesh.p1().is_none() {
+        run.record(G, "enrolled_write", "memory id", "no peer enrolled", false);
+        return;
+    }
+    write_and_converge(run, G, "enrolled_write", &name, &h, "_zerotouch", &title).await;
+    let rogue = format!("rogue-unenrolled-{}", run.stamp);
+    let mesh = run.mesh;
+    for p in &mesh.peers {
+        let client = match run.client(&p.endpoint) {
+            Ok(c) => c,
+            Err(e) => {
+                run.record(
+                    G,
+                    format!("unenrolled_status[{}]", p.name()),
+                    "401",
+                    e,
+                    false,
+                );
+                continue;
+            }
+        };
+        let a = net::send(
+            &client,
+            &p.endpoint,
+            Request {
+                method: Method::GET,
+                path: SINCE,
+                headers: vec![
+                    ("x-api-key", mesh.api_key.clone()),
+                    ("x-peer-id", rogue.clone()),
+                ],
+                body: None,
+            },
+        )
+        .await;
+        let ok = a.status() == Some(401);
+        run.record(
+            G,
+            format!("unenrolled_status[{}]", p.name()),
+            "401",
+            a.summary(),
+            ok,
+        );
+        let ok = a.body().contains("peer_not_enrolled");
+        run.record(
+            G,
+            format!("unenrolled_reason[{}]", p.name()),
+            "peer_not_enrolled",
+            a.error_tag().unwrap_or_else(|| a.summary()),
+            ok,
+        );
+        run.skip(
+            G,
+            format!("cred_ca_chain[{}]", p.name()),
+            format!("{}/{}/{}", mesh.campaign, p.region(), p.name()),
+            "the seeder keeps no issued federation credentials to verify yet (zero-touch issuance is not wired into the roles)",
+        );
+    }
+}
+
+/// `a2a`: an agent's attested write on P1 read by another agent on every peer.
+pub async fn a2a(run: &mut Run<'_>) {
+    const G: &str = "a2a";
+    let mesh = run.mesh;
+    if mesh.agents.is_empty() {
+        run.skip(G, "agent_write", "memory id", "no agent node in the fleet");
+        return;
+    }
+    let Some(p1) = mesh.p1().cloned() else {
+        run.record(G, "agent_write", "memory id", "no peer enrolled", false);
+        return;
+    };
+    let alpha = run.aid("agent-alpha");
+    let beta = run.aid("agent-beta");
+    let n = nonce(12);
+    // The seed runs this on agent node A1 with A1's mesh identity. The seeder host holds no
+    // agent-role client certificate (agent keys are made on the agents), so it presents the
+    // operator's and says so.
+    let via = format!(
+        "from the seeder host with the operator's client certificate (no agent-role identity here; the seed runs it on {})",
+        mesh.agents[0]
+    );
+    let id = match run.enroll(G, &p1, &alpha).await {
+        Err(e) => Err(e),
+        Ok(()) => {
+            run.attested_write(
+                &p1,
+                &alpha,
+                "_verify",
+                &format!("a2a-{n}"),
+                "observation",
+                "collective",
+                &format!("agent to agent probe {n}"),
+            )
+            .await
+        }
+    };
+    let started = Instant::now();
+    let id = match id {
+        Ok(id) => {
+            run.record(
+                G,
+                "agent_write",
+                "memory id",
+                format!("id {id}, {via}"),
+                true,
+            );
+            id
+        }
+        Err(e) => {
+            run.record(G, "agent_write", "memory id", format!("{e}; {via}"), false);
+            return;
+        }
+    };
+    let path = format!("/api/v1/memories/{id}");
+    let r = run
+        .poll_contains(&p1.endpoint, &path, Some(&beta), &n, started)
+        .await;
+    match r {
+        Ok(s) => run.record(
+            G,
+            "beta_read_writepeer",
+            format!("{n} readable by {beta}"),
+            format!("read after {s:.1}s"),
+            true,
+        ),
+        Err(e) => run.record(G, "beta_read_writepeer", format!("{n} readable"), e, false),
+    }
+    for p in other_peers(run) {
+        let r = run
+            .poll_contains(&p.endpoint, &path, Some(&beta), &n, started)
+            .await;
+        let t = format!("beta_read_fedpeer[{}]", p.name());
+        match r {
+            Ok(s) => run.record(
+                G,
+                t,
+                format!("{n} readable"),
+                format!("read after {s:.1}s"),
+                true,
+            ),
+            Err(e) => run.record(G, t, format!("{n} readable"), e, false),
+        }
+    }
+}
+
+/// `ai_nhi`: an LLM-expanded query committed as an attested memory that converges.
+pub async fn ai_nhi(run: &mut Run<'_>) {
+    const G: &str = "ai_nhi";
+    let mesh = run.mesh;
+    if mesh.agents.is_empty() || mesh.peers.len() < 2 {
+        run.skip(
+            G,
+            "llm_decision",
+            "non-empty expanded_terms[0]",
+            "needs an agent node and at least two peers",
+        );
+        return;
+    }
+    if let Some(why) = &mesh.llm_missing {
+        run.skip(
+            G,
+            "llm_decision",
+            "non-empty expanded_terms[0]",
+            why.clone(),
+        );
+        return;
+    }
+    let Some(p1) = mesh.p1().cloned() else { return };
+    let alpha = run.aid("agent-alpha");
+    let beta = run.aid("agent-beta");
+    let query = "distributed consensus quorum replication";
+    let a = run
+        .call(
+            &p1.endpoint,
+            Method::POST,
+            "/api/v1/expand_query",
+            Some(&alpha),
+            Some(serde_json::json!({"query": query, "namespace": "_test"})),
+        )
+        .await;
+    let term = a
+        .json()
+        .and_then(|v| {
+            v.get("expanded_terms")?
+                .as_array()?
+                .first()?
+                .as_str()
+                .map(str::to_owned)
+        })
+        .filter(|t| !t.trim().is_empty());
+    let Some(term) = term else {
+        run.record(
+            G,
+            "llm_decision",
+            "non-empty expanded_terms[0]",
+            a.summary(),
+            false,
+        );
+        return;
+    };
+    run.record(
+        G,
+        "llm_decision",
+        "non-empty expanded_terms[0]",
+        net::one_line(&term, 80),
+        true,
+    );
+    let n = nonce(12);
+    let content = format!(
+        "grok expansion of [{query}] -> {} ({n})",
+        net::one_line(&term, 80)
+    );
+    let id = match run.enroll(G, &p1, &alpha).await {
+        Err(e) => Err(e),
+        Ok(()) => {
+            run.attested_write(
+                &p1,
+                &alpha,
+                "_verify",
+                &format!("nhi-{n}"),
+                "observation",
+                "collective",
+                &content,
+            )
+            .await
+        }
+    };
+    let started = Instant::now();
+    let id = match id {
+        Ok(id) => {
+            run.record(G, "nhi_commit", "memory id", format!("id {id}"), true);
+            id
+        }
+        Err(e) => {
+            run.record(G, "nhi_commit", "memory id", e, false);
+            return;
+        }
+    };
+    for p in other_peers(run) {
+        let r = run
+            .poll_contains(
+                &p.endpoint,
+                &format!("/api/v1/memories/{id}"),
+                Some(&beta),
+                &n,
+                started,
+            )
+            .await;
+        let t = format!("nhi_converge[{}]", p.name());
+        match r {
+            Ok(s) => run.record(G, t, "converged", format!("converged after {s:.1}s"), true),
+            Err(e) => run.record(G, t, "converged", e, false),
+        }
+    }
+}
+
+/// `nsa_gaps` (every peer): unsigned writes and unsigned or replayed federation pushes are
+/// refused; the signed-events chain is intact; recall carries the provenance envelope.
+pub async fn nsa_gaps(run: &mut Run<'_>) {
+    const G: &str = "nsa_gaps";
+    let mesh = run.mesh;
+    let h = run.aid("test-harness");
+    for p in &mesh.peers {
+        let ep = &p.endpoint;
+        let name = p.name();
+        let a = run
+            .call(
+                ep,
+                Method::POST,
+                "/api/v1/memories",
+                Some(&h),
+                Some(serde_json::json!({
+                    "title": format!("nsa-unsigned-{}", nonce(10)),
+                    "content": "unsigned write probe",
+                    "namespace": "_test",
+                })),
+            )
+            .await;
+        if a.is_success() {
+            // A write that should have been refused landed: remove it.
+            if let Ok(id) = super::probes::parse_id(&a) {
+                let _ = run
+                    .call(
+                        ep,
+                        Method::DELETE,
+                        &format!("/api/v1/memories/{id}"),
+                        Some(&h),
+                        None,
+                    )
+                    .await;
+            }
+        }
+        let ok = a.status() == Some(403);
+        run.record(
+            G,
+            format!("unsigned_write_403[{name}]"),
+            "403",
+            a.summary(),
+            ok,
+        );
+        let body = a.body();
+        let ok = body.contains("ATTESTATION_FAILED") || body.contains("attestation");
+        run.record(
+            G,
+            format!("unsigned_write_reason[{name}]"),
+            "ATTESTATION_FAILED",
+            a.error_tag().unwrap_or_else(|| a.summary()),
+            ok,
+        );
+
+        let push = br#"{"memories":[]}"#.to_vec();
+        let send_push = |extra: Vec<(&'static str, String)>| {
+            let mut headers = vec![("x-api-key", mesh.api_key.clone())];
+            headers.extend(extra);
+            Request {
+                method: Method::POST,
+                path: "/api/v1/sync/push",
+                headers,
+                body: Some(push.clone()),
+            }
+        };
+        let client = run.client(ep);
+        let (a, r1, r2) = match client {
+            Ok(c) => {
+                let a = net::send(&c, ep, send_push(vec![])).await;
+                let sig = vec![
+                    ("x-memory-sig", "AAAA".to_string()),
+                    (
+                        "x-memory-nonce",
+                        format!("nonce-{}-{}", run.stamp, nonce(8)),
+                    ),
+                ];
+                let r1 = net::send(&c, ep, send_push(sig.clone())).await;
+                let r2 = net::send(&c, ep, send_push(sig)).await;
+                (a, r1, r2)
+            }
+            Err(e) => {
+                let t = net::Answer::Transport(e);
+                (t.clone(), t.clone(), t)
+            }
+        };
+        let tagged = |a: &net::Answer| match a.error_tag() {
+            Some(t) => format!("{} {t}", a.code()),
+            None => a.summary(),
+        };
+        let ok = a.status() == Some(401);
+        run.record(
+            G,
+            format!("sync_push_missing_sig_401[{name}]"),
+            "401",
+            tagged(&a),
+            ok,
+        );
+        let ok = r1.status() == Some(401) && r2.status() == Some(401);
+        run.record(
+            G,
+            format!("sync_push_replay_refused[{name}]"),
+            "401/401",
+            format!("{} / {}", tagged(&r1), tagged(&r2)),
+            ok,
+        );
+
+        signed_events_chain(run, p).await;
+        provenance_envelope(run, p).await;
+    }
+}
+
+async fn signed_events_chain(run: &mut Run<'_>, p: &Peer) {
+    const G: &str = "nsa_gaps";
+    let mesh = run.mesh;
+    let h = run.aid("test-harness");
+    let test = format!("signed_events_chain_ok[{}]", p.name());
+    let a = run
+        .call(
+            &p.endpoint,
+            Method::POST,
+            "/api/v1/capture_turn",
+            Some(&h),
+            Some(serde_json::json!({
+                "host_session_id": format!("p3se-{}-{}", run.stamp, nonce(6)),
+                "host_turn_index": 0,
+                "role": "assistant",
+                "content": format!("signed-events chain probe {}", nonce(8)),
+                "host_kind": "p3-nsa-probe",
+                "namespace": mesh.campaign,
+            })),
+        )
+        .await;
+    if !a.is_success() {
+        run.record(
+            G,
+            test,
+            "ok",
+            format!("capture_turn: {}", a.summary()),
+            false,
+        );
+        return;
+    }
+    // The chain lives in the peer's schema on its region's pg, which only the pg node can
+    // query: its own report carries the structural check per schema.
+    let Some(pg) = mesh.evidence.region_pg.get(p.region()).cloned() else {
+        run.record(
+            G,
+            test,
+            "ok",
+            format!("no pg node in region {}", p.region()),
+            false,
+        );
+        return;
+    };
+    let check = format!("signed_events.ic_peer_{}", p.index);
+    run.from_evidence(G, test, &pg, &check, "ok");
+}
+
+async fn provenance_envelope(run: &mut Run<'_>, p: &Peer) {
+    const G: &str = "nsa_gaps";
+    let mesh = run.mesh;
+    let h = run.aid("test-harness");
+    let test = format!("provenance_envelope[{}]", p.name());
+    let expected = "citation | ConfidenceTier | confidence_tier | MemoryKind | memory_kind";
+    if let Err(e) = run.enroll(G, p, &h).await {
+        run.record(
+            G,
+            test,
+            expected,
+            format!("harness not enrolled: {e}"),
+            false,
+        );
+        return;
+    }
+    let pn = letters(14);
+    let written = run
+        .attested_write(
+            p,
+            &h,
+            &mesh.campaign,
+            &format!("prov-{pn}"),
+            "claim",
+            "collective",
+            &format!("provenance envelope probe {pn} for verbose recall"),
+        )
+        .await;
+    if let Err(e) = written {
+        run.record(G, test, expected, format!("write: {e}"), false);
+        return;
+    }
+    let started = Instant::now();
+    let deadline = started + mesh.converge_within;
+    let client = match run.client(&p.endpoint) {
+        Ok(c) => c,
+        Err(e) => return run.record(G, test, expected, e, false),
+    };
+    let path = format!(
+        "/api/v1/recall?q={pn}&namespace={}&limit=3&verbose_provenance=true",
+        mesh.campaign
+    );
+    loop {
+        let a = net::send(
+            &client,
+            &p.endpoint,
+            Request {
+                method: Method::GET,
+                path: &path,
+                headers: vec![
+                    ("x-api-key", mesh.api_key.clone()),
+                    ("x-agent-id", h.clone()),
+                    ("accept-provenance", "verbose".into()),
+                ],
+                body: None,
+            },
+        )
+        .await;
+        let b = a.body();
+        let keys = [
+            "citation",
+            "ConfidenceTier",
+            "confidence_tier",
+            "MemoryKind",
+            "memory_kind",
+        ];
+        let hit = if a.is_success() && b.contains(&pn) {
+            keys.iter().find(|k| b.contains(**k))
+        } else {
+            None
+        };
+        if let Some(k) = hit {
+            let s = started.elapsed().as_secs_f64();
+            return run.record(
+                G,
+                test,
+                expected,
+                format!("recall carries {k} after {s:.1}s"),
+                true,
+            );
+        }
+        if Instant::now() + mesh.poll_every > deadline {
+            return run.record(
+                G,
+                test,
+                expected,
+                format!("not recalled: {}", a.summary()),
+                false,
+            );
+        }
+        tokio::time::sleep(mesh.poll_every).await;
+    }
+}
+
+/// `encrypted_legs`: leg 1 client→peer mTLS + key, leg 2 peer↔peer quorum over mTLS, leg 3
+/// peer→pg TLS (from the pg and peer nodes' own reports).
+pub async fn encrypted_legs(run: &mut Run<'_>) {
+    const G: &str = "encrypted_legs";
+    let mesh = run.mesh;
+    for p in &mesh.peers {
+        let ep = &p.endpoint;
+        let n = p.name();
+        let a = run.call(ep, Method::GET, CAPS, None, None).await;
+        let ok = a.status() == Some(200);
+        let got = if ok { "200".into() } else { a.summary() };
+        run.record(G, format!("leg1.mtls+key_priv_200[{n}]"), "200", got, ok);
+        run.expect_tls_refusal(
+            G,
+            format!("leg1.no_client_cert_refused[{n}]"),
+            ep,
+            &mesh.ca_pem,
+            None,
+            HEALTH,
+        )
+        .await;
+        match net::Identity::rogue() {
+            Ok(rogue) => {
+                run.expect_tls_refusal(
+                    G,
+                    format!("leg1.rogue_client_cert_refused[{n}]"),
+                    ep,
+                    &mesh.ca_pem,
+                    Some(&rogue),
+                    HEALTH,
+                )
+                .await
+            }
+            Err(e) => run.record(
+                G,
+                format!("leg1.rogue_client_cert_refused[{n}]"),
+                "000",
+                format!("rcgen: {e:#}"),
+                false,
+            ),
+        }
+        let a = run
+            .call_as(
+                ep,
+                &mesh.ca_pem,
+                Some(&mesh.operator),
+                Request {
+                    method: Method::GET,
+                    path: CAPS,
+                    ..Default::default()
+                },
+            )
+            .await;
+        let ok = a.status() == Some(401);
+        run.record(
+            G,
+            format!("leg1.no_apikey_priv_401[{n}]"),
+            "401",
+            a.summary(),
+            ok,
+        );
+        let a = run
+            .call_as(
+                ep,
+                &mesh.ca_pem,
+                Some(&mesh.operator),
+                Request {
+                    method: Method::GET,
+                    path: HEALTH,
+                    ..Default::default()
+                },
+            )
+            .await;
+        let ok = a.status() == Some(200);
+        run.record(
+            G,
+            format!("leg1.health_exempt_200[{n}]"),
+            "200",
+            a.summary(),
+            ok,
+        );
+    }
+
+    // Leg 2: a quorum write under W, converged everywhere, then removed.
+    if let Some(p1) = mesh.p1().cloned() {
+        let legs = run.aid("legs-harness");
+        let test = format!(
+            "leg2.quorum_write_W{}ofN{}",
+            mesh.quorum_w,
+            mesh.peers.len()
+        );
+        let title = format!("leg2-{}-{}", run.stamp, nonce(6));
+        let name = |_: &Peer, p: &Peer| format!("leg2.converge[{}]", p.name());
+        write_and_converge(run, G, &test, &name, &legs, "_legs", &title).await;
+        run.expect_tls_refusal(
+            G,
+            "leg2.sync_no_client_cert_refused".into(),
+            &p1.endpoint,
+            &mesh.ca_pem,
+            None,
+            SINCE,
+        )
+        .await;
+    }
+
+    // Leg 3, per region with a pg node: pg_hba admits only the region's peers, so the seeder
+    // takes the pg's and a peer's own latest (fresh) reports.
+    for (region, pg) in &mesh.evidence.region_pg {
+        run.from_evidence(
+            G,
+            format!("leg3.all_backends_tls[{region}]"),
+            pg,
+            "daemon_pg.tls",
+            "encrypted (>=1 ssl, 0 plain)",
+        );
+        run.from_evidence(
+            G,
+            format!("leg3.tls_version_negotiated[{region}]"),
+            pg,
+            "daemon_pg.tls_version",
+            "TLSv1.2 or TLSv1.3 only",
+        );
+        match mesh.peers.iter().find(|p| p.region() == region) {
+            Some(p) => run.from_evidence(
+                G,
+                format!("leg3.store_url_verify_full[{region}]"),
+                p.name(),
+                "store_url.verify_full",
+                "sslmode=verify-full",
+            ),
+            None => run.record(
+                G,
+                format!("leg3.store_url_verify_full[{region}]"),
+                "sslmode=verify-full",
+                format!("no enrolled peer in {region}"),
+                false,
+            ),
+        }
+        run.from_evidence(
+            G,
+            format!("leg3.plaintext_tcp_refused[{region}]"),
+            pg,
+            "store.plaintext_refused",
+            "refused (ssl on, hostssl /32 scram-sha-256 only)",
+        );
+    }
+}
+
+/// `curator` (every peer): the curator service runs and does not crash-loop.
+pub async fn curator(run: &mut Run<'_>) {
+    const G: &str = "curator";
+    let mesh = run.mesh;
+    for p in &mesh.peers {
+        run.from_evidence(
+            G,
+            format!("curator_active[{}]", p.name()),
+            p.name(),
+            "curator.active",
+            "active",
+        );
+        run.skip(
+            G,
+            format!("curator_no_crashloop[{}]", p.name()),
+            "NRestarts <= 3",
+            "the peer role reports no restart count for ai-memory-curator.service",
+        );
+    }
+}
