@@ -8,9 +8,9 @@ cd "$(dirname "$0")/.."
 LAB_DIR=${HIVESEED_LAB_DIR:-/var/tmp/hiveseed-lab}
 
 build() {
-  for p in debootstrap ca-certificates curl; do
+  for p in debootstrap ca-certificates curl python3-pip build-essential pkg-config iproute2; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || {
-      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap ca-certificates curl >/dev/null
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap ca-certificates curl python3-pip build-essential pkg-config iproute2 >/dev/null
       break
     }
   done

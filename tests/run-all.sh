@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Runs every hiveseed test: unit, property and integration tests of the workspace, the agent
-# against the real seeder, the Terraform rendering, and the lab's node primitives (chroots).
-# For a fresh Debian 12 machine, as root: installs what it needs (Debian packages; the lab's
-# trixie rootfs is built once into ${HIVESEED_CACHE:-/var/cache/hiveseed}).
+# against the real seeder, the Terraform rendering, the fleet suite against real ai-memory
+# daemons, the lab's node primitives (chroots), and then the lab's acceptance scenarios on the
+# whole 3-region fleet (bring-up, secrets, redeploy, replace, faults, `seeder test`).
+# For a fresh Debian 12 machine, as root: installs what it needs (Debian packages; the lab cache
+# — trixie rootfs with PostgreSQL .debs, ai-memory 0.7.0 built from crates.io, the MiniLM
+# files — is built once into ${HIVESEED_CACHE:-/var/cache/hiveseed} and reused while valid).
+# Everything the scenarios start is stopped and unmounted on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,7 +19,7 @@ fi
 
 log "host packages"
 missing=()
-for p in debootstrap postgresql systemd ca-certificates curl; do
+for p in debootstrap postgresql systemd ca-certificates curl python3-pip build-essential pkg-config iproute2; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
@@ -38,11 +42,24 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 log "binaries the lab boots"
 cargo build --locked -p hiveseed-seeder
+cargo build --locked --release -p hiveseed-seeder -p hiveseed-lab
 RUSTFLAGS="-C target-feature=+crt-static" cargo build --locked --profile agent \
   --target x86_64-unknown-linux-gnu -p hiveseed-bootstrap
 export HIVESEED_SEEDER_BIN="$PWD/target/debug/seeder"
 export HIVESEED_BOOTSTRAP_BIN="$PWD/target/x86_64-unknown-linux-gnu/agent/bootstrap"
 
+log "lab cache (${HIVESEED_CACHE:-/var/cache/hiveseed})"
+./target/release/lab cache
+export HIVESEED_AI_MEMORY_BIN="${HIVESEED_CACHE:-/var/cache/hiveseed}/ai-memory-0.7.0-sal/bin/ai-memory"
+
 log "workspace tests"
 export TF_CLI_CONFIG_FILE=/dev/null
 cargo test --workspace --locked
+
+log "lab scenarios (the acceptance gate)"
+LAB_DIR=${HIVESEED_LAB_DIR:-/var/tmp/hiveseed-lab}
+trap './target/release/lab down --dir "$LAB_DIR" --purge >/dev/null 2>&1 || true' EXIT
+./target/release/lab scenarios --dir "$LAB_DIR" \
+  --fleet roles/fleet.lab.toml --roles roles --terraform terraform \
+  --seeder target/release/seeder \
+  --bootstrap target/x86_64-unknown-linux-gnu/agent/bootstrap

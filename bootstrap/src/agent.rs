@@ -206,6 +206,8 @@ pub struct Agent {
     last_checks: Vec<CheckRecord>,
     applied: Option<Applied>,
     etag: Option<String>,
+    /// A newer manifest that arrived while a wait blocked the current one; converged next.
+    superseded: Option<SignedEnvelope<Manifest>>,
     last_phase: String,
     /// The phase last reported, re-sent as a heartbeat while a long step (a wait) runs.
     current_phase: Phase,
@@ -265,6 +267,7 @@ impl Agent {
             last_checks: Vec::new(),
             applied,
             etag: None,
+            superseded: None,
             last_phase: String::new(),
             current_phase: Phase::Enrolling,
         })
@@ -514,16 +517,36 @@ impl Agent {
             let every = Duration::from_secs(u64::from(manifest.report_interval_secs.max(1)));
             let mut heartbeat =
                 tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            // While a wait blocks, a newer generation may be what unblocks it (a peer waiting
+            // for its own health behind an allowlist the next generation completes): keep
+            // long-polling, and give up the wait for the newer manifest. Only between steps that
+            // change nothing: a wait is a probe, so abandoning it leaves no half-applied step.
+            let newer = self.newer_manifest(&envelope.payload);
+            tokio::pin!(newer);
+            let mut waiting = false;
             loop {
                 tokio::select! {
-                    r = &mut run => break r,
-                    Some(ev) = rx.recv() => self.on_apply_event(ev, &mut progress, total).await,
+                    r = &mut run => break Some(r),
+                    Some(ev) = rx.recv() => {
+                        waiting = matches!(ev, ApplyEvent::Waiting { .. });
+                        self.on_apply_event(ev, &mut progress, total).await;
+                    }
+                    (env, etag) = &mut newer, if waiting => {
+                        tracing::info!("a newer manifest arrived during a wait: applying it instead");
+                        self.etag = etag;
+                        self.superseded = Some(env);
+                        break None;
+                    }
                     _ = heartbeat.tick() => {
                         let phase = self.current_phase.clone();
                         self.report(phase, vec![]).await;
                     }
                 }
             }
+        };
+        let Some(result) = result else {
+            self.supervisor = supervisor;
+            return false;
         };
         while let Ok(ev) = rx.try_recv() {
             self.on_apply_event(ev, &mut progress, total).await;
@@ -548,6 +571,34 @@ impl Agent {
                 self.fail(FailureKind::Apply, retryable, message, e.reports)
                     .await;
                 false
+            }
+        }
+    }
+
+    /// Long-polls until the seeder has a manifest other than `current`.
+    fn newer_manifest(
+        &self,
+        current: &str,
+    ) -> impl std::future::Future<Output = (SignedEnvelope<Manifest>, Option<String>)> + 'static
+    {
+        let client = self.client.clone();
+        let etag = self.etag.clone();
+        let current = current.to_owned();
+        async move {
+            loop {
+                match client
+                    .manifest(etag.as_deref(), Duration::from_secs(30))
+                    .await
+                {
+                    Ok(ManifestPoll::Changed { envelope, etag }) if envelope.payload != current => {
+                        return (envelope, etag)
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let delay = e.retry_after().unwrap_or(Duration::from_secs(2));
+                        tokio::time::sleep(delay).await;
+                    }
+                }
             }
         }
     }
@@ -655,6 +706,12 @@ impl Agent {
             if let Some(env) = current.clone() {
                 if due_drift || due_retry {
                     converged = self.converge(&env).await;
+                    if let Some(newer) = self.superseded.take() {
+                        current = Some(newer);
+                        last_converge = Instant::now() - self.config.drift_interval - splay;
+                        retry_delay = Duration::from_secs(0);
+                        continue;
+                    }
                     last_converge = Instant::now();
                     last_heartbeat = Instant::now();
                     retry_delay = if converged {

@@ -229,3 +229,25 @@ fn exec_is_argv_only_and_failures_carry_argv_status_and_truncated_stderr() {
         "{missing:?}"
     );
 }
+
+/// Digests follow the content: an overwrite with the same size right after hashing (same clock
+/// tick) is still seen, and a symlink out of the root is refused like a read.
+#[test]
+fn digests_follow_same_size_rewrites_and_stay_beneath_the_root() {
+    let root = temp_root();
+    let host = RealHost::new(root.path()).unwrap();
+    let f = p("/etc/artifact.bin");
+    assert_eq!(host.sha256(&f).unwrap(), None);
+    std::fs::write(root.path().join("etc/artifact.bin"), b"aaaa").unwrap();
+    let first = host.sha256(&f).unwrap().unwrap();
+    assert_eq!(first, hiveseed_proto::Sha256::digest(b"aaaa"));
+    std::fs::write(root.path().join("etc/artifact.bin"), b"bbbb").unwrap();
+    assert_eq!(
+        host.sha256(&f).unwrap().unwrap(),
+        hiveseed_proto::Sha256::digest(b"bbbb")
+    );
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("secret"), b"x").unwrap();
+    symlink(outside.path().join("secret"), root.path().join("etc/link")).unwrap();
+    assert!(host.sha256(&p("/etc/link")).is_err());
+}

@@ -4,7 +4,7 @@
 //! (no allowlist, no API key, attestation and federation signatures off) must make each negative
 //! probe FAIL.
 //!
-//! Needs the binary at AI_MEMORY (below); set HIVESEED_SKIP_AI_MEMORY=1 to skip where it is not
+//! Needs the ai-memory binary (`ai_memory_bin` below); set HIVESEED_SKIP_AI_MEMORY=1 to skip where it is not
 //! built.
 
 #![allow(clippy::unwrap_used)]
@@ -25,7 +25,13 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use sha2::Digest;
 
-const AI_MEMORY: &str = "/var/cache/hiveseed/ai-memory-0.7.0-sal/bin/ai-memory";
+/// Where `lab cache` builds it by default; `HIVESEED_AI_MEMORY_BIN` overrides (tests/run-all.sh
+/// sets it from the cache it built).
+const AI_MEMORY_DEFAULT: &str = "/var/cache/hiveseed/ai-memory-0.7.0-sal/bin/ai-memory";
+
+fn ai_memory_bin() -> String {
+    std::env::var("HIVESEED_AI_MEMORY_BIN").unwrap_or_else(|_| AI_MEMORY_DEFAULT.to_owned())
+}
 const CAMPAIGN: &str = "suite";
 const API_KEY: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 const ADMIN: &str = "ai:suite-operator@suite";
@@ -33,17 +39,18 @@ const ISSUER: &str = "suite-ca";
 const DOMAIN: &str = "suite.fleet";
 
 fn binary() -> Option<PathBuf> {
-    if Path::new(AI_MEMORY).exists() {
-        return Some(PathBuf::from(AI_MEMORY));
+    let bin = ai_memory_bin();
+    if Path::new(&bin).exists() {
+        return Some(PathBuf::from(bin));
     }
     if std::env::var("HIVESEED_SKIP_AI_MEMORY").as_deref() == Ok("1") {
-        eprintln!("SKIP: {AI_MEMORY} is missing and HIVESEED_SKIP_AI_MEMORY=1");
+        eprintln!("SKIP: {bin} is missing and HIVESEED_SKIP_AI_MEMORY=1");
         return None;
     }
     panic!(
-        "{AI_MEMORY} is missing: build ai-memory 0.7.0 (cargo install ai-memory@0.7.0 --locked \
-         --features sal,sal-postgres,sqlite-bundled --root /var/cache/hiveseed/ai-memory-0.7.0-sal), \
-         or set HIVESEED_SKIP_AI_MEMORY=1 to skip this test"
+        "{bin} is missing: build it with `target/release/lab cache --only ai-memory` (or cargo \
+         install ai-memory@0.7.0 --locked --features sal,sal-postgres,sqlite-bundled), or set \
+         HIVESEED_SKIP_AI_MEMORY=1 to skip this test"
     );
 }
 

@@ -248,6 +248,12 @@ pub trait Host: Send + Sync + fmt::Debug {
     fn read(&self, path: &AbsPath) -> Result<Option<Vec<u8>>, HostError>;
     /// `lstat`, `None` when it does not exist.
     fn stat(&self, path: &AbsPath) -> Result<Option<Stat>, HostError>;
+    /// SHA-256 of the whole file, `None` when it does not exist. An implementation may remember
+    /// digests of files whose identity and times have not changed (large artifacts are observed
+    /// on every convergence).
+    fn sha256(&self, path: &AbsPath) -> Result<Option<hiveseed_proto::Sha256>, HostError> {
+        Ok(self.read(path)?.map(|b| hiveseed_proto::Sha256::digest(&b)))
+    }
     /// Temp file created with the final mode (and owner), content written and fsynced, renamed
     /// over `path`, directory fsynced. The parent must exist.
     fn write_atomic(&self, path: &AbsPath, content: &[u8], attrs: Attrs) -> Result<(), HostError>;

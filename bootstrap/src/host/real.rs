@@ -25,6 +25,31 @@ pub struct RealHost {
     root: PathBuf,
     root_fd: OwnedFd,
     resolve: ResolveFlags,
+    /// Digests by path, valid while the file's device, inode, size, mtime and ctime are the
+    /// same (any write or attribute change moves ctime, which user space cannot set back).
+    digests: std::sync::Mutex<std::collections::HashMap<String, (FileKey, hiveseed_proto::Sha256)>>,
+}
+
+/// What must not change for a remembered digest to still be the file's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileKey {
+    dev: u64,
+    ino: u64,
+    size: i64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileKey {
+    fn of(st: &rustix::fs::Stat) -> Self {
+        Self {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            size: st.st_size,
+            mtime: (st.st_mtime, st.st_mtime_nsec as i64),
+            ctime: (st.st_ctime, st.st_ctime_nsec as i64),
+        }
+    }
 }
 
 /// Where a path lives under the root: the only product of joining a path to the root.
@@ -56,6 +81,7 @@ impl RealHost {
             ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS
         };
         Ok(Self {
+            digests: Default::default(),
             root,
             root_fd,
             resolve,
@@ -180,6 +206,49 @@ impl Host for RealHost {
                 source,
             })?;
         Ok(Some(buf))
+    }
+
+    fn sha256(&self, path: &AbsPath) -> Result<Option<hiveseed_proto::Sha256>, HostError> {
+        let loc = self.locate(path);
+        let fd = match self.open_beneath(loc.rel, OFlags::RDONLY) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) | Err(Errno::NOTDIR) => return Ok(None),
+            Err(e) => return Err(self.io_err(path, "open for reading", e)),
+        };
+        let before = rustix::fs::fstat(&fd).map_err(|e| self.io_err(path, "stat", e))?;
+        let key = FileKey::of(&before);
+        let cached = self
+            .digests
+            .lock()
+            .ok()
+            .and_then(|m| m.get(path.as_str()).copied());
+        if let Some((k, digest)) = cached {
+            if k == key {
+                return Ok(Some(digest));
+            }
+        }
+        let mut buf = Vec::new();
+        let mut file = std::fs::File::from(fd);
+        file.read_to_end(&mut buf).map_err(|source| HostError::Io {
+            path: path.clone(),
+            op: "read",
+            source,
+        })?;
+        let digest = hiveseed_proto::Sha256::digest(&buf);
+        // Remember it only if nothing changed the file while it was read, and not while its
+        // ctime is recent: timestamps are coarse (a clock tick), so a write in the same tick
+        // would keep them (git's "racy clean" rule).
+        let after = rustix::fs::fstat(&file).map_err(|e| self.io_err(path, "stat", e))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        if FileKey::of(&after) == key && now - after.st_ctime >= 2 {
+            if let Ok(mut m) = self.digests.lock() {
+                m.insert(path.as_str().to_owned(), (key, digest));
+            }
+        }
+        Ok(Some(digest))
     }
 
     fn stat(&self, path: &AbsPath) -> Result<Option<Stat>, HostError> {

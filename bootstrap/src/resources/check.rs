@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use hiveseed_proto::manifest::{Check, Probe};
 use hiveseed_proto::status::MAX_TEXT;
-use hiveseed_proto::{AbsPath, CheckRecord, CheckStatus, Manifest, NodeName, Resource, Sha256};
+use hiveseed_proto::{AbsPath, CheckRecord, CheckStatus, Manifest, NodeName, Resource};
 
 use super::wait::{error_chain, https_client, read_text};
 use crate::host::{truncate_stderr, Exec, Host};
@@ -110,8 +110,8 @@ fn command_output(host: &dyn Host, argv: &[String]) -> Result<String, String> {
 
 async fn observe(env: &CheckEnv<'_>, probe: &Probe) -> Result<String, String> {
     match probe {
-        Probe::FileSha256 { path } => match env.host.read(path) {
-            Ok(Some(b)) => Ok(Sha256::digest(&b).to_hex()),
+        Probe::FileSha256 { path } => match env.host.sha256(path) {
+            Ok(Some(d)) => Ok(d.to_hex()),
             Ok(None) => Err(format!("{path} is missing")),
             Err(e) => Err(error_chain(&e)),
         },

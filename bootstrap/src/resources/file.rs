@@ -29,9 +29,7 @@ pub fn observe(host: &dyn Host, owners: &mut OwnerCache, f: &File) -> Result<Obs
     let stat = host.stat(&f.path)?;
     let (_, size) = desired(&f.content);
     let sha256 = match &stat {
-        Some(s) if s.kind == FileKind::File && s.size == size => {
-            host.read(&f.path)?.map(|b| Sha256::digest(&b))
-        }
+        Some(s) if s.kind == FileKind::File && s.size == size => host.sha256(&f.path)?,
         _ => None,
     };
     let owner = match &f.owner {

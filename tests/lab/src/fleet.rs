@@ -170,42 +170,59 @@ pub fn address_plan(nodes: &BTreeMap<String, (String, String)>) -> BTreeMap<Stri
 /// `seeder serve` on the lab's seeder address, in its own process group, log appended to
 /// `<lab>/seeder.log`; returns once it listens.
 fn start_seeder(lab_dir: &Path, seeder_bin: &Path, campaign: &Path) -> Result<u32> {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(lab_dir.join("seeder.log"))
-        .map_err(io("seeder log"))?;
-    let child = Command::new(seeder_bin)
-        .args([
-            "serve",
-            "--listen",
-            SEEDER_LISTEN,
-            "--mesh-deadline",
-            "120",
-            "--dir",
-        ])
-        .arg(campaign)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(io("seeder log"))?)
-        .stderr(log)
-        .process_group(0)
-        .spawn()
-        .map_err(io("starting seeder serve"))?;
-    let seeder_pid = child.id();
-    std::fs::write(lab_dir.join("seeder.pid"), seeder_pid.to_string())
-        .map_err(io("seeder.pid"))?;
-    wait_listening(
-        SEEDER_LISTEN.parse().expect("static"),
-        Duration::from_secs(30),
-    )?;
-    Ok(seeder_pid)
-}
-
-fn wait_listening(addr: SocketAddr, deadline: Duration) -> Result<()> {
-    crate::wait::until("the seeder to listen", deadline, || {
-        TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-    })
-    .map_err(|e| step("seeder serve", e))
+    let addr: SocketAddr = SEEDER_LISTEN.parse().expect("static");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(lab_dir.join("seeder.log"))
+            .map_err(io("seeder log"))?;
+        let mut child = Command::new(seeder_bin)
+            .args([
+                "serve",
+                "--listen",
+                SEEDER_LISTEN,
+                "--mesh-deadline",
+                "120",
+                "--dir",
+            ])
+            .arg(campaign)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(io("seeder log"))?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .map_err(io("starting seeder serve"))?;
+        let pid = child.id();
+        std::fs::write(lab_dir.join("seeder.pid"), pid.to_string()).map_err(io("seeder.pid"))?;
+        // Listening, or exited (a just-killed predecessor's socket can linger for a moment).
+        let mut exited = None;
+        crate::wait::until("the seeder to listen", Duration::from_secs(30), || {
+            if let Ok(Some(st)) = child.try_wait() {
+                exited = Some(st);
+                return true;
+            }
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        })
+        .map_err(|e| step("seeder serve", e))?;
+        match exited {
+            None => return Ok(pid),
+            Some(st) if Instant::now() < deadline => {
+                tracing::warn!(status = %st, "seeder serve exited at start; starting it again");
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            Some(st) => {
+                return Err(step(
+                    "seeder serve",
+                    format!(
+                        "exited at start ({st}); see {}",
+                        lab_dir.join("seeder.log").display()
+                    ),
+                ))
+            }
+        }
+    }
 }
 
 /// Brings a fleet up from clean. Any earlier lab in `lab_dir` is torn down first.
@@ -521,10 +538,7 @@ impl Fleet {
 
     /// `seeder status --json`.
     pub fn status(&self) -> Result<serde_json::Value> {
-        let out = run(
-            "seeder status",
-            &mut self.seeder_cmd(&["status", "--json"]),
-        )?;
+        let out = run("seeder status", &mut self.seeder_cmd(&["status", "--json"]))?;
         serde_json::from_str(&out).map_err(|e| step("parsing seeder status --json", e))
     }
 

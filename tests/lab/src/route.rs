@@ -85,7 +85,14 @@ pub fn setup(lab_dir: &Path, routes: &[UidRoute]) -> Result<()> {
         return Ok(());
     }
     if !has_rule(LOCAL_PREF, "lookup local")? {
-        ip(&["rule", "add", "pref", &LOCAL_PREF.to_string(), "lookup", "local"])?;
+        ip(&[
+            "rule",
+            "add",
+            "pref",
+            &LOCAL_PREF.to_string(),
+            "lookup",
+            "local",
+        ])?;
     }
     if has_rule(0, "lookup local")? {
         ip(&["rule", "del", "pref", "0", "lookup", "local"])?;
@@ -93,7 +100,15 @@ pub fn setup(lab_dir: &Path, routes: &[UidRoute]) -> Result<()> {
     for r in routes {
         let src = r.source.to_string();
         ip(&[
-            "route", "replace", "local", "127.0.0.0/8", "dev", "lo", "src", &src, "table",
+            "route",
+            "replace",
+            "local",
+            "127.0.0.0/8",
+            "dev",
+            "lo",
+            "src",
+            &src,
+            "table",
             &r.table(),
         ])?;
         let range = format!("{0}-{0}", r.uid);
@@ -137,7 +152,14 @@ pub fn teardown(lab_dir: &Path) -> Result<()> {
         ip(&["rule", "add", "pref", "0", "lookup", "local"])?;
     }
     if has_rule(LOCAL_PREF, "lookup local")? {
-        ip(&["rule", "del", "pref", &LOCAL_PREF.to_string(), "lookup", "local"])?;
+        ip(&[
+            "rule",
+            "del",
+            "pref",
+            &LOCAL_PREF.to_string(),
+            "lookup",
+            "local",
+        ])?;
     }
     let _ = std::fs::remove_file(&path);
     Ok(())

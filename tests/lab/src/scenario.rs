@@ -70,7 +70,13 @@ impl Record {
 
     /// A scenario that could not run to its end.
     pub fn error(&mut self, scenario: &'static str, e: &anyhow::Error) {
-        self.check(scenario, "ran to the end", "no error", format!("{e:#}"), false);
+        self.check(
+            scenario,
+            "ran to the end",
+            "no error",
+            format!("{e:#}"),
+            false,
+        );
     }
 
     pub fn failed(&self) -> usize {
@@ -149,7 +155,7 @@ fn generations(status: &serde_json::Value) -> BTreeMap<String, (u64, u64, String
 }
 
 /// Polls the validation report until it is all PASS; returns the last output.
-fn report_green(f: &Fleet, deadline: Duration) -> (bool, String) {
+pub fn report_green(f: &Fleet, deadline: Duration) -> (bool, String) {
     let mut last = String::new();
     let ok = poll(deadline, || match f.report() {
         Ok((true, out)) => {
@@ -201,10 +207,14 @@ pub fn bring_up(cfg: &UpConfig, rec: &mut Record, timeout: Duration) -> Result<F
     const S: &str = "bring-up";
     let f = crate::fleet::up(cfg)?;
     for (phase, took) in &f.phases {
-        rec.note(format!("bring-up phase {phase:<22} {:>6.1}s", took.as_secs_f64()));
+        rec.note(format!(
+            "bring-up phase {phase:<22} {:>6.1}s",
+            took.as_secs_f64()
+        ));
     }
     match f.wait_converged(timeout) {
         Ok(green) => {
+            per_role_times(&f, green, rec);
             rec.note(format!(
                 "bring-up: first agent start -> every node converged: {:.1}s ({} nodes)",
                 green.as_secs_f64(),
@@ -229,7 +239,6 @@ pub fn bring_up(cfg: &UpConfig, rec: &mut Record, timeout: Duration) -> Result<F
             return Ok(f);
         }
     }
-    per_role_times(&f, rec);
     let (ok, out) = report_green(&f, Duration::from_secs(60));
     let green = f.boot_started.elapsed();
     let total = out
@@ -251,18 +260,22 @@ pub fn bring_up(cfg: &UpConfig, rec: &mut Record, timeout: Duration) -> Result<F
     Ok(f)
 }
 
-/// When each role's last node converged, from the agents' own logs (first `converged` line).
-fn per_role_times(f: &Fleet, rec: &mut Record) {
+/// When each role's last node converged: per node the last `phase=converged` line of its agent
+/// log before the fleet was green (peers converge early without the daemon while the mesh is
+/// not released, then again with it).
+fn per_role_times(f: &Fleet, green: Duration, rec: &mut Record) {
     let mut by_role: BTreeMap<&str, f64> = BTreeMap::new();
     let start = f.boot_started_unix();
+    let end = start + green.as_secs_f64();
     for n in &f.nodes {
-        let log = std::fs::read_to_string(n.root.join("var/log/hiveseed/agent.log"))
-            .unwrap_or_default();
+        let log =
+            std::fs::read_to_string(n.root.join("var/log/hiveseed/agent.log")).unwrap_or_default();
         let at = log
             .lines()
-            .find(|l| l.contains("phase=converged"))
-            .and_then(|l| l.split_whitespace().next())
-            .and_then(parse_rfc3339);
+            .filter(|l| l.contains("phase=converged"))
+            .filter_map(|l| l.split_whitespace().next().and_then(parse_rfc3339))
+            .filter(|t| *t <= end)
+            .fold(None, |m: Option<f64>, t| Some(m.map_or(t, |m| m.max(t))));
         if let Some(at) = at {
             let e = by_role.entry(n.role.as_str()).or_insert(0.0);
             *e = e.max(at - start);
@@ -318,13 +331,22 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// Files that hold key material by their content: PEM private keys. Raw 32-byte keys (`.priv`)
-/// are recognised by name.
+/// A PEM private key block in text (`-----BEGIN [RSA |EC ]PRIVATE KEY-----`). Binaries are not
+/// text: they may carry the marker as a string constant.
+fn has_pem_key(text: &str) -> bool {
+    text.lines().any(|l| {
+        let l = l.trim();
+        l.starts_with("-----BEGIN ") && l.ends_with("PRIVATE KEY-----")
+    })
+}
+
+/// Files that hold key material: PEM private keys by content (text files only), raw keys by
+/// name (`*.priv`, the agent's `enroll.key`).
 fn holds_private_key(path: &Path, bytes: &[u8]) -> bool {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
     name.ends_with(".priv")
         || name == "enroll.key"
-        || bytes.windows(11).any(|w| w == b"PRIVATE KEY")
+        || std::str::from_utf8(bytes).is_ok_and(has_pem_key)
 }
 
 pub fn secrets(f: &Fleet, rec: &mut Record) -> Result<()> {
@@ -343,7 +365,7 @@ pub fn secrets(f: &Fleet, rec: &mut Record) -> Result<()> {
             .filter(|(_, v)| text.contains(v.as_str()))
             .map(|(k, _)| k.clone())
             .collect();
-        if text.contains("PRIVATE KEY") {
+        if has_pem_key(text) {
             l.push("a PEM private key".into());
         }
         l
@@ -441,7 +463,10 @@ pub fn secrets(f: &Fleet, rec: &mut Record) -> Result<()> {
     // anything with a secret or a private key is 0600/0400 (no group or other bits).
     let mut files = Vec::new();
     for n in &f.nodes {
-        walk(&n.root.parent().unwrap_or(&n.root).join("upper"), &mut files);
+        walk(
+            &n.root.parent().unwrap_or(&n.root).join("upper"),
+            &mut files,
+        );
     }
     walk(&f.campaign_dir, &mut files);
     let mut bad = Vec::new();
@@ -516,7 +541,11 @@ fn set_fleet_value(f: &Fleet, section: &str, key: &str, value: &str) -> Result<(
             out.push('\n');
         }
     }
-    anyhow::ensure!(done, "no {key} under [{section}] in {}", f.fleet_file.display());
+    anyhow::ensure!(
+        done,
+        "no {key} under [{section}] in {}",
+        f.fleet_file.display()
+    );
     std::fs::write(&f.fleet_file, out)?;
     Ok(())
 }
@@ -537,7 +566,8 @@ fn wait_applied(
         for n in names {
             let old = before.get(n).map(|b| b.1).unwrap_or(0);
             if let Some((gen, applied, phase)) = g.get(n) {
-                if *applied > old && applied == gen && phase == "converged" && !when.contains_key(n) {
+                if *applied > old && applied == gen && phase == "converged" && !when.contains_key(n)
+                {
                     when.insert(n.clone(), started.elapsed().as_secs_f64());
                 }
             }
@@ -561,12 +591,13 @@ fn wait_reports(f: &Fleet, deadline: Duration) -> bool {
             .and_then(|s| s.last().copied())
             .unwrap_or(0)
     };
-    let start: BTreeMap<String, u64> = f.nodes.iter().map(|n| (n.name.clone(), last(&n.name))).collect();
+    let start: BTreeMap<String, u64> = f
+        .nodes
+        .iter()
+        .map(|n| (n.name.clone(), last(&n.name)))
+        .collect();
     poll(deadline, || {
-        start
-            .iter()
-            .all(|(n, s)| last(n) >= s + 2)
-            .then_some(())
+        start.iter().all(|(n, s)| last(n) >= s + 2).then_some(())
     })
     .is_some()
 }
@@ -592,7 +623,10 @@ pub fn redeploy(f: &Fleet, rec: &mut Record) -> Result<()> {
     set_fleet_value(f, "federation", "catchup_interval_secs", &new.to_string())?;
     let started = Instant::now();
     let out = f.publish()?;
-    rec.note(format!("redeploy: catchup_interval_secs {current} -> {new}; {}", one_line(&out, 100)));
+    rec.note(format!(
+        "redeploy: catchup_interval_secs {current} -> {new}; {}",
+        one_line(&out, 100)
+    ));
     let when = wait_applied(f, &peers, &before, started, Duration::from_secs(60));
     let slowest = when.values().cloned().fold(0.0, f64::max);
     rec.check(
@@ -652,7 +686,13 @@ pub fn redeploy(f: &Fleet, rec: &mut Record) -> Result<()> {
         moved.is_empty(),
     );
     let (ok, out) = report_green(f, Duration::from_secs(60));
-    rec.check(S, "report green after redeploy", "FAIL=0", fails_of(&out), ok);
+    rec.check(
+        S,
+        "report green after redeploy",
+        "FAIL=0",
+        fails_of(&out),
+        ok,
+    );
 
     // No-op publish: nothing anywhere.
     let before = generations(&f.status()?);
@@ -710,7 +750,15 @@ fn cert_fingerprint(pem_path: &Path) -> Option<String> {
 /// when TLS refuses.
 fn mtls_health(ca: &Path, cert: &Path, key: &Path, ip: std::net::Ipv4Addr, port: u16) -> String {
     let out = std::process::Command::new("curl")
-        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10"])
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+        ])
         .arg("--cacert")
         .arg(ca)
         .arg("--cert")
@@ -760,47 +808,68 @@ pub fn replace(f: &Fleet, rec: &mut Record, timeout: Duration) -> Result<()> {
 
     let started = Instant::now();
     f.replace_node(&victim)?;
-    let converged = f.wait_converged(timeout);
+    // The new disk enrolls with a new key and gets a new client certificate.
+    let new_pem = v.root.join("etc/ai-memory/tls/client.pem");
+    let new_fp = poll(timeout, || {
+        cert_fingerprint(&new_pem).filter(|fp| *fp != old_fp)
+    })
+    .unwrap_or_default();
     rec.check(
         S,
-        format!("{victim} re-enrolled, fleet converged"),
-        "every node converged",
-        match &converged {
-            Ok(_) => format!("{:.1}s after the new disk booted", started.elapsed().as_secs_f64()),
-            Err(e) => one_line(&format!("{e:#}"), 300),
-        },
-        converged.is_ok(),
-    );
-    let new_fp = cert_fingerprint(&v.root.join("etc/ai-memory/tls/client.pem")).unwrap_or_default();
-    rec.check(
-        S,
-        "new client certificate",
+        format!("{victim} re-enrolled with a new client certificate"),
         "a fingerprint other than the old one",
-        format!("{}… (old {}…)", &new_fp.get(..12).unwrap_or(""), &old_fp.get(..12).unwrap_or("")),
-        !new_fp.is_empty() && new_fp != old_fp,
+        format!(
+            "{}… (old {}…) after {:.1}s",
+            new_fp.get(..12).unwrap_or(""),
+            old_fp.get(..12).unwrap_or(""),
+            started.elapsed().as_secs_f64()
+        ),
+        !new_fp.is_empty(),
     );
-    let mut stale = Vec::new();
-    for p in &peers {
-        if p.name == victim {
-            continue;
-        }
-        let list = std::fs::read_to_string(p.root.join("etc/ai-memory/tls/mtls-allowlist.txt"))
-            .unwrap_or_default()
-            .to_lowercase();
-        if !list.contains(&new_fp) || list.contains(&old_fp) {
-            stale.push(p.name.clone());
-        }
-    }
+    // Every other peer's allowlist converges: the new fingerprint in, the old one out.
+    let stale_now = || -> Vec<String> {
+        peers
+            .iter()
+            .filter(|p| p.name != victim)
+            .filter(|p| {
+                let list =
+                    std::fs::read_to_string(p.root.join("etc/ai-memory/tls/mtls-allowlist.txt"))
+                        .unwrap_or_default()
+                        .to_lowercase();
+                new_fp.is_empty() || !list.contains(&new_fp) || list.contains(&old_fp)
+            })
+            .map(|p| p.name.clone())
+            .collect()
+    };
+    let allowlists = poll(timeout, || stale_now().is_empty().then_some(()));
+    let stale = stale_now();
     rec.check(
         S,
         "every other peer's allowlist: new in, old out",
         format!("{} peers", peers.len() - 1),
-        if stale.is_empty() {
-            "all converged".into()
+        if allowlists.is_some() {
+            format!(
+                "all converged after {:.1}s",
+                started.elapsed().as_secs_f64()
+            )
         } else {
             format!("stale: {stale:?}")
         },
-        stale.is_empty(),
+        allowlists.is_some(),
+    );
+    let converged = f.wait_converged(timeout);
+    rec.check(
+        S,
+        "fleet converged after the replacement",
+        "every node converged",
+        match &converged {
+            Ok(_) => format!(
+                "{:.1}s after the new disk booted",
+                started.elapsed().as_secs_f64()
+            ),
+            Err(e) => one_line(&format!("{e:#}"), 300),
+        },
+        converged.is_ok(),
     );
     let after = mtls_health(
         &keep.join("ca.pem"),
@@ -818,7 +887,13 @@ pub fn replace(f: &Fleet, rec: &mut Record, timeout: Duration) -> Result<()> {
     );
     let _ = std::fs::remove_dir_all(&keep);
     let (ok, out) = report_green(f, Duration::from_secs(90));
-    rec.check(S, "report green after replace", "FAIL=0", fails_of(&out), ok);
+    rec.check(
+        S,
+        "report green after replace",
+        "FAIL=0",
+        fails_of(&out),
+        ok,
+    );
     Ok(())
 }
 
@@ -836,7 +911,12 @@ pub fn agent_killed(f: &Fleet, rec: &mut Record) -> Result<()> {
         .find_map(|l| l.trim().strip_prefix("catchup_interval_secs"))
         .and_then(|v| v.trim().trim_start_matches('=').trim().parse().ok())
         .unwrap_or(5);
-    set_fleet_value(f, "federation", "catchup_interval_secs", &(current + 1).to_string())?;
+    set_fleet_value(
+        f,
+        "federation",
+        "catchup_interval_secs",
+        &(current + 1).to_string(),
+    )?;
     f.publish()?;
     // Kill it as soon as it works on the new generation (its log says so).
     let log = f.node(&victim)?.root.join("var/log/hiveseed/agent.log");
@@ -874,7 +954,7 @@ pub fn agent_killed(f: &Fleet, rec: &mut Record) -> Result<()> {
     f.start_agent(&victim)?;
     let when = wait_applied(
         f,
-        &[victim.clone()],
+        std::slice::from_ref(&victim),
         &before,
         Instant::now(),
         Duration::from_secs(120),
@@ -895,7 +975,13 @@ pub fn agent_killed(f: &Fleet, rec: &mut Record) -> Result<()> {
         n == 1,
     );
     let (ok, out) = report_green(f, Duration::from_secs(90));
-    rec.check(S, "report green after the agent kill", "FAIL=0", fails_of(&out), ok);
+    rec.check(
+        S,
+        "report green after the agent kill",
+        "FAIL=0",
+        fails_of(&out),
+        ok,
+    );
     Ok(())
 }
 
@@ -932,7 +1018,13 @@ pub fn pg_rebooted(f: &Fleet, rec: &mut Record) -> Result<()> {
     );
     // Peers reconnect: the pg node's own check sees >= 1 TLS backend of ai_memory again.
     let (ok, out) = report_green(f, Duration::from_secs(120));
-    rec.check(S, "peers reconnected, report green", "FAIL=0", fails_of(&out), ok);
+    rec.check(
+        S,
+        "peers reconnected, report green",
+        "FAIL=0",
+        fails_of(&out),
+        ok,
+    );
     Ok(())
 }
 
@@ -1015,6 +1107,111 @@ pub fn seeder_killed(cfg: &UpConfig, rec: &mut Record, timeout: Duration) -> Res
         gaps.is_empty() && drained,
     );
     let (ok, out) = report_green(&f, Duration::from_secs(90));
-    rec.check(S, "report green after the seeder kill", "FAIL=0", fails_of(&out), ok);
+    rec.check(
+        S,
+        "report green after the seeder kill",
+        "FAIL=0",
+        fails_of(&out),
+        ok,
+    );
     Ok(f)
+}
+
+// ---- the fleet suite --------------------------------------------------------------------
+
+/// `seeder test` (every group) over the mesh: one check per group (PASS when the group has no
+/// FAIL), each failed probe listed, SKIPs with their reasons noted (never counted as PASS).
+pub fn suite(f: &Fleet, rec: &mut Record) -> Result<()> {
+    const S: &str = "suite";
+    let started = Instant::now();
+    let out = f
+        .seeder_cmd(&["test"])
+        .output()
+        .map_err(|e| anyhow::anyhow!("seeder test: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    std::fs::write(
+        f.lab.dir().join("seeder-test.txt"),
+        format!("{stdout}{stderr}"),
+    )?;
+    let report = std::fs::read_dir(f.campaign_dir.join("reports"))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("test-") && n.ends_with(".json"))
+        })
+        .max();
+    let Some(report) = report else {
+        rec.check(
+            S,
+            "seeder test wrote a report",
+            "reports/test-*.json",
+            one_line(&stderr, 200),
+            false,
+        );
+        return Ok(());
+    };
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&report)?)?;
+    let checks = json["checks"].as_array().cloned().unwrap_or_default();
+    let mut groups: BTreeMap<String, (usize, usize, usize)> = BTreeMap::new();
+    for c in &checks {
+        let g = groups
+            .entry(c["group"].as_str().unwrap_or("?").to_owned())
+            .or_default();
+        match c["status"].as_str() {
+            Some("PASS") => g.0 += 1,
+            Some("FAIL") => g.1 += 1,
+            _ => g.2 += 1,
+        }
+    }
+    for (group, (pass, fail, skip)) in &groups {
+        let failed: Vec<String> = checks
+            .iter()
+            .filter(|c| c["group"] == group.as_str() && c["status"] == "FAIL")
+            .map(|c| {
+                format!(
+                    "{}: expected {} got {}",
+                    c["test"].as_str().unwrap_or("?"),
+                    c["expected"].as_str().unwrap_or("?"),
+                    one_line(c["got"].as_str().unwrap_or("?"), 80)
+                )
+            })
+            .collect();
+        rec.check(
+            S,
+            format!("seeder test --group {group}"),
+            "no FAIL",
+            if failed.is_empty() {
+                format!("PASS={pass} SKIP={skip}")
+            } else {
+                format!("PASS={pass} FAIL={fail} SKIP={skip}: {}", failed.join("; "))
+            },
+            *fail == 0 && *pass > 0,
+        );
+        for c in checks
+            .iter()
+            .filter(|c| c["group"] == group.as_str() && c["status"] == "SKIP")
+        {
+            rec.note(format!(
+                "suite: SKIP {group}/{}: {}",
+                c["test"].as_str().unwrap_or("?"),
+                one_line(c["got"].as_str().unwrap_or("?"), 100)
+            ));
+        }
+    }
+    rec.check(
+        S,
+        "seeder test exit status",
+        "0 (no FAIL)",
+        format!(
+            "{} in {:.1}s; {}",
+            out.status,
+            started.elapsed().as_secs_f64(),
+            report.display()
+        ),
+        out.status.success(),
+    );
+    Ok(())
 }
