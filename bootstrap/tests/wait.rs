@@ -339,6 +339,7 @@ async fn postgres_wait_verifies_the_server_name_the_password_and_the_schema() {
         password_file: abs(pwfile),
         ca_path: abs(ca),
         schema: schema.into(),
+        source: None,
     };
     let good = |schema: &str| target("127.0.0.1", "/etc/tls/ca.pem", "/etc/pg-password", schema);
 
