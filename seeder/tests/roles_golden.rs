@@ -27,6 +27,9 @@ use hiveseed_seeder::store::Enrollment;
 const PG_PASSWORD: &str = "GoldenPgPassw0rdGoldenPgPassw0rdGoldenPgPassw0rd";
 const API_KEY: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";
 
+/// The fixture's federation CA seed (the campaign's `federation/do-1461-ca.priv`).
+const FEDERATION_CA_SEED: [u8; 32] = [0x42; 32];
+
 const PG_NODE: &str = "do-1461-pg-nyc3-01";
 const PEER_NODE: &str = "do-1461-peer-nyc3-01";
 
@@ -135,9 +138,17 @@ fn facts(fleet: &Fleet) -> FleetFacts {
             ),
         ]
         .into(),
+        federation: federation_issuer(fleet).public().clone(),
         mesh_released: true,
         placeholder_artifacts: false,
     }
+}
+
+fn federation_issuer(fleet: &Fleet) -> hiveseed_seeder::credential::Issuer {
+    hiveseed_seeder::credential::Issuer::new(
+        ed25519_dalek::SigningKey::from_bytes(&FEDERATION_CA_SEED),
+        &fleet.campaign,
+    )
 }
 
 fn render_with(fleet: &Fleet, roles: &RoleTree, facts: &FleetFacts, node: &str) -> Vec<Resource> {
@@ -183,6 +194,7 @@ fn text_of<'a>(res: &'a [Resource], id: &str) -> &'a str {
         Resource::File(f) => match &f.content {
             FileContent::Text { text } => text,
             FileContent::Artifact { .. } => panic!("{id} is an artifact"),
+            FileContent::Base64 { .. } => panic!("{id} is binary"),
         },
         Resource::Service(s) => &s.unit_text,
         other => panic!("{id} is a {}", other.kind()),

@@ -12,8 +12,8 @@ use hiveseed_bootstrap::host::fake::FakeHost;
 use hiveseed_bootstrap::resources::BoxFuture;
 use hiveseed_bootstrap::{
     apply, observe, plan, ApplyEnv, ApplyEvent, ApplySettings, ApplySummary, ArtifactFetcher,
-    CertSigner, FetchError, Host, NodeReadiness, ObserveEnv, Plan, PlanContext, ReadinessError,
-    SignError, Supervisor, WaitPolicy,
+    CertSigner, CredentialIssuer, FetchError, Host, NodeReadiness, ObserveEnv, Plan, PlanContext,
+    ReadinessError, SignError, Supervisor, WaitPolicy,
 };
 use hiveseed_proto::manifest::{CertificatePurpose, MANIFEST_VERSION};
 use hiveseed_proto::{Generation, Manifest, NodeName, Resource, Sha256};
@@ -194,6 +194,7 @@ pub struct Env<'a> {
     pub host: &'a dyn Host,
     pub fetcher: &'a dyn ArtifactFetcher,
     pub signer: &'a dyn CertSigner,
+    pub issuer: &'a dyn CredentialIssuer,
     pub readiness: &'a dyn NodeReadiness,
     pub supervisor: Option<&'a Supervisor>,
 }
@@ -204,6 +205,7 @@ impl<'a> Env<'a> {
             host,
             fetcher: &hiveseed_bootstrap::Unavailable,
             signer: &hiveseed_bootstrap::Unavailable,
+            issuer: &hiveseed_bootstrap::Unavailable,
             readiness: &hiveseed_bootstrap::Unavailable,
             supervisor: None,
         }
@@ -232,6 +234,7 @@ impl<'a> Env<'a> {
             node: &node,
             fetcher: self.fetcher,
             signer: self.signer,
+            issuer: self.issuer,
             readiness: self.readiness,
             supervisor: self.supervisor,
             settings: ApplySettings {
