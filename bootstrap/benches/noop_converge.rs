@@ -87,6 +87,7 @@ async fn converge(root: &Path, m: &Manifest) -> usize {
         node: &node,
         fetcher: &Unavailable,
         signer: &Unavailable,
+        issuer: &Unavailable,
         readiness: &Unavailable,
         supervisor: None,
         settings: ApplySettings::default(),

@@ -503,6 +503,7 @@ impl Agent {
                 node: &node,
                 fetcher: &client,
                 signer: &client,
+                issuer: &client,
                 readiness: &client,
                 supervisor: supervisor.as_ref(),
                 settings: ApplySettings::default(),

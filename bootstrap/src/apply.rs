@@ -12,8 +12,8 @@ use crate::host::Host;
 use crate::plan::{Action, Plan};
 use crate::resources::wait::{self, WaitPolicy};
 use crate::resources::{
-    certificate, command, directory, file, package, service, user, ArtifactFetcher, CertSigner,
-    NodeReadiness, ResourceError,
+    certificate, command, directory, federation, file, package, service, user, ArtifactFetcher,
+    CertSigner, CredentialIssuer, NodeReadiness, ResourceError,
 };
 use crate::supervisor::Supervisor;
 
@@ -40,6 +40,7 @@ pub struct ApplyEnv<'a> {
     pub node: &'a NodeName,
     pub fetcher: &'a dyn ArtifactFetcher,
     pub signer: &'a dyn CertSigner,
+    pub issuer: &'a dyn CredentialIssuer,
     pub readiness: &'a dyn NodeReadiness,
     /// Required when the plan starts services without systemd.
     pub supervisor: Option<&'a Supervisor>,
@@ -200,6 +201,37 @@ async fn run(action: &Action, env: &ApplyEnv<'_>) -> Result<(), ResourceError> {
                 key_path,
                 cert_path,
                 owner.as_ref(),
+            )
+            .await?
+        }
+        Action::GenerateFederationKey {
+            key_dir,
+            key_path,
+            pub_path,
+            owner,
+        } => federation::generate_key(host, key_dir, key_path, pub_path, owner.as_ref())?,
+        Action::WriteFederationPub {
+            key_path,
+            pub_path,
+            owner,
+        } => federation::write_public(host, key_path, pub_path, owner.as_ref())?,
+        Action::RequestCredential {
+            fed_id,
+            key_path,
+            credential_path,
+            issuer,
+            owner,
+            reason: _,
+        } => {
+            federation::request_credential(
+                host,
+                env.issuer,
+                fed_id,
+                key_path,
+                credential_path,
+                issuer,
+                owner.as_ref(),
+                crate::plan::PlanContext::now().now,
             )
             .await?
         }

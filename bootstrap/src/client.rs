@@ -6,14 +6,16 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use hiveseed_proto::api::{
-    ApiError, CertRequest, CertResponse, EnrollRequest, EnrollResponse, ErrorKind, Readiness,
+    ApiError, CertRequest, CertResponse, CredentialRequest, CredentialResponse, EnrollRequest,
+    EnrollResponse, ErrorKind, Readiness,
 };
 use hiveseed_proto::manifest::CertificatePurpose;
 use hiveseed_proto::status::StatusReport;
 use hiveseed_proto::{Manifest, NodeName, Sha256, SignedEnvelope};
 
 use crate::resources::{
-    ArtifactFetcher, BoxFuture, CertSigner, FetchError, NodeReadiness, ReadinessError, SignError,
+    ArtifactFetcher, BoxFuture, CertSigner, CredentialIssuer, FetchError, NodeReadiness,
+    ReadinessError, SignError,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -268,6 +270,15 @@ impl SeederClient {
         Ok(r.cert_chain_pem)
     }
 
+    /// A zero-touch federation credential for the node's own key (only its public half is sent).
+    pub async fn credential(
+        &self,
+        req: &CredentialRequest,
+    ) -> Result<CredentialResponse, ClientError> {
+        self.post_mtls("/v1/credential", req, Duration::from_secs(30))
+            .await
+    }
+
     /// Renews the node's own identity certificate.
     pub async fn renew_identity(&self, csr_pem: &str) -> Result<String, ClientError> {
         let body = serde_json::json!({ "csr_pem": csr_pem });
@@ -343,6 +354,20 @@ impl CertSigner for SeederClient {
                     retryable: e.retryable(),
                     message: e.to_string(),
                 })
+        })
+    }
+}
+
+impl CredentialIssuer for SeederClient {
+    fn issue<'a>(
+        &'a self,
+        req: &'a CredentialRequest,
+    ) -> BoxFuture<'a, Result<CredentialResponse, SignError>> {
+        Box::pin(async move {
+            self.credential(req).await.map_err(|e| SignError {
+                retryable: e.retryable(),
+                message: e.to_string(),
+            })
         })
     }
 }

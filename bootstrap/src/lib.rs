@@ -18,13 +18,13 @@ pub mod unit;
 pub use apply::{apply, ApplyEnv, ApplyError, ApplyEvent, ApplySettings, ApplySummary};
 pub use host::{Host, HostError, RealHost};
 pub use plan::{
-    observe, observe_manager, plan, Action, ObserveEnv, ObserveError, Observed, Plan, PlanContext,
-    PlanError, ServiceManager, Step,
+    observe, observe_manager, plan, Action, CredentialReason, ObserveEnv, ObserveError, Observed,
+    Plan, PlanContext, PlanError, ServiceManager, Step,
 };
 pub use resources::check::{run_checks, CheckEnv};
 pub use resources::wait::WaitPolicy;
 pub use resources::{
-    ArtifactFetcher, BoxFuture, CertSigner, FetchError, NodeReadiness, ReadinessError,
-    ResourceError, SignError, Unavailable,
+    ArtifactFetcher, BoxFuture, CertSigner, CredentialIssuer, FetchError, NodeReadiness,
+    ReadinessError, ResourceError, SignError, Unavailable,
 };
 pub use supervisor::{Supervisor, SupervisorError, SupervisorSettings};

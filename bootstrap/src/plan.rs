@@ -7,14 +7,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
-use hiveseed_proto::manifest::{CertificatePurpose, FileContent, Ownership, WaitTarget};
+use hiveseed_proto::credential::CredentialError;
+use hiveseed_proto::manifest::{
+    CertificatePurpose, FederationIssuer, FileContent, Ownership, WaitTarget,
+};
 use hiveseed_proto::{
-    AbsPath, FileMode, Generation, Manifest, NodeName, Resource, ResourceId, Sha256,
+    AbsPath, FedId, FileMode, Generation, Manifest, NodeName, Resource, ResourceId, Sha256,
 };
 
 use crate::host::{display_argv, Host, HostError, Sensitive};
 use crate::resources::{
-    certificate, command, directory, file, package, service, user, wait, NodeReadiness,
+    certificate, command, directory, federation, file, package, service, user, wait, NodeReadiness,
 };
 use crate::supervisor::Supervisor;
 use crate::unit::UnitError;
@@ -67,7 +70,8 @@ impl fmt::Display for InstallPin {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Content {
-    /// Inline text from the manifest; `Sensitive` so no Debug ever prints it.
+    /// Inline content from the manifest (text, or base64-decoded bytes); `Sensitive` so no Debug
+    /// ever prints it.
     Text(Sensitive),
     Artifact {
         sha256: Sha256,
@@ -83,6 +87,35 @@ pub enum CertReason {
     KeyMismatch,
     /// Past 2/3 of its lifetime.
     Renew,
+}
+
+/// Why a federation credential is requested.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialReason {
+    /// The key is not there (yet): it is generated earlier in the same apply.
+    NoKey,
+    Missing,
+    Unreadable(CredentialError),
+    /// Not the manifest's issuer's, for its trust domain, under its key.
+    NotTrusted(CredentialError),
+    OtherIdentity,
+    OtherKey,
+    /// Past 2/3 of its lifetime (or expired).
+    Renew,
+}
+
+impl fmt::Display for CredentialReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CredentialReason::NoKey => f.write_str("new key"),
+            CredentialReason::Missing => f.write_str("missing"),
+            CredentialReason::Unreadable(e) => write!(f, "unreadable: {e}"),
+            CredentialReason::NotTrusted(e) => write!(f, "not the campaign issuer's: {e}"),
+            CredentialReason::OtherIdentity => f.write_str("for another identity"),
+            CredentialReason::OtherKey => f.write_str("for another key"),
+            CredentialReason::Renew => f.write_str("past 2/3 of its lifetime"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,6 +181,27 @@ pub enum Action {
         cert_path: AbsPath,
         owner: Option<Ownership>,
         reason: CertReason,
+    },
+    /// A new Ed25519 seed at `key_path` (0400) and its public half at `pub_path` (0444).
+    GenerateFederationKey {
+        key_dir: AbsPath,
+        key_path: AbsPath,
+        pub_path: AbsPath,
+        owner: Option<Ownership>,
+    },
+    /// `.pub` rewritten from the seed at `key_path`.
+    WriteFederationPub {
+        key_path: AbsPath,
+        pub_path: AbsPath,
+        owner: Option<Ownership>,
+    },
+    RequestCredential {
+        fed_id: FedId,
+        key_path: AbsPath,
+        credential_path: AbsPath,
+        issuer: FederationIssuer,
+        owner: Option<Ownership>,
+        reason: CredentialReason,
     },
     RunCommand {
         argv: Vec<String>,
@@ -248,6 +302,34 @@ impl fmt::Display for Action {
                     CertReason::KeyMismatch => "does not match the key",
                     CertReason::Renew => "past 2/3 of its lifetime",
                 }
+            ),
+            Action::GenerateFederationKey {
+                key_path,
+                pub_path,
+                owner,
+                ..
+            } => write!(
+                f,
+                "generate Ed25519 federation key {key_path} 0400 and {pub_path} 0444{}",
+                owner_str(owner)
+            ),
+            Action::WriteFederationPub {
+                key_path,
+                pub_path,
+                owner,
+            } => write!(
+                f,
+                "write {pub_path} 0444{} (public half of {key_path})",
+                owner_str(owner)
+            ),
+            Action::RequestCredential {
+                fed_id,
+                credential_path,
+                reason,
+                ..
+            } => write!(
+                f,
+                "request federation credential {credential_path} for {fed_id} ({reason})"
             ),
             Action::RunCommand {
                 argv,
@@ -364,6 +446,8 @@ pub enum Observation {
     File(file::Observed),
     User(user::Observed),
     Certificate(certificate::Observed),
+    FederationKey(federation::KeyObserved),
+    FederationCredential(federation::CredentialObserved),
     Command(command::Observed),
     Service(service::Observed),
     Wait(wait::Observed),
@@ -510,6 +594,12 @@ pub async fn observe(manifest: &Manifest, env: &ObserveEnv<'_>) -> Result<Observ
             Resource::Certificate(c) => Observation::Certificate(
                 certificate::observe(env.host, &mut owners, c).map_err(err)?,
             ),
+            Resource::FederationKey(k) => Observation::FederationKey(
+                federation::observe_key(env.host, &mut owners, k).map_err(err)?,
+            ),
+            Resource::FederationCredential(c) => Observation::FederationCredential(
+                federation::observe_credential(env.host, &mut owners, c).map_err(err)?,
+            ),
             Resource::Command(c) => {
                 Observation::Command(command::observe(env.host, c).map_err(err)?)
             }
@@ -548,6 +638,12 @@ pub fn plan(
             (Resource::User(u), Observation::User(o)) => user::plan(u, o)?,
             (Resource::Certificate(c), Observation::Certificate(o)) => {
                 certificate::plan(c, o, ctx.now)?
+            }
+            (Resource::FederationKey(k), Observation::FederationKey(o)) => {
+                federation::plan_key(k, o)?
+            }
+            (Resource::FederationCredential(c), Observation::FederationCredential(o)) => {
+                federation::plan_credential(c, o, ctx.now)?
             }
             (Resource::Command(c), Observation::Command(o)) => {
                 let refresh = referenced(&id, "refresh_on", &c.refresh_on, &earlier, &changing)?;
@@ -610,5 +706,6 @@ pub(crate) fn content_of(c: &FileContent) -> Content {
             sha256: *sha256,
             size: *size,
         },
+        FileContent::Base64 { base64 } => Content::Text(Sensitive(base64.as_bytes().to_vec())),
     }
 }

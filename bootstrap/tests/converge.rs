@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use hiveseed_bootstrap::plan::{Action, CertReason, RunReason};
+use hiveseed_bootstrap::plan::{Action, CertReason, CredentialReason, RunReason};
 use hiveseed_bootstrap::{
     observe, plan, run_checks, ApplyEvent, CheckEnv, Host, ObserveEnv, PlanContext, PlanError,
     RealHost, ServiceManager, Supervisor, SupervisorSettings,
@@ -123,6 +123,7 @@ async fn package_update_only_when_a_candidate_is_missing() {
         node: &node,
         fetcher: &hiveseed_bootstrap::Unavailable,
         signer: &hiveseed_bootstrap::Unavailable,
+        issuer: &hiveseed_bootstrap::Unavailable,
         readiness: &hiveseed_bootstrap::Unavailable,
         supervisor: None,
         settings: Default::default(),
@@ -250,6 +251,7 @@ async fn a_corrupted_artifact_is_refused_before_it_is_written() {
         node: &node,
         fetcher: &fetcher,
         signer: &hiveseed_bootstrap::Unavailable,
+        issuer: &hiveseed_bootstrap::Unavailable,
         readiness: &hiveseed_bootstrap::Unavailable,
         supervisor: None,
         settings: Default::default(),
@@ -519,6 +521,7 @@ async fn failing_command_with_secret_stdin_keeps_the_secret_out_of_the_error() {
         node: &node,
         fetcher: &hiveseed_bootstrap::Unavailable,
         signer: &hiveseed_bootstrap::Unavailable,
+        issuer: &hiveseed_bootstrap::Unavailable,
         readiness: &hiveseed_bootstrap::Unavailable,
         supervisor: None,
         settings: Default::default(),
@@ -800,4 +803,238 @@ async fn checks_report_pass_fail_and_why() {
     assert!(records[3].got.contains("cannot run"), "{}", records[3].got);
     assert_eq!(records[5].got, "inactive");
     assert!(records.iter().all(|r| r.node == node));
+}
+
+const FED_ID: &str = "do-1461/nyc3/do-1461-peer-nyc3-01";
+
+fn federation_manifest(issuer: &TestIssuer) -> hiveseed_proto::Manifest {
+    let owner = json!({"owner": "postgres", "group": "postgres"});
+    manifest(vec![
+        res(
+            json!({"kind": "federation_key", "id": "key:federation", "fed_id": FED_ID,
+            "key_dir": "/etc/ai-memory/keys", "owner": owner}),
+        ),
+        res(
+            json!({"kind": "federation_credential", "id": "credential:federation",
+            "fed_id": FED_ID, "key_dir": "/etc/ai-memory/keys",
+            "credential_path": "/etc/ai-memory/credential", "issuer": issuer.public,
+            "owner": owner}),
+        ),
+    ])
+}
+
+/// Every encoding of a secret a log line, request body or database could carry it in.
+fn encodings(secret: &[u8]) -> Vec<Vec<u8>> {
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+    use base64::Engine;
+    vec![
+        secret.to_vec(),
+        hex::encode(secret).into_bytes(),
+        hex::encode_upper(secret).into_bytes(),
+        STANDARD.encode(secret).into_bytes(),
+        STANDARD_NO_PAD.encode(secret).into_bytes(),
+        URL_SAFE.encode(secret).into_bytes(),
+        URL_SAFE_NO_PAD.encode(secret).into_bytes(),
+    ]
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn credential_plan_reason(p: &hiveseed_bootstrap::Plan) -> Option<CredentialReason> {
+    p.actions().find_map(|a| match a {
+        Action::RequestCredential { reason, .. } => Some(*reason),
+        _ => None,
+    })
+}
+
+#[tokio::test]
+async fn federation_key_stays_on_node_and_credential_renews_at_two_thirds() {
+    let root = temp_root();
+    let host = RealHost::new(root.path()).unwrap();
+    let issuer = TestIssuer::new();
+    let m = federation_manifest(&issuer);
+    let mut env = Env::new(&host);
+    env.issuer = &issuer;
+    let (first, _) = env.converge(&m).await;
+    let actions: Vec<&Action> = first.actions().collect();
+    assert!(
+        matches!(
+            actions[..],
+            [
+                Action::GenerateFederationKey { .. },
+                Action::RequestCredential {
+                    reason: CredentialReason::NoKey,
+                    ..
+                }
+            ]
+        ),
+        "{first}"
+    );
+
+    // ai-memory's layout: nested directories for the slashed id, raw 32-byte seed and public key.
+    let p = |rel: &str| root.path().join(rel);
+    let priv_path = p("etc/ai-memory/keys/do-1461/nyc3/do-1461-peer-nyc3-01.priv");
+    let pub_path = p("etc/ai-memory/keys/do-1461/nyc3/do-1461-peer-nyc3-01.pub");
+    let cred_path = p("etc/ai-memory/credential");
+    let meta = |path: &std::path::Path| {
+        let m = std::fs::metadata(path).unwrap();
+        (m.mode() & 0o7777, m.uid(), m.gid())
+    };
+    assert_eq!(meta(&priv_path), (0o400, 101, 104));
+    assert_eq!(meta(&pub_path), (0o444, 101, 104));
+    assert_eq!(meta(&cred_path), (0o400, 101, 104));
+    for d in [
+        "etc/ai-memory/keys",
+        "etc/ai-memory/keys/do-1461",
+        "etc/ai-memory/keys/do-1461/nyc3",
+    ] {
+        assert_eq!(meta(&p(d)), (0o700, 101, 104), "{d}");
+    }
+    let seed: [u8; 32] = std::fs::read(&priv_path).unwrap().try_into().unwrap();
+    let public = ed25519_dalek::SigningKey::from_bytes(&seed).verifying_key();
+    assert_eq!(std::fs::read(&pub_path).unwrap(), public.as_bytes());
+
+    // The credential is the campaign CA's, for this identity and this key.
+    let text = std::fs::read_to_string(&cred_path).unwrap();
+    let trusted = [(
+        issuer.public.id.as_str(),
+        issuer.public.public_key.verifying_key(),
+    )];
+    let claims =
+        hiveseed_proto::credential::verify(&text, &trusted, Some("do-1461.fleet"), unix_now())
+            .unwrap();
+    assert_eq!(claims.subject_agent_id, FED_ID);
+    assert_eq!(claims.subject_pubkey, public.to_bytes());
+
+    // Only the public half went out: the one request carries no encoding of the seed.
+    {
+        let requests = issuer.requests.lock().unwrap();
+        assert_eq!(requests.len(), 1);
+        let req: hiveseed_proto::api::CredentialRequest =
+            serde_json::from_str(&requests[0]).unwrap();
+        assert_eq!(req.subject_pubkey.to_bytes(), public.to_bytes());
+        assert_eq!(req.fed_id.as_str(), FED_ID);
+        for e in encodings(&seed) {
+            assert!(
+                !contains(requests[0].as_bytes(), &e),
+                "the seed left the node"
+            );
+        }
+    }
+
+    // Past 2/3 of its lifetime (or expired, or from another CA): renewed, same key, nothing else.
+    let other_ca = TestIssuer::new();
+    for (what, stale) in [
+        (
+            "past 2/3",
+            issuer.mint_for(FED_ID, public.to_bytes(), 2500, 3600),
+        ),
+        (
+            "expired",
+            issuer.mint_for(FED_ID, public.to_bytes(), 7200, 3600),
+        ),
+        (
+            "another CA's",
+            other_ca.mint_for(FED_ID, public.to_bytes(), 0, 3600),
+        ),
+        (
+            "another identity's",
+            issuer.mint_for("do-1461/nyc3/x", public.to_bytes(), 0, 3600),
+        ),
+    ] {
+        std::fs::write(&cred_path, &stale).unwrap();
+        let due = env.plan(&m).await;
+        assert_eq!(due.changing().count(), 1, "{what}: {due}");
+        assert!(credential_plan_reason(&due).is_some(), "{what}: {due}");
+        env.apply(&due).await;
+        assert!(env.plan(&m).await.is_empty(), "{what}");
+        let renewed = std::fs::read_to_string(&cred_path).unwrap();
+        assert_ne!(renewed, stale, "{what}");
+        hiveseed_proto::credential::verify(&renewed, &trusted, Some("do-1461.fleet"), unix_now())
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(meta(&cred_path), (0o400, 101, 104), "{what}");
+    }
+    assert_eq!(
+        std::fs::read(&priv_path).unwrap(),
+        seed,
+        "renewal keeps the key"
+    );
+    assert_eq!(issuer.requests.lock().unwrap().len(), 5);
+
+    // Loosened modes are restored without a new credential.
+    std::fs::set_permissions(&priv_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let fix = env.plan(&m).await;
+    assert!(
+        matches!(
+            fix.actions().collect::<Vec<_>>()[..],
+            [Action::Chmod { .. }]
+        ),
+        "{fix}"
+    );
+    env.apply(&fix).await;
+    assert_eq!(meta(&priv_path).0, 0o400);
+
+    // A stale .pub is rewritten from the seed; the credential stays.
+    let cred_before = std::fs::read(&cred_path).unwrap();
+    std::fs::write(&pub_path, [0u8; 32]).unwrap();
+    let fix = env.plan(&m).await;
+    assert!(
+        matches!(
+            fix.actions().collect::<Vec<_>>()[..],
+            [Action::WriteFederationPub { .. }]
+        ),
+        "{fix}"
+    );
+    env.apply(&fix).await;
+    assert_eq!(std::fs::read(&pub_path).unwrap(), public.as_bytes());
+    assert_eq!(std::fs::read(&cred_path).unwrap(), cred_before);
+
+    // A lost key: a new one, and a credential for it.
+    std::fs::remove_file(&priv_path).unwrap();
+    let regen = env.plan(&m).await;
+    assert_eq!(
+        credential_plan_reason(&regen),
+        Some(CredentialReason::NoKey),
+        "{regen}"
+    );
+    env.apply(&regen).await;
+    assert!(env.plan(&m).await.is_empty());
+    let new_seed = std::fs::read(&priv_path).unwrap();
+    assert_ne!(new_seed, seed);
+    let new_public = ed25519_dalek::SigningKey::from_bytes(&new_seed.try_into().unwrap())
+        .verifying_key()
+        .to_bytes();
+    let claims = hiveseed_proto::credential::verify(
+        &std::fs::read_to_string(&cred_path).unwrap(),
+        &trusted,
+        None,
+        unix_now(),
+    )
+    .unwrap();
+    assert_eq!(claims.subject_pubkey, new_public);
+
+    // A seeder answering with a credential for another key is refused; nothing is written.
+    std::fs::write(&cred_path, issuer.mint_for(FED_ID, new_public, 3000, 3600)).unwrap();
+    let before = std::fs::read(&cred_path).unwrap();
+    *issuer.substitute.lock().unwrap() = Some(public.to_bytes());
+    let due = env.plan(&m).await;
+    let node = node();
+    let apply_env = hiveseed_bootstrap::ApplyEnv {
+        host: &host,
+        node: &node,
+        fetcher: &hiveseed_bootstrap::Unavailable,
+        signer: &hiveseed_bootstrap::Unavailable,
+        issuer: &issuer,
+        readiness: &hiveseed_bootstrap::Unavailable,
+        supervisor: None,
+        settings: Default::default(),
+    };
+    let err = hiveseed_bootstrap::apply(&due, &apply_env, &mut |_| {})
+        .await
+        .unwrap_err();
+    let msg = format!("{:#}", anyhow::Error::new(err));
+    assert!(msg.contains("credential is for another key"), "{msg}");
+    assert_eq!(std::fs::read(&cred_path).unwrap(), before);
 }

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::envelope::SignedEnvelope;
 use crate::manifest::{CertificatePurpose, Manifest};
-use crate::names::Region;
+use crate::names::{Ed25519PublicKey, FedId, Region};
 
 /// What a node knows about itself: from the DigitalOcean metadata service or a facts file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,6 +45,25 @@ pub struct CertRequest {
 #[serde(deny_unknown_fields)]
 pub struct CertResponse {
     pub cert_chain_pem: String,
+}
+
+/// A zero-touch federation credential for the node's own key (`POST /v1/credential`). Only the
+/// public half travels; `fed_id` is what the node expects, and the seeder refuses any other than
+/// the one it derives from the node's identity certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialRequest {
+    pub fed_id: FedId,
+    pub subject_pubkey: Ed25519PublicKey,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialResponse {
+    /// `v1=<base64(CBOR)>`, the file content and `X-Memory-Cred` header value.
+    pub credential: String,
+    /// Unix seconds.
+    pub not_after: i64,
 }
 
 /// Whether a node has reached a readiness gate (`GET /v1/ready/{node}/{gate}`).

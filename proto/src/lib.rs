@@ -1,7 +1,9 @@
 //! Wire types shared by the `bootstrap` agent and the `seeder`: parsed newtypes, join tokens,
-//! signed envelopes, manifests and status reports. No I/O, no async.
+//! signed envelopes, manifests, status reports and zero-touch federation credentials. No I/O, no
+//! async.
 
 pub mod api;
+pub mod credential;
 pub mod envelope;
 pub mod join;
 pub mod manifest;
@@ -15,8 +17,8 @@ pub use manifest::{
     ManifestError, Resource, VerifiedManifest,
 };
 pub use names::{
-    AbsPath, Campaign, FileMode, Generation, NameError, NodeName, Region, ResourceId, RoleName,
-    Sha256,
+    AbsPath, Base64Bytes, Campaign, Ed25519PublicKey, FedId, FileMode, Generation, IssuerId,
+    NameError, NodeName, Region, ResourceId, RoleName, Sha256, TrustDomain,
 };
 pub use status::{CheckRecord, CheckStatus, Phase, StatusReport};
 pub use token::{JoinClaims, JoinToken, TokenError};

@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::envelope::{canonical_bytes, EnvelopeError, Signable, SignedEnvelope};
 use crate::names::{
-    AbsPath, Campaign, FileMode, Generation, NodeName, Region, ResourceId, RoleName, Sha256,
+    AbsPath, Base64Bytes, Campaign, Ed25519PublicKey, FedId, FileMode, Generation, IssuerId,
+    NameError, NodeName, Region, ResourceId, RoleName, Sha256, TrustDomain,
 };
 
 pub const MANIFEST_VERSION: u8 = 1;
@@ -91,6 +92,8 @@ pub enum Resource {
     File(File),
     User(User),
     Certificate(Certificate),
+    FederationKey(FederationKey),
+    FederationCredential(FederationCredential),
     Command(Command),
     Service(Service),
     Wait(Wait),
@@ -105,6 +108,8 @@ impl Resource {
             Resource::File(r) => &r.id,
             Resource::User(r) => &r.id,
             Resource::Certificate(r) => &r.id,
+            Resource::FederationKey(r) => &r.id,
+            Resource::FederationCredential(r) => &r.id,
             Resource::Command(r) => &r.id,
             Resource::Service(r) => &r.id,
             Resource::Wait(r) => &r.id,
@@ -119,6 +124,8 @@ impl Resource {
             Resource::File(_) => "file",
             Resource::User(_) => "user",
             Resource::Certificate(_) => "certificate",
+            Resource::FederationKey(_) => "federation_key",
+            Resource::FederationCredential(_) => "federation_credential",
             Resource::Command(_) => "command",
             Resource::Service(_) => "service",
             Resource::Wait(_) => "wait",
@@ -208,6 +215,10 @@ pub enum FileContent {
         sha256: Sha256,
         size: u64,
     },
+    /// Binary content carried inline, e.g. a raw 32-byte key for a trust bundle.
+    Base64 {
+        base64: Base64Bytes,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -249,6 +260,72 @@ pub struct Certificate {
     pub key_mode: FileMode,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<Ownership>,
+}
+
+/// Modes of the zero-touch federation files (reference spec §6). ai-memory refuses a `.priv`
+/// with any group or other bit; it reads all three as the daemon's user (the resource's owner).
+pub const FEDERATION_KEY_MODE: u32 = 0o400;
+pub const FEDERATION_PUB_MODE: u32 = 0o444;
+pub const FEDERATION_CREDENTIAL_MODE: u32 = 0o400;
+
+/// A node's zero-touch federation key, generated on the node and never sent anywhere:
+/// `<key_dir>/<fed_id>.priv` (raw 32-byte Ed25519 seed, 0400) and `.pub` next to it (raw 32
+/// bytes, 0444), in nested directories for the slashed id (created 0700, owned like the key) —
+/// the layout ai-memory's signer loads for `--federation-identity` with `AI_MEMORY_KEY_DIR`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationKey {
+    pub id: ResourceId,
+    pub fed_id: FedId,
+    pub key_dir: AbsPath,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Ownership>,
+}
+
+impl FederationKey {
+    pub fn key_path(&self) -> Result<AbsPath, NameError> {
+        federation_key_path(&self.key_dir, &self.fed_id, "priv")
+    }
+
+    pub fn pub_path(&self) -> Result<AbsPath, NameError> {
+        federation_key_path(&self.key_dir, &self.fed_id, "pub")
+    }
+}
+
+fn federation_key_path(dir: &AbsPath, fed_id: &FedId, ext: &str) -> Result<AbsPath, NameError> {
+    dir.join(&format!("{fed_id}.{ext}"))
+}
+
+/// The campaign's federation CA as a node must trust it: the credential's issuer and domain, and
+/// the key its signature must verify under.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationIssuer {
+    pub id: IssuerId,
+    pub trust_domain: TrustDomain,
+    pub public_key: Ed25519PublicKey,
+}
+
+/// A credential (`v1=<base64(CBOR)>`, 0400) binding `fed_id` to the public half of the key at
+/// `<key_dir>/<fed_id>.priv`, signed by `issuer`. Only the public key goes to the seeder, which
+/// picks the subject from the node's identity certificate. Requested when missing, unreadable,
+/// not `issuer`'s, for another identity or key, or past 2/3 of its lifetime.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationCredential {
+    pub id: ResourceId,
+    pub fed_id: FedId,
+    pub key_dir: AbsPath,
+    pub credential_path: AbsPath,
+    pub issuer: FederationIssuer,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Ownership>,
+}
+
+impl FederationCredential {
+    pub fn key_path(&self) -> Result<AbsPath, NameError> {
+        federation_key_path(&self.key_dir, &self.fed_id, "priv")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -668,6 +745,94 @@ mod tests {
         let mut v = serde_json::to_value(manifest(1)).unwrap();
         v["resources"][1]["surprise"] = true.into();
         assert!(serde_json::from_value::<Manifest>(v).is_err());
+    }
+
+    fn federation_credential_json() -> serde_json::Value {
+        serde_json::json!({
+            "kind": "federation_credential",
+            "id": "credential:federation",
+            "fed_id": "do-1461/nyc3/do-1461-peer-nyc3-01",
+            "key_dir": "/etc/ai-memory/keys",
+            "credential_path": "/etc/ai-memory/credential",
+            "issuer": {
+                "id": "do-1461-ca",
+                "trust_domain": "do-1461.fleet",
+                "public_key": "11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=",
+            },
+            "owner": {"owner": "ai-memory", "group": "ai-memory"},
+        })
+    }
+
+    #[test]
+    fn federation_resources_parse_and_name_their_key_files() {
+        let Resource::FederationCredential(c) =
+            serde_json::from_value(federation_credential_json()).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            c.key_path().unwrap().as_str(),
+            "/etc/ai-memory/keys/do-1461/nyc3/do-1461-peer-nyc3-01.priv"
+        );
+        let Resource::FederationKey(k) = serde_json::from_value(serde_json::json!({
+            "kind": "federation_key", "id": "key:federation",
+            "fed_id": "do-1461/nyc3/do-1461-peer-nyc3-01", "key_dir": "/",
+        }))
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            k.pub_path().unwrap().as_str(),
+            "/do-1461/nyc3/do-1461-peer-nyc3-01.pub"
+        );
+        assert_eq!(Resource::FederationKey(k.clone()).kind(), "federation_key");
+    }
+
+    #[test]
+    fn hostile_federation_fields_are_refused_naming_the_field() {
+        let cases: [(&str, serde_json::Value, &str); 5] = [
+            ("fed_id", "do-1461/nyc3".into(), "federation identity"),
+            ("fed_id", "do-1461/../x".into(), "federation identity"),
+            ("key_dir", "keys".into(), "must be absolute"),
+            (
+                "issuer",
+                serde_json::json!({"id": "a/b", "trust_domain": "d", "public_key": "11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo="}),
+                "issuer id",
+            ),
+            (
+                "issuer",
+                serde_json::json!({"id": "ca", "trust_domain": "d", "public_key": "AAAA"}),
+                "must be exactly 32 bytes",
+            ),
+        ];
+        for (field, value, needle) in cases {
+            let mut v = federation_credential_json();
+            v[field] = value;
+            let err = serde_json::from_value::<Resource>(v)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{field}: {err}");
+        }
+        let mut v = federation_credential_json();
+        v["private_key"] = "x".into();
+        assert!(serde_json::from_value::<Resource>(v).is_err());
+    }
+
+    #[test]
+    fn base64_file_content_roundtrips_through_the_digest() {
+        let f = Resource::File(File {
+            id: "file:trust".parse().unwrap(),
+            path: "/etc/ai-memory/trust/do-1461-ca.pub".parse().unwrap(),
+            mode: "0444".parse().unwrap(),
+            owner: None,
+            content: FileContent::Base64 {
+                base64: Base64Bytes::new(vec![0xff; 32]),
+            },
+            secret: false,
+        });
+        let json = serde_json::to_value(&f).unwrap();
+        assert_eq!(json["content"]["type"], "base64");
+        assert_eq!(serde_json::from_value::<Resource>(json).unwrap(), f);
     }
 
     #[test]

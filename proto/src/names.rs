@@ -3,6 +3,9 @@
 use std::fmt;
 use std::str::FromStr;
 
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::Digest;
 
@@ -51,8 +54,44 @@ fn check_label(what: &'static str, s: &str) -> Result<(), NameError> {
     Ok(())
 }
 
+/// A file-name-safe token: 1..=`max` of `[a-z0-9._-]`, starting alphanumeric (so never `.` or
+/// `..`), e.g. an issuer id (`do-1461-ca`, the name of `<trust dir>/<id>.pub`) or a trust domain.
+fn check_token(what: &'static str, s: &str, max: usize) -> Result<(), NameError> {
+    if s.is_empty() {
+        return Err(NameError::new(what, s, "must not be empty"));
+    }
+    if s.len() > max {
+        return Err(NameError::new(what, s, "is too long"));
+    }
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+    {
+        return Err(NameError::new(
+            what,
+            s,
+            "only lowercase letters, digits and '.', '_', '-' are allowed",
+        ));
+    }
+    if !s.as_bytes()[0].is_ascii_alphanumeric() {
+        return Err(NameError::new(what, s, "must start with a letter or digit"));
+    }
+    Ok(())
+}
+
+fn check_issuer_id(what: &'static str, s: &str) -> Result<(), NameError> {
+    check_token(what, s, 128)
+}
+
+fn check_trust_domain(what: &'static str, s: &str) -> Result<(), NameError> {
+    check_token(what, s, 253)
+}
+
 macro_rules! label_newtype {
     ($(#[$doc:meta])* $name:ident, $what:literal) => {
+        label_newtype!($(#[$doc])* $name, $what, check_label);
+    };
+    ($(#[$doc:meta])* $name:ident, $what:literal, $check:ident) => {
         $(#[$doc])*
         #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
         pub struct $name(String);
@@ -66,7 +105,7 @@ macro_rules! label_newtype {
         impl FromStr for $name {
             type Err = NameError;
             fn from_str(s: &str) -> Result<Self, NameError> {
-                check_label($what, s)?;
+                $check($what, s)?;
                 Ok(Self(s.to_owned()))
             }
         }
@@ -74,7 +113,7 @@ macro_rules! label_newtype {
         impl TryFrom<String> for $name {
             type Error = NameError;
             fn try_from(s: String) -> Result<Self, NameError> {
-                check_label($what, &s)?;
+                $check($what, &s)?;
                 Ok(Self(s))
             }
         }
@@ -127,6 +166,200 @@ label_newtype!(
     Campaign,
     "campaign"
 );
+
+label_newtype!(
+    /// A zero-touch federation issuer (the campaign's federation CA), e.g. `do-1461-ca`: the
+    /// credential's `issuer_id` and the file name `<trust bundle dir>/<issuer id>.pub`.
+    IssuerId,
+    "issuer id",
+    check_issuer_id
+);
+label_newtype!(
+    /// The federation trust domain a credential is scoped to, e.g. `do-1461.fleet`.
+    TrustDomain,
+    "trust domain",
+    check_trust_domain
+);
+
+/// A node's federation identity `<campaign>/<region>/<node>`, e.g.
+/// `do-1461/nyc3/do-1461-peer-nyc3-01`: ai-memory's `--federation-identity`, the subject of its
+/// credential, and the name of its key `<key dir>/<fed id>.priv` (nested directories).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FedId(String);
+
+impl FedId {
+    pub fn new(campaign: &Campaign, region: &Region, node: &NodeName) -> Self {
+        Self(format!("{campaign}/{region}/{node}"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for FedId {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        const WHAT: &str = "federation identity";
+        let parts: Vec<&str> = s.split('/').collect();
+        if parts.len() != 3 {
+            return Err(NameError::new(
+                WHAT,
+                s,
+                "must be <campaign>/<region>/<node>",
+            ));
+        }
+        for p in parts {
+            check_label(WHAT, p).map_err(|e| NameError::new(WHAT, s, e.reason))?;
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl fmt::Display for FedId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for FedId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for FedId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Bytes carried as canonical standard base64 (with padding) on the wire. Only the canonical
+/// encoding is accepted, so the bytes and the text (and so a manifest's digest) agree.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Base64Bytes(Vec<u8>);
+
+impl Base64Bytes {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    pub fn to_base64(&self) -> String {
+        STANDARD.encode(&self.0)
+    }
+}
+
+impl fmt::Debug for Base64Bytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Base64Bytes({} bytes)", self.0.len())
+    }
+}
+
+impl FromStr for Base64Bytes {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        let bytes = STANDARD
+            .decode(s)
+            .map_err(|_| NameError::new("base64", s, "is not standard base64"))?;
+        if STANDARD.encode(&bytes) != s {
+            return Err(NameError::new(
+                "base64",
+                s,
+                "is not the canonical standard base64 (with padding)",
+            ));
+        }
+        Ok(Self(bytes))
+    }
+}
+
+impl Serialize for Base64Bytes {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_base64())
+    }
+}
+
+impl<'de> Deserialize<'de> for Base64Bytes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// An Ed25519 public key (raw 32 bytes, ai-memory's `.pub` format), standard base64 on the wire.
+/// Parsing refuses anything but 32 bytes that decode to a curve point of full order.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ed25519PublicKey([u8; 32]);
+
+impl Ed25519PublicKey {
+    /// Validates raw bytes: a point on the curve that is not of small order.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, &'static str> {
+        let raw: [u8; 32] = bytes.try_into().map_err(|_| "must be exactly 32 bytes")?;
+        let key = VerifyingKey::from_bytes(&raw).map_err(|_| "is not a valid Ed25519 point")?;
+        if key.is_weak() {
+            return Err("is a small-order (weak) Ed25519 point");
+        }
+        Ok(Self(raw))
+    }
+
+    pub fn to_bytes(self) -> [u8; 32] {
+        self.0
+    }
+
+    pub fn verifying_key(&self) -> VerifyingKey {
+        VerifyingKey::from_bytes(&self.0).expect("checked when parsed")
+    }
+
+    pub fn to_base64(&self) -> String {
+        STANDARD.encode(self.0)
+    }
+}
+
+impl From<VerifyingKey> for Ed25519PublicKey {
+    fn from(k: VerifyingKey) -> Self {
+        Self(k.to_bytes())
+    }
+}
+
+impl fmt::Debug for Ed25519PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Ed25519PublicKey({})", self.to_base64())
+    }
+}
+
+impl fmt::Display for Ed25519PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_base64())
+    }
+}
+
+impl FromStr for Ed25519PublicKey {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        const WHAT: &str = "ed25519 public key";
+        let bytes = s
+            .parse::<Base64Bytes>()
+            .map_err(|e| NameError::new(WHAT, s, e.reason))?;
+        Self::from_bytes(bytes.as_bytes()).map_err(|reason| NameError::new(WHAT, s, reason))
+    }
+}
+
+impl Serialize for Ed25519PublicKey {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_base64())
+    }
+}
+
+impl<'de> Deserialize<'de> for Ed25519PublicKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
 
 /// A manifest generation. Generations only ever go up for a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -269,6 +502,15 @@ impl AbsPath {
     /// The path's components, without the leading `/`.
     pub fn components(&self) -> impl Iterator<Item = &str> {
         self.0.split('/').filter(|c| !c.is_empty())
+    }
+
+    /// `rel` (relative, `/`-separated) below this path; the result is validated like any path.
+    pub fn join(&self, rel: &str) -> Result<AbsPath, NameError> {
+        if self.0 == "/" {
+            format!("/{rel}").parse()
+        } else {
+            format!("{}/{rel}", self.0).parse()
+        }
     }
 
     /// The parent directory, `None` for `/`.
@@ -430,6 +672,10 @@ mod tests {
             "/"
         );
         assert_eq!(p.components().collect::<Vec<_>>(), ["etc", "x", "y"]);
+        assert_eq!(p.join("a/b.priv").unwrap().as_str(), "/etc/x/y/a/b.priv");
+        let root: AbsPath = "/".parse().unwrap();
+        assert_eq!(root.join("a").unwrap().as_str(), "/a");
+        assert!(p.join("../z").is_err() && p.join("").is_err());
     }
 
     #[test]
@@ -454,6 +700,104 @@ mod tests {
         assert_eq!(d.to_hex().parse::<Sha256>().unwrap(), d);
         assert!(d.to_hex().to_uppercase().parse::<Sha256>().is_err());
         assert!("abc".parse::<Sha256>().is_err());
+    }
+
+    #[test]
+    fn fed_ids_are_three_labels() {
+        let id = FedId::new(
+            &"do-1461".parse().unwrap(),
+            &"nyc3".parse().unwrap(),
+            &"do-1461-peer-nyc3-01".parse().unwrap(),
+        );
+        assert_eq!(id.as_str(), "do-1461/nyc3/do-1461-peer-nyc3-01");
+        assert_eq!(id.as_str().parse::<FedId>().unwrap(), id);
+        for bad in [
+            "a/b",
+            "a/b/c/d",
+            "a//c",
+            "/a/b",
+            "a/b/",
+            "a/B/c",
+            "a/../c",
+            "a/b/c.priv",
+        ] {
+            let err = bad.parse::<FedId>().unwrap_err();
+            assert_eq!(err.what, "federation identity", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn issuer_ids_and_trust_domains_are_file_name_safe() {
+        assert!("do-1461-ca".parse::<IssuerId>().is_ok());
+        assert!("do-1461.fleet".parse::<TrustDomain>().is_ok());
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".hidden",
+            "a/b",
+            "a\\b",
+            "A",
+            "a b",
+            &"x".repeat(129),
+        ] {
+            assert!(bad.parse::<IssuerId>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn base64_bytes_accept_only_the_canonical_encoding() {
+        let b: Base64Bytes = "AAEC".parse().unwrap();
+        assert_eq!(b.as_bytes(), [0, 1, 2]);
+        assert_eq!(serde_json::to_string(&b).unwrap(), "\"AAEC\"");
+        for bad in ["AAE", "AAEC=", "AA-C", "AAED AA==", "AAF="] {
+            assert!(bad.parse::<Base64Bytes>().is_err(), "{bad:?}");
+        }
+    }
+
+    /// The first 32-byte y coordinate (little-endian counter) that is not on the curve.
+    fn off_curve() -> [u8; 32] {
+        (2u8..=255)
+            .map(|i| {
+                let mut b = [0u8; 32];
+                b[0] = i;
+                b
+            })
+            .find(|b| VerifyingKey::from_bytes(b).is_err())
+            .expect("about half of all y are off the curve")
+    }
+
+    #[test]
+    fn ed25519_public_keys_refuse_wrong_length_off_curve_and_weak_points() {
+        let good = VerifyingKey::from_bytes(&[
+            0xd7, 0x5a, 0x98, 0x01, 0x82, 0xb1, 0x0a, 0xb7, 0xd5, 0x4b, 0xfe, 0xd3, 0xc9, 0x64,
+            0x07, 0x3a, 0x0e, 0xe1, 0x72, 0xf3, 0xda, 0xa6, 0x23, 0x25, 0xaf, 0x02, 0x1a, 0x68,
+            0xf7, 0x07, 0x51, 0x1a,
+        ])
+        .unwrap();
+        let k = Ed25519PublicKey::from(good);
+        assert_eq!(k.to_base64().parse::<Ed25519PublicKey>().unwrap(), k);
+        let reason = |s: String| s.parse::<Ed25519PublicKey>().unwrap_err().reason;
+        assert_eq!(
+            reason(STANDARD.encode([7u8; 31])),
+            "must be exactly 32 bytes"
+        );
+        assert_eq!(
+            reason(STANDARD.encode([7u8; 33])),
+            "must be exactly 32 bytes"
+        );
+        assert_eq!(
+            reason(STANDARD.encode(off_curve())),
+            "is not a valid Ed25519 point"
+        );
+        // The identity point (y = 1) has order 1.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        assert_eq!(
+            reason(STANDARD.encode(identity)),
+            "is a small-order (weak) Ed25519 point"
+        );
+        assert_eq!(reason("not base64!".into()), "is not standard base64");
     }
 
     proptest! {

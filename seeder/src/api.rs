@@ -8,6 +8,7 @@
 //! | `GET /v1/manifest?wait=` | node identity | own signed manifest; `If-None-Match` long-poll |
 //! | `POST /v1/certs` | node identity | service certificate from a CSR; names from accepted facts |
 //! | `POST /v1/identity` | node identity | renew the node's own identity certificate |
+//! | `POST /v1/credential` | node identity | zero-touch federation credential for the node's own key |
 //! | `GET /v1/artifacts/{sha256}` | node identity | an artifact the node's manifest names |
 //! | `POST /v1/status` | node identity | a status report |
 //! | `GET /v1/ready/{node}/{gate}` | node identity | whether another node reached a readiness gate |
@@ -24,11 +25,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use hiveseed_proto::api::{
-    CertRequest, CertResponse, EnrollRequest, EnrollResponse, ErrorKind, Readiness,
+    CertRequest, CertResponse, CredentialRequest, CredentialResponse, EnrollRequest,
+    EnrollResponse, ErrorKind, Readiness,
 };
 use hiveseed_proto::manifest::CertificatePurpose;
 use hiveseed_proto::status::{Phase, StatusReport};
-use hiveseed_proto::{JoinToken, NodeName, Sha256};
+use hiveseed_proto::{FedId, JoinToken, NodeName, Sha256};
 use serde::Deserialize;
 
 use crate::error::{ApiResult, Error};
@@ -53,6 +55,7 @@ pub fn app(seeder: Arc<Seeder>) -> Router {
         .route("/v1/manifest", get(get_manifest))
         .route("/v1/certs", post(post_cert))
         .route("/v1/identity", post(renew_identity))
+        .route("/v1/credential", post(post_credential))
         .route("/v1/artifacts/{sha}", get(get_artifact))
         .route("/v1/ready/{node}/{gate}", get(get_ready))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -567,6 +570,60 @@ async fn renew_identity(
     )?;
     Ok(axum::Json(CertResponse {
         cert_chain_pem: format!("{pem}{}", s.ca.cert_pem),
+    }))
+}
+
+/// Mints a federation credential for the calling node's own key. The subject comes from the
+/// identity certificate, never from the body; only nodes whose manifest asks for a credential get
+/// one. Nothing but an event is recorded: the credential is the node's to hold.
+async fn post_credential(
+    State(s): State<Arc<Seeder>>,
+    id: NodeIdentity,
+    ApiJson(req): ApiJson<CredentialRequest>,
+) -> ApiResult<axum::Json<CredentialResponse>> {
+    let inputs = s.inputs();
+    let fleet = &inputs.fleet;
+    let spec = fleet
+        .node(&id.node)
+        .ok_or_else(|| Error::new(ErrorKind::Forbidden, "node is no longer in the fleet"))?;
+    let fed_id = FedId::new(&fleet.campaign, &spec.region, &spec.name);
+    if req.fed_id != fed_id {
+        return Err(Error::new(
+            ErrorKind::Forbidden,
+            format!(
+                "{} is federation identity {fed_id}; it may not ask for a credential as {}",
+                id.node, req.fed_id
+            ),
+        ));
+    }
+    if !s.manifest_wants_credential(&id.node, &fed_id)? {
+        return Err(Error::new(
+            ErrorKind::Forbidden,
+            format!(
+                "the manifest of {} has no federation_credential for {fed_id}",
+                id.node
+            ),
+        ));
+    }
+    let now = s.now() as i64;
+    let ttl = fleet.ttl.credential_secs as i64;
+    let (credential, claims) = s
+        .federation
+        .mint(&fed_id, req.subject_pubkey, now, ttl)
+        .map_err(|e| Error::new(ErrorKind::BadRequest, format!("subject_pubkey: {e}")))?;
+    s.store.event(
+        now as u64,
+        Some(&id.node),
+        "credential",
+        &format!(
+            "issued a federation credential for {fed_id} (key {}) until {}",
+            req.subject_pubkey, claims.not_after
+        ),
+    )?;
+    tracing::info!(node = %id.node, fed_id = %fed_id, not_after = claims.not_after, "federation credential issued");
+    Ok(axum::Json(CredentialResponse {
+        credential,
+        not_after: claims.not_after,
     }))
 }
 

@@ -22,10 +22,12 @@ use std::time::{Duration, SystemTime};
 use anyhow::{bail, Context, Result};
 use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey, EncodePublicKey};
 use ed25519_dalek::{SigningKey, VerifyingKey};
+use hiveseed_proto::Campaign;
 use rand::rngs::OsRng;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::credential::Issuer;
 use crate::fleet::Fleet;
 use crate::pki::{self, CampaignCa, LeafSpec, LeafUsage};
 
@@ -132,6 +134,16 @@ impl CampaignDir {
         let cert = read_text(&self.ca_cert())?;
         let key = read_text(&self.ca_key())?;
         CampaignCa::load(&cert, &key).context("loading the campaign CA")
+    }
+
+    /// The campaign's zero-touch federation CA (raw 32-byte seed, ai-memory's format).
+    pub fn load_federation_issuer(&self, campaign: &Campaign) -> Result<Issuer> {
+        let path = self.federation_priv(campaign.as_str());
+        let seed: [u8; 32] = fs::read(&path)
+            .with_context(|| format!("reading {} (run `seeder init`)", path.display()))?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("{} is not a raw 32-byte Ed25519 seed", path.display()))?;
+        Ok(Issuer::new(SigningKey::from_bytes(&seed), campaign))
     }
 
     pub fn load_manifest_key(&self) -> Result<SigningKey> {

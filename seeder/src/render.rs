@@ -14,8 +14,8 @@
 
 use std::collections::BTreeMap;
 
-use hiveseed_proto::manifest::{Resource, MANIFEST_VERSION};
-use hiveseed_proto::{Generation, Manifest, NodeName, Sha256};
+use hiveseed_proto::manifest::{FederationIssuer, Resource, MANIFEST_VERSION};
+use hiveseed_proto::{FedId, Generation, Manifest, NodeName, Sha256};
 use minijinja::{Environment, UndefinedBehavior};
 use serde::Serialize;
 use serde_json::Value;
@@ -113,6 +113,8 @@ pub struct FleetFacts {
     pub allowlist: Vec<AllowEntry>,
     pub secrets: BTreeMap<String, String>,
     pub artifacts: BTreeMap<String, ArtifactView>,
+    /// The campaign's zero-touch federation CA, as nodes trust it.
+    pub federation: FederationIssuer,
     pub mesh_released: bool,
     /// Validation only: an artifact not yet added renders as a placeholder instead of failing.
     pub placeholder_artifacts: bool,
@@ -345,7 +347,7 @@ impl<'a> Renderer<'a> {
                 "service_uid": node.service_uid,
                 "public_ip": me.public_ip.to_string(),
                 "private_ip": me.private_ip.to_string(),
-                "fed_id": format!("{campaign}/{}/{}", node.region, node.name),
+                "fed_id": FedId::new(&f.campaign, &node.region, &node.name),
                 "agent_id": format!("ai:{}@{campaign}", node.name),
             },
             "fleet": {
@@ -365,6 +367,11 @@ impl<'a> Renderer<'a> {
             "allowlist": allowlist,
             "secrets": facts.secrets,
             "artifacts": facts.artifacts,
+            "federation": {
+                "issuer_id": facts.federation.id,
+                "trust_domain": facts.federation.trust_domain,
+                "ca_pub_b64": facts.federation.public_key,
+            },
         }))
     }
 
@@ -550,6 +557,12 @@ mod tests {
             allowlist: vec![],
             secrets: [("pg_password".to_string(), "s3cret".to_string())].into(),
             artifacts: BTreeMap::new(),
+            federation: crate::credential::Issuer::new(
+                ed25519_dalek::SigningKey::from_bytes(&[1; 32]),
+                &fleet.campaign,
+            )
+            .public()
+            .clone(),
             mesh_released: false,
             placeholder_artifacts: false,
         }

@@ -9,10 +9,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use ed25519_dalek::SigningKey;
 use hiveseed_proto::manifest::FileContent;
-use hiveseed_proto::{Manifest, NodeName, Resource, Sha256, SignedEnvelope};
+use hiveseed_proto::{FedId, Manifest, NodeName, Resource, Sha256, SignedEnvelope};
 use tokio::sync::watch;
 
 use crate::campaign::CampaignDir;
+use crate::credential::Issuer;
 use crate::fleet::Fleet;
 use crate::pki::CampaignCa;
 use crate::render::{self, AllowEntry, ArtifactView, FleetFacts, RoleTree};
@@ -106,6 +107,8 @@ pub struct Seeder {
     pub store: Store,
     pub ca: CampaignCa,
     pub signing: SigningKey,
+    /// The zero-touch federation CA: mints node credentials (`POST /v1/credential`).
+    pub federation: Issuer,
     pub policy: Policy,
     pub clock: Clock,
     inputs: RwLock<Arc<Inputs>>,
@@ -188,6 +191,7 @@ impl Seeder {
                 parse_inputs(p.id, &p.fleet, &p.roles)?
             }
         };
+        let federation = dir.load_federation_issuer(&inputs.fleet.campaign)?;
         let operator_fpr = std::fs::read_to_string(dir.operator_cert())
             .ok()
             .and_then(|pem| {
@@ -218,6 +222,7 @@ impl Seeder {
             store,
             ca,
             signing,
+            federation,
             policy,
             clock,
             inputs: RwLock::new(Arc::new(inputs)),
@@ -382,6 +387,7 @@ impl Seeder {
             allowlist,
             secrets,
             artifacts,
+            federation: self.federation.public().clone(),
             mesh_released: false,
             placeholder_artifacts: false,
         })
@@ -571,16 +577,29 @@ impl Seeder {
         Ok(())
     }
 
-    /// Whether a node's current manifest names this artifact.
-    pub fn manifest_references(&self, node: &NodeName, sha: &Sha256) -> Result<bool> {
+    /// The resources of a node's current manifest (empty before it has one).
+    fn current_resources(&self, node: &NodeName) -> Result<Vec<Resource>> {
         let Some(m) = self.manifest(node) else {
-            return Ok(false);
+            return Ok(Vec::new());
         };
         let env: SignedEnvelope<Manifest> = serde_json::from_str(&m.stored.envelope)?;
-        let manifest = env.verify(&self.signing.verifying_key())?;
-        Ok(manifest.resources.iter().any(|r| {
+        Ok(env.verify(&self.signing.verifying_key())?.resources)
+    }
+
+    /// Whether a node's current manifest names this artifact.
+    pub fn manifest_references(&self, node: &NodeName, sha: &Sha256) -> Result<bool> {
+        Ok(self.current_resources(node)?.iter().any(|r| {
             matches!(r, Resource::File(f) if matches!(&f.content, FileContent::Artifact { sha256, .. } if sha256 == sha))
         }))
+    }
+
+    /// Whether a node's current manifest asks for a federation credential for `fed_id`: a node
+    /// whose role has no federation identity gets none.
+    pub fn manifest_wants_credential(&self, node: &NodeName, fed_id: &FedId) -> Result<bool> {
+        Ok(self
+            .current_resources(node)?
+            .iter()
+            .any(|r| matches!(r, Resource::FederationCredential(c) if &c.fed_id == fed_id)))
     }
 }
 
@@ -630,6 +649,10 @@ pub fn validate_roles(fleet: &Fleet, roles: &RoleTree) -> Result<()> {
         ]
         .into(),
         artifacts: BTreeMap::new(),
+        // A stand-in key with the campaign's real issuer id and domain.
+        federation: Issuer::new(SigningKey::from_bytes(&[1; 32]), &fleet.campaign)
+            .public()
+            .clone(),
         mesh_released: true,
         placeholder_artifacts: true,
     };

@@ -635,3 +635,248 @@ async fn mesh_sections_wait_for_the_mesh_or_the_deadline() {
         assert_eq!(text_of(&m, "file:mesh"), format!("peers={P2} \nmissing=\n"));
     }
 }
+
+// ---- zero-touch federation credentials ---------------------------------------------------------
+
+/// This test's own loopback addresses (the lab owns 127.0.1-3.x, 127.1.x.x and 127.0.9.1).
+const CRED_SEEDER_IP: &str = "127.0.71.1";
+
+const CRED_PEER_ROLE: &str = r#"
+[[resource]]
+kind = "federation_key"
+id = "key:federation"
+fed_id = "{{ node.fed_id }}"
+key_dir = "/etc/ai-memory/keys"
+
+[[resource]]
+kind = "federation_credential"
+id = "credential:federation"
+fed_id = "{{ node.fed_id }}"
+key_dir = "/etc/ai-memory/keys"
+credential_path = "/etc/ai-memory/credential"
+issuer = { id = "{{ federation.issuer_id }}", trust_domain = "{{ federation.trust_domain }}", public_key = "{{ federation.ca_pub_b64 }}" }
+"#;
+
+/// The first little-endian y (from 2) that is not on the curve: a 32-byte key that is no point.
+fn off_curve_key() -> [u8; 32] {
+    (2u8..=255)
+        .map(|i| {
+            let mut b = [0u8; 32];
+            b[0] = i;
+            b
+        })
+        .find(|b| ed25519_dalek::VerifyingKey::from_bytes(b).is_err())
+        .unwrap()
+}
+
+fn credential_events(c: &Campaign) -> Vec<String> {
+    hiveseed_seeder::store::Store::open(&c.dir.join("state.db"))
+        .unwrap()
+        .events(1000)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "credential")
+        .map(|e| e.message)
+        .collect()
+}
+
+async fn post_credential(
+    client: &reqwest::Client,
+    server: &Server,
+    body: &serde_json::Value,
+) -> (u16, String) {
+    let resp = client
+        .post(server.url("/v1/credential"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_only_for_the_callers_own_identity_and_a_valid_key() {
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    // A TTL that is neither ai-memory's 1 h nor the fleet default: it must come from the fleet.
+    let fleet = fleet_toml("t1").replace(SEEDER_IP, CRED_SEEDER_IP).replace(
+        "report_interval_secs = 30",
+        "report_interval_secs = 30\ncredential_secs = 5400",
+    );
+    let c = Campaign::with("t1", &fleet, CRED_PEER_ROLE);
+    let server = c.serve_on(&format!("{CRED_SEEDER_IP}:0"), &[]);
+    let mut p1 = Agent::new(P1, "127.0.71.11", "127.0.71.111", &c.ca_pem());
+    let mut pg = Agent::new(PG, "127.0.71.10", "127.0.71.110", &c.ca_pem());
+    p1.enroll(&server, &c.token(P1, "peer", 600)).await;
+    pg.enroll(&server, &c.token(PG, "pg", 600)).await;
+
+    let fed_id = format!("t1/r1/{P1}");
+    let node_key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+    let good = serde_json::json!({
+        "fed_id": fed_id,
+        "subject_pubkey": b64(node_key.verifying_key().as_bytes()),
+    });
+    let before = now() as i64;
+    let (status, body) = post_credential(&p1.mtls(), &server, &good).await;
+    assert_eq!(status, 200, "{body}");
+    let resp: hiveseed_proto::api::CredentialResponse = serde_json::from_str(&body).unwrap();
+    // Verified by the receiver's rules under the campaign CA as `seeder init` wrote it.
+    let ca: [u8; 32] = std::fs::read(c.dir.join("federation/t1-ca.pub"))
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let ca = ed25519_dalek::VerifyingKey::from_bytes(&ca).unwrap();
+    let claims = hiveseed_seeder::credential::verify(
+        &resp.credential,
+        &[("t1-ca", ca)],
+        Some("t1.fleet"),
+        now() as i64,
+    )
+    .unwrap();
+    assert_eq!(claims.subject_agent_id, fed_id);
+    assert_eq!(claims.subject_pubkey, node_key.verifying_key().to_bytes());
+    assert_eq!(claims.not_after, resp.not_after);
+    assert_eq!(
+        claims.not_after - claims.not_before,
+        5400 + hiveseed_seeder::credential::CLOCK_SKEW_SECS
+    );
+    assert!(claims.not_before + 30 >= before && claims.not_before <= now() as i64);
+    let minted = credential_events(&c);
+    assert_eq!(minted.len(), 1, "{minted:?}");
+    assert!(minted[0].contains(&fed_id), "{minted:?}");
+
+    // Every refusal has its kind and a message naming what is wrong; none mints anything.
+    let mut wrong_len = good.clone();
+    wrong_len["subject_pubkey"] = b64(&[7u8; 31]).into();
+    let mut off_curve = good.clone();
+    off_curve["subject_pubkey"] = b64(&off_curve_key()).into();
+    let mut not_base64 = good.clone();
+    not_base64["subject_pubkey"] = "!!".into();
+    let mut other_id = good.clone();
+    other_id["fed_id"] = format!("t1/r1/{P2}").into();
+    let mut not_an_id = good.clone();
+    not_an_id["fed_id"] = "t1/../etc".into();
+    let mut extra = good.clone();
+    extra["subject_agent_id"] = "t1/r1/someone-else".into();
+    let pg_own = serde_json::json!({
+        "fed_id": format!("t1/r1/{PG}"),
+        "subject_pubkey": b64(node_key.verifying_key().as_bytes()),
+    });
+    let cases: Vec<(&str, reqwest::Client, serde_json::Value, u16, &str, &str)> = vec![
+        (
+            "31-byte key",
+            p1.mtls(),
+            wrong_len,
+            400,
+            "bad_request",
+            "must be exactly 32 bytes",
+        ),
+        (
+            "no curve point",
+            p1.mtls(),
+            off_curve,
+            400,
+            "bad_request",
+            "is not a valid Ed25519 point",
+        ),
+        (
+            "not base64",
+            p1.mtls(),
+            not_base64,
+            400,
+            "bad_request",
+            "is not standard base64",
+        ),
+        (
+            "missing key",
+            p1.mtls(),
+            serde_json::json!({"fed_id": fed_id}),
+            400,
+            "bad_request",
+            "subject_pubkey",
+        ),
+        (
+            "unknown field",
+            p1.mtls(),
+            extra,
+            400,
+            "bad_request",
+            "subject_agent_id",
+        ),
+        (
+            "malformed id",
+            p1.mtls(),
+            not_an_id,
+            400,
+            "bad_request",
+            "federation identity",
+        ),
+        (
+            "another node's id",
+            p1.mtls(),
+            other_id,
+            403,
+            "forbidden",
+            "may not ask for a credential as t1/r1/t1-peer-r1-02",
+        ),
+        (
+            "a role without a credential",
+            pg.mtls(),
+            pg_own,
+            403,
+            "forbidden",
+            "has no federation_credential",
+        ),
+        (
+            "no client certificate",
+            p1.anonymous(),
+            good.clone(),
+            401,
+            "unauthenticated",
+            "client certificate",
+        ),
+        (
+            "the operator",
+            c.operator(),
+            good.clone(),
+            401,
+            "unauthenticated",
+            "unknown client certificate",
+        ),
+    ];
+    for (what, client, body, want, kind, needle) in cases {
+        let (status, text) = post_credential(&client, &server, &body).await;
+        assert_eq!(status, want, "{what}: {text}");
+        assert_eq!(error_kind(&text), kind, "{what}: {text}");
+        assert!(text.contains(needle), "{what}: {text}");
+    }
+    let resp = p1
+        .mtls()
+        .post(server.url("/v1/credential"))
+        .header("content-type", "application/json")
+        .body("{nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400, "malformed JSON");
+    assert_eq!(
+        credential_events(&c).len(),
+        1,
+        "a refusal minted a credential"
+    );
+
+    // A superseded (revoked) identity gets nothing; the replacement gets its own credential.
+    let old = p1.mtls();
+    let mut replacement = Agent::new(P1, "127.0.71.11", "127.0.71.111", &c.ca_pem());
+    replacement.enroll(&server, &c.token(P1, "peer", 600)).await;
+    let (status, text) = post_credential(&old, &server, &good).await;
+    assert_eq!(
+        (status, error_kind(&text).as_str()),
+        (403, "revoked"),
+        "{text}"
+    );
+    assert_eq!(credential_events(&c).len(), 1);
+    let (status, text) = post_credential(&replacement.mtls(), &server, &good).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(credential_events(&c).len(), 2);
+}

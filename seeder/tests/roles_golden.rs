@@ -27,6 +27,9 @@ use hiveseed_seeder::store::Enrollment;
 const PG_PASSWORD: &str = "GoldenPgPassw0rdGoldenPgPassw0rdGoldenPgPassw0rd";
 const API_KEY: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";
 
+/// The fixture's federation CA seed (the campaign's `federation/do-1461-ca.priv`).
+const FEDERATION_CA_SEED: [u8; 32] = [0x42; 32];
+
 const PG_NODE: &str = "do-1461-pg-nyc3-01";
 const PEER_NODE: &str = "do-1461-peer-nyc3-01";
 
@@ -135,9 +138,17 @@ fn facts(fleet: &Fleet) -> FleetFacts {
             ),
         ]
         .into(),
+        federation: federation_issuer(fleet).public().clone(),
         mesh_released: true,
         placeholder_artifacts: false,
     }
+}
+
+fn federation_issuer(fleet: &Fleet) -> hiveseed_seeder::credential::Issuer {
+    hiveseed_seeder::credential::Issuer::new(
+        ed25519_dalek::SigningKey::from_bytes(&FEDERATION_CA_SEED),
+        &fleet.campaign,
+    )
 }
 
 fn render_with(fleet: &Fleet, roles: &RoleTree, facts: &FleetFacts, node: &str) -> Vec<Resource> {
@@ -183,6 +194,7 @@ fn text_of<'a>(res: &'a [Resource], id: &str) -> &'a str {
         Resource::File(f) => match &f.content {
             FileContent::Text { text } => text,
             FileContent::Artifact { .. } => panic!("{id} is an artifact"),
+            FileContent::Base64 { .. } => panic!("{id} is binary"),
         },
         Resource::Service(s) => &s.unit_text,
         other => panic!("{id} is a {}", other.kind()),
@@ -650,12 +662,7 @@ fn peer_node_serves_with_the_spec_flags() {
 
     // The environment file: password as PGPASSWORD, a password-free verify-full URL to the
     // region's pg private address and schema ic_peer_K, identities, the Batman battery.
-    let env = text_of(res, "file:env");
-    let vars: BTreeMap<&str, &str> = env
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| l.split_once('=').unwrap())
-        .collect();
+    let vars = env_vars(text_of(res, "file:env"));
     assert_eq!(vars["PGPASSWORD"], PG_PASSWORD);
     let url = vars["AI_MEMORY_STORE_URL"];
     assert_eq!(
@@ -796,6 +803,120 @@ fn peer_node_serves_with_the_spec_flags() {
         panic!()
     };
     assert_eq!(url, &format!("https://{}:9077/api/v1/health", me.public_ip));
+}
+
+fn env_vars(env: &str) -> BTreeMap<&str, &str> {
+    env.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l.split_once('=').unwrap())
+        .collect()
+}
+
+/// Spec §6 on the node: key named by the federation identity under AI_MEMORY_KEY_DIR, credential
+/// at AI_MEMORY_FED_CRED_PATH, the CA's raw key as `<issuer id>.pub` in the bundle directory; the
+/// daemon restarts for a new key or bundle, not for a renewed credential (it re-reads that file).
+#[test]
+fn peer_node_holds_a_zero_touch_identity_wired_as_the_daemon_loads_it() {
+    let (fleet, nodes) = reference();
+    let res = &nodes[PEER_NODE];
+    let issuer = federation_issuer(&fleet);
+    let fed_id = "do-1461/nyc3/do-1461-peer-nyc3-01";
+    let daemon = Some(hiveseed_proto::manifest::Ownership {
+        owner: "ai-memory".into(),
+        group: "ai-memory".into(),
+    });
+
+    let Resource::Directory(keys) = find(res, "dir:keys") else {
+        panic!()
+    };
+    assert_eq!(
+        (keys.path.as_str(), keys.mode.to_string().as_str()),
+        ("/etc/ai-memory/keys", "0700")
+    );
+    assert_eq!(keys.owner, daemon);
+    let Resource::FederationKey(k) = find(res, "key:federation") else {
+        panic!()
+    };
+    assert_eq!((k.fed_id.as_str(), &k.key_dir), (fed_id, &keys.path));
+    assert_eq!(
+        k.key_path().unwrap().as_str(),
+        "/etc/ai-memory/keys/do-1461/nyc3/do-1461-peer-nyc3-01.priv"
+    );
+    assert_eq!(k.owner, daemon);
+    let Resource::FederationCredential(c) = find(res, "credential:federation") else {
+        panic!()
+    };
+    assert_eq!(
+        (c.fed_id.as_str(), &c.key_dir, c.credential_path.as_str()),
+        (fed_id, &keys.path, "/etc/ai-memory/credential")
+    );
+    assert_eq!(&c.issuer, issuer.public());
+    assert_eq!(c.owner, daemon);
+    let Resource::File(bundle) = find(res, "file:trust-bundle") else {
+        panic!()
+    };
+    assert_eq!(
+        (bundle.path.as_str(), bundle.mode.to_string().as_str()),
+        ("/etc/ai-memory/trust/do-1461-ca.pub", "0444")
+    );
+    let FileContent::Base64 { base64 } = &bundle.content else {
+        panic!("the bundle is the raw key")
+    };
+    assert_eq!(base64.as_bytes(), issuer.public().public_key.to_bytes());
+
+    let env = env_vars(text_of(res, "file:env"));
+    assert_eq!(env["AI_MEMORY_KEY_DIR"], keys.path.as_str());
+    assert_eq!(
+        env["AI_MEMORY_FED_TRUST_BUNDLE_DIR"],
+        "/etc/ai-memory/trust"
+    );
+    assert_eq!(env["AI_MEMORY_FED_TRUST_DOMAIN"], "do-1461.fleet");
+    assert_eq!(env["AI_MEMORY_FED_CRED_PATH"], c.credential_path.as_str());
+    assert_eq!(env["AI_MEMORY_FED_IDENTITY"], fed_id);
+    assert_eq!(
+        flags(&exec_start(text_of(res, "service:ai-memory")))["--federation-identity"],
+        fed_id
+    );
+
+    // What the node will hold verifies under what its peers trust: the bundle file's name and
+    // bytes, the env file's domain.
+    let node_key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    let (cred, _) = issuer
+        .mint(
+            &c.fed_id,
+            node_key.verifying_key().into(),
+            1_800_000_000,
+            fleet.ttl.credential_secs as i64,
+        )
+        .unwrap();
+    let bundle_id = bundle
+        .path
+        .as_str()
+        .strip_prefix(&format!("{}/", env["AI_MEMORY_FED_TRUST_BUNDLE_DIR"]))
+        .and_then(|n| n.strip_suffix(".pub"))
+        .unwrap();
+    let bundle_key =
+        ed25519_dalek::VerifyingKey::from_bytes(&base64.as_bytes().try_into().unwrap()).unwrap();
+    let claims = hiveseed_seeder::credential::verify(
+        &cred,
+        &[(bundle_id, bundle_key)],
+        Some(env["AI_MEMORY_FED_TRUST_DOMAIN"]),
+        1_800_000_000,
+    )
+    .unwrap();
+    assert_eq!(claims.subject_agent_id, env["AI_MEMORY_FED_IDENTITY"]);
+
+    let ids: Vec<&str> = res.iter().map(|r| r.id().as_str()).collect();
+    let pos = |id: &str| ids.iter().position(|x| *x == id).unwrap();
+    assert!(pos("dir:keys") < pos("key:federation"));
+    assert!(pos("key:federation") < pos("credential:federation"));
+    assert!(pos("file:trust-bundle") < pos("service:ai-memory"));
+    let Resource::Service(s) = find(res, "service:ai-memory") else {
+        panic!()
+    };
+    let notify: BTreeSet<&str> = s.notify.iter().map(|n| n.as_str()).collect();
+    assert!(notify.contains("key:federation") && notify.contains("file:trust-bundle"));
+    assert!(!notify.contains("credential:federation"));
 }
 
 #[test]

@@ -1,4 +1,5 @@
-//! `file`: content (inline text or a sha256-addressed artifact), mode, owner; written atomically.
+//! `file`: content (inline text or bytes, or a sha256-addressed artifact), mode, owner; written
+//! atomically.
 //! Secret files never get group/other bits and their content never reaches a log or an error.
 
 use hiveseed_proto::manifest::{File, FileContent, Ownership};
@@ -22,6 +23,10 @@ fn desired(content: &FileContent) -> (Sha256, u64) {
     match content {
         FileContent::Text { text } => (Sha256::digest(text.as_bytes()), text.len() as u64),
         FileContent::Artifact { sha256, size } => (*sha256, *size),
+        FileContent::Base64 { base64 } => (
+            Sha256::digest(base64.as_bytes()),
+            base64.as_bytes().len() as u64,
+        ),
     }
 }
 

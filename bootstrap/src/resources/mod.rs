@@ -6,6 +6,7 @@ pub mod certificate;
 pub mod check;
 pub mod command;
 pub mod directory;
+pub mod federation;
 pub mod file;
 pub mod package;
 pub mod service;
@@ -15,6 +16,7 @@ pub mod wait;
 use std::future::Future;
 use std::pin::Pin;
 
+use hiveseed_proto::api::{CredentialRequest, CredentialResponse};
 use hiveseed_proto::{AbsPath, FileMode, Sha256};
 
 use crate::host::{Attrs, Host, HostError};
@@ -69,6 +71,16 @@ pub enum ResourceError {
         #[source]
         source: SignError,
     },
+    #[error("federation key {path}: {reason}")]
+    FederationKey { path: AbsPath, reason: String },
+    #[error("federation credential {path}: {reason}")]
+    Credential { path: AbsPath, reason: String },
+    #[error("federation credential {path}: the seeder refused")]
+    CredentialRefused {
+        path: AbsPath,
+        #[source]
+        source: SignError,
+    },
     #[error(transparent)]
     Wait(#[from] wait::WaitError),
     #[error(transparent)]
@@ -110,6 +122,14 @@ pub struct SignError {
     pub retryable: bool,
 }
 
+/// Sends the node's federation public key to the seeder and returns the credential it minted.
+pub trait CredentialIssuer: Send + Sync {
+    fn issue<'a>(
+        &'a self,
+        req: &'a CredentialRequest,
+    ) -> BoxFuture<'a, Result<CredentialResponse, SignError>>;
+}
+
 /// Answers whether another node passed a readiness gate, as the seeder knows it.
 pub trait NodeReadiness: Send + Sync {
     fn is_ready<'a>(
@@ -149,6 +169,20 @@ impl CertSigner for Unavailable {
         Box::pin(async {
             Err(SignError {
                 message: "no certificate signer configured".into(),
+                retryable: false,
+            })
+        })
+    }
+}
+
+impl CredentialIssuer for Unavailable {
+    fn issue<'a>(
+        &'a self,
+        _: &'a CredentialRequest,
+    ) -> BoxFuture<'a, Result<CredentialResponse, SignError>> {
+        Box::pin(async {
+            Err(SignError {
+                message: "no credential issuer configured".into(),
                 retryable: false,
             })
         })

@@ -12,10 +12,11 @@ use hiveseed_bootstrap::host::fake::FakeHost;
 use hiveseed_bootstrap::resources::BoxFuture;
 use hiveseed_bootstrap::{
     apply, observe, plan, ApplyEnv, ApplyEvent, ApplySettings, ApplySummary, ArtifactFetcher,
-    CertSigner, FetchError, Host, NodeReadiness, ObserveEnv, Plan, PlanContext, ReadinessError,
-    SignError, Supervisor, WaitPolicy,
+    CertSigner, CredentialIssuer, FetchError, Host, NodeReadiness, ObserveEnv, Plan, PlanContext,
+    ReadinessError, SignError, Supervisor, WaitPolicy,
 };
-use hiveseed_proto::manifest::{CertificatePurpose, MANIFEST_VERSION};
+use hiveseed_proto::api::{CredentialRequest, CredentialResponse};
+use hiveseed_proto::manifest::{CertificatePurpose, FederationIssuer, MANIFEST_VERSION};
 use hiveseed_proto::{Generation, Manifest, NodeName, Resource, Sha256};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, IsCa, Issuer, KeyPair,
@@ -126,6 +127,83 @@ impl CertSigner for TestCa {
     }
 }
 
+/// Mints federation credentials like the seeder does, with a CA made in the test; records every
+/// request exactly as it would go over the wire.
+pub struct TestIssuer {
+    key: ed25519_dalek::SigningKey,
+    pub public: FederationIssuer,
+    /// (seconds before now the next credential starts, its TTL).
+    pub validity: Mutex<(i64, i64)>,
+    /// Answer with a credential for this key instead of the one asked for (a broken seeder).
+    pub substitute: Mutex<Option<[u8; 32]>>,
+    pub requests: Mutex<Vec<String>>,
+}
+
+impl TestIssuer {
+    pub fn new() -> Self {
+        let key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+        Self {
+            public: FederationIssuer {
+                id: "do-1461-ca".parse().unwrap(),
+                trust_domain: "do-1461.fleet".parse().unwrap(),
+                public_key: key.verifying_key().into(),
+            },
+            key,
+            validity: Mutex::new((0, 3600)),
+            substitute: Mutex::new(None),
+            requests: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A credential from this CA for `subject`, starting `ago` seconds before now.
+    pub fn mint_for(&self, fed_id: &str, subject: [u8; 32], ago: i64, ttl: i64) -> String {
+        hiveseed_proto::credential::mint(
+            &self.key,
+            self.public.id.as_str(),
+            self.public.trust_domain.as_str(),
+            fed_id,
+            subject,
+            unix_now() - ago,
+            ttl,
+        )
+        .unwrap()
+        .0
+    }
+}
+
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+impl CredentialIssuer for TestIssuer {
+    fn issue<'a>(
+        &'a self,
+        req: &'a CredentialRequest,
+    ) -> BoxFuture<'a, Result<CredentialResponse, SignError>> {
+        Box::pin(async move {
+            self.requests
+                .lock()
+                .unwrap()
+                .push(serde_json::to_string(req).unwrap());
+            let (ago, ttl) = *self.validity.lock().unwrap();
+            let subject = self
+                .substitute
+                .lock()
+                .unwrap()
+                .unwrap_or(req.subject_pubkey.to_bytes());
+            let credential = self.mint_for(req.fed_id.as_str(), subject, ago, ttl);
+            let not_after = unix_now() - ago + ttl;
+            Ok(CredentialResponse {
+                credential,
+                not_after,
+            })
+        })
+    }
+}
+
 /// Serves artifacts from memory, counting fetches.
 #[derive(Default)]
 pub struct MemFetcher {
@@ -194,6 +272,7 @@ pub struct Env<'a> {
     pub host: &'a dyn Host,
     pub fetcher: &'a dyn ArtifactFetcher,
     pub signer: &'a dyn CertSigner,
+    pub issuer: &'a dyn CredentialIssuer,
     pub readiness: &'a dyn NodeReadiness,
     pub supervisor: Option<&'a Supervisor>,
 }
@@ -204,6 +283,7 @@ impl<'a> Env<'a> {
             host,
             fetcher: &hiveseed_bootstrap::Unavailable,
             signer: &hiveseed_bootstrap::Unavailable,
+            issuer: &hiveseed_bootstrap::Unavailable,
             readiness: &hiveseed_bootstrap::Unavailable,
             supervisor: None,
         }
@@ -232,6 +312,7 @@ impl<'a> Env<'a> {
             node: &node,
             fetcher: self.fetcher,
             signer: self.signer,
+            issuer: self.issuer,
             readiness: self.readiness,
             supervisor: self.supervisor,
             settings: ApplySettings {

@@ -100,13 +100,18 @@ pub fn run_seeder(args: &[&str]) -> std::process::Output {
 
 impl Campaign {
     pub fn new(campaign: &str) -> Self {
+        Self::with(campaign, &fleet_toml(campaign), PEER_ROLE)
+    }
+
+    /// A campaign with its own fleet text and peer role (the pg role is `PG_ROLE`).
+    pub fn with(campaign: &str, fleet_text: &str, peer_role: &str) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let roles = tmp.path().join("roles");
         std::fs::create_dir_all(&roles).unwrap();
         let fleet = roles.join("fleet.toml");
-        std::fs::write(&fleet, fleet_toml(campaign)).unwrap();
+        std::fs::write(&fleet, fleet_text).unwrap();
         std::fs::write(roles.join("pg.toml"), PG_ROLE).unwrap();
-        std::fs::write(roles.join("peer.toml"), PEER_ROLE).unwrap();
+        std::fs::write(roles.join("peer.toml"), peer_role).unwrap();
         let dir = tmp.path().join("campaign");
         let out = run_seeder(&[
             "init",
@@ -166,7 +171,12 @@ impl Campaign {
     }
 
     pub fn serve(&self, extra: &[&str]) -> Server {
-        let mut args = vec!["serve", "--dir", self.dir_str(), "--listen", "127.0.9.1:0"];
+        self.serve_on(&format!("{SEEDER_IP}:0"), extra)
+    }
+
+    /// `seeder serve` listening on `listen` (`ip:0` for an ephemeral port).
+    pub fn serve_on(&self, listen: &str, extra: &[&str]) -> Server {
+        let mut args = vec!["serve", "--dir", self.dir_str(), "--listen", listen];
         args.extend_from_slice(extra);
         let mut child = Command::new(seeder_bin())
             .args(&args)
