@@ -439,7 +439,7 @@ pub async fn zerotouch(run: &mut Run<'_>) {
             G,
             format!("cred_ca_chain[{}]", p.name()),
             format!("{}/{}/{}", mesh.campaign, p.region(), p.name()),
-            "the seeder keeps no issued federation credentials to verify yet (zero-touch issuance is not wired into the roles)",
+            "no node-side check reports the on-node credential verified against the trust bundle yet (the agent verifies each credential against the campaign CA before it writes it; the seeder keeps only an issuance event)",
         );
     }
 }
