@@ -17,6 +17,11 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("state database holds an unreadable value in {what}: {message}")]
     Corrupt { what: &'static str, message: String },
+    #[error("state database {path}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 type Result<T> = std::result::Result<T, StoreError>;
@@ -181,7 +186,22 @@ fn node_name(s: String) -> Result<NodeName> {
 }
 
 impl Store {
+    /// Opens (creating) the state database, 0600: it holds signed manifests, and a manifest
+    /// carries its node's secret files. SQLite gives the -wal and -shm files the same mode.
     pub fn open(path: &Path) -> Result<Self> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let private = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+            .and_then(|f| f.set_permissions(std::fs::Permissions::from_mode(0o600)));
+        if let Err(e) = private {
+            return Err(StoreError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            });
+        }
         let conn = Connection::open(path)?;
         Self::setup(conn)
     }

@@ -669,6 +669,25 @@ fn off_curve_key() -> [u8; 32] {
         .unwrap()
 }
 
+/// The state database holds signed manifests, which carry secret files: 0600, with its WAL.
+#[test]
+fn the_state_database_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    std::fs::write(&path, b"").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let store = hiveseed_seeder::store::Store::open(&path).unwrap();
+    store.events(1).unwrap();
+    for f in ["state.db", "state.db-wal", "state.db-shm"] {
+        let p = dir.path().join(f);
+        if p.exists() {
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{f}");
+        }
+    }
+}
+
 fn credential_events(c: &Campaign) -> Vec<String> {
     hiveseed_seeder::store::Store::open(&c.dir.join("state.db"))
         .unwrap()
