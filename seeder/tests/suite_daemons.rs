@@ -516,13 +516,20 @@ fn suite_probes_pass_on_a_batman_pair_and_fail_on_misconfigured_daemons() {
         "list_namespace",
         "private_isolation",
         "ns_cross_isolation",
-        "no_client_cert",
-        "rogue_client_cert",
-        "wrong_server_ca",
-        "apikey_required",
-        "apikey_accepted",
-        "health_exempt",
-        "admin_gated",
+        "no_client_cert[node1]",
+        "rogue_client_cert[node1]",
+        "wrong_server_ca[node1]",
+        "apikey_required[node1]",
+        "apikey_accepted[node1]",
+        "health_exempt[node1]",
+        "admin_gated[node1]",
+        "no_client_cert[node2]",
+        "rogue_client_cert[node2]",
+        "wrong_server_ca[node2]",
+        "apikey_required[node2]",
+        "apikey_accepted[node2]",
+        "health_exempt[node2]",
+        "admin_gated[node2]",
         "write",
         "converge_same_region[node2]",
         "enrolled_write",
@@ -599,8 +606,8 @@ fn suite_probes_pass_on_a_batman_pair_and_fail_on_misconfigured_daemons() {
     fails(
         &checks,
         &[
-            "no_client_cert",
-            "rogue_client_cert",
+            "no_client_cert[open]",
+            "rogue_client_cert[open]",
             "leg1.no_client_cert_refused[open]",
             "leg1.rogue_client_cert_refused[open]",
             "leg2.sync_no_client_cert_refused",
@@ -610,7 +617,7 @@ fn suite_probes_pass_on_a_batman_pair_and_fail_on_misconfigured_daemons() {
     let keyless = mesh(&ca_pem, &operator, &keys, &[d("keyless")], API_KEY);
     let checks = rt.block_on(suite::run(&keyless, &[Group::Crypto]));
     eprintln!("no api key:\n{}", table(&checks));
-    fails(&checks, &["apikey_required"]);
+    fails(&checks, &["apikey_required[keyless]"]);
 
     let lax = mesh(&ca_pem, &operator, &keys, &[d("lax")], API_KEY);
     let checks = rt.block_on(suite::run(
@@ -624,7 +631,7 @@ fn suite_probes_pass_on_a_batman_pair_and_fail_on_misconfigured_daemons() {
     fails(
         &checks,
         &[
-            "admin_gated",
+            "admin_gated[lax]",
             "unenrolled_status[lax]",
             "unenrolled_reason[lax]",
             "unsigned_write_403[lax]",
@@ -638,7 +645,7 @@ fn suite_probes_pass_on_a_batman_pair_and_fail_on_misconfigured_daemons() {
     let mut trusting = mesh(&ca_pem, &operator, &keys, &[d("node1")], API_KEY);
     trusting.untrusted_ca_pem = Some(pki.ca_pem.clone());
     let checks = rt.block_on(suite::run(&trusting, &[Group::Crypto]));
-    fails(&checks, &["wrong_server_ca"]);
+    fails(&checks, &["wrong_server_ca[node1]"]);
 
     // A dead peer is not a TLS refusal.
     let dead = Daemon {
@@ -656,9 +663,13 @@ fn suite_probes_pass_on_a_batman_pair_and_fail_on_misconfigured_daemons() {
     let checks = rt.block_on(suite::run(&gone, &[Group::Crypto]));
     fails(
         &checks,
-        &["no_client_cert", "rogue_client_cert", "health_exempt"],
+        &[
+            "no_client_cert[dead]",
+            "rogue_client_cert[dead]",
+            "health_exempt[dead]",
+        ],
     );
-    assert!(by_test(&checks)["no_client_cert"]
+    assert!(by_test(&checks)["no_client_cert[dead]"]
         .got
         .contains("peer unreachable"));
 

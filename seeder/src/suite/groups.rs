@@ -186,65 +186,75 @@ async fn ns_cross_isolation(run: &mut Run<'_>, p1: &Peer, h: &str) {
 /// `crypto` (on P1): the mTLS and API-key gates.
 pub async fn crypto(run: &mut Run<'_>) {
     const G: &str = "crypto";
-    let Some(p1) = run.mesh.p1().cloned() else {
+    let mesh = run.mesh;
+    if mesh.peers.is_empty() {
         run.record(G, "no_client_cert", "000", "no peer enrolled", false);
         return;
-    };
-    let mesh = run.mesh;
-    let ep = &p1.endpoint;
-    let h = run.aid("test-harness");
-    run.expect_tls_refusal(G, "no_client_cert".into(), ep, &mesh.ca_pem, None, HEALTH)
-        .await;
-    match net::Identity::rogue() {
-        Ok(rogue) => {
-            run.expect_tls_refusal(
+    }
+    // The seed probes P1; every peer is probed here, so each refusal is seen on every peer.
+    for p in &mesh.peers {
+        let ep = &p.endpoint;
+        let n = |t: &str| format!("{t}[{}]", p.name());
+        let h = run.aid("test-harness");
+        run.expect_tls_refusal(G, n("no_client_cert"), ep, &mesh.ca_pem, None, HEALTH)
+            .await;
+        match net::Identity::rogue() {
+            Ok(rogue) => {
+                run.expect_tls_refusal(
+                    G,
+                    n("rogue_client_cert"),
+                    ep,
+                    &mesh.ca_pem,
+                    Some(&rogue),
+                    HEALTH,
+                )
+                .await
+            }
+            Err(e) => run.record(
                 G,
-                "rogue_client_cert".into(),
-                ep,
-                &mesh.ca_pem,
-                Some(&rogue),
-                HEALTH,
-            )
-            .await
+                n("rogue_client_cert"),
+                "000",
+                format!("rcgen: {e:#}"),
+                false,
+            ),
         }
-        Err(e) => run.record(
+        let foreign = match &mesh.untrusted_ca_pem {
+            Some(pem) => Ok(pem.clone()),
+            None => net::foreign_ca_pem(),
+        };
+        match foreign {
+            Ok(foreign) => {
+                run.expect_tls_refusal(
+                    G,
+                    n("wrong_server_ca"),
+                    ep,
+                    &foreign,
+                    Some(&mesh.operator),
+                    HEALTH,
+                )
+                .await
+            }
+            Err(e) => run.record(
+                G,
+                n("wrong_server_ca"),
+                "000",
+                format!("rcgen: {e:#}"),
+                false,
+            ),
+        }
+        api_key_gates(
+            run,
             G,
-            "rogue_client_cert",
-            "000",
-            format!("rcgen: {e:#}"),
-            false,
-        ),
+            ep,
+            &n("apikey_required"),
+            &n("apikey_accepted"),
+            &n("health_exempt"),
+        )
+        .await;
+        let a = run.call(ep, Method::GET, STATS, Some(&h), None).await;
+        let ok = a.status() == Some(403);
+        run.record(G, n("admin_gated"), "403", a.summary(), ok);
     }
-    let foreign = match &mesh.untrusted_ca_pem {
-        Some(pem) => Ok(pem.clone()),
-        None => net::foreign_ca_pem(),
-    };
-    match foreign {
-        Ok(foreign) => {
-            run.expect_tls_refusal(
-                G,
-                "wrong_server_ca".into(),
-                ep,
-                &foreign,
-                Some(&mesh.operator),
-                HEALTH,
-            )
-            .await
-        }
-        Err(e) => run.record(G, "wrong_server_ca", "000", format!("rcgen: {e:#}"), false),
-    }
-    api_key_gates(
-        run,
-        G,
-        ep,
-        "apikey_required",
-        "apikey_accepted",
-        "health_exempt",
-    )
-    .await;
-    let a = run.call(ep, Method::GET, STATS, Some(&h), None).await;
-    let ok = a.status() == Some(403);
-    run.record(G, "admin_gated", "403", a.summary(), ok);
 }
 
 /// Without the key a privileged route is 401, with it 200; health needs no key.
