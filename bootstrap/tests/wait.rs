@@ -35,6 +35,7 @@ async fn a_wait_is_bounded_by_its_deadline_with_capped_backoff() {
     let policy = WaitPolicy {
         first_delay: Duration::from_millis(250),
         max_delay: Duration::from_secs(2),
+        max_local_delay: Duration::from_secs(1),
         attempt_timeout: Duration::from_secs(1),
     };
     let start = tokio::time::Instant::now();
@@ -54,6 +55,33 @@ async fn a_wait_is_bounded_by_its_deadline_with_capped_backoff() {
     assert_eq!(blocked_on, "do-1461-pg-nyc3-01:ready");
     assert!(last.contains("has not passed ready"), "{last}");
     assert_eq!(never.calls.load(std::sync::atomic::Ordering::SeqCst), 9);
+}
+
+/// A local probe (a daemon coming up after a restart) backs off to at most 1 s, so readiness is
+/// seen within a second of it, not after a long doubling sleep.
+#[tokio::test(start_paused = true)]
+async fn local_probes_back_off_to_one_second() {
+    let root = temp_root();
+    let host = RealHost::new(root.path()).unwrap();
+    let never = CountingReadiness::new(u32::MAX);
+    // Nothing listens on this loopback port: every probe fails at once.
+    let target = WaitTarget::Tcp {
+        host: "127.0.71.250".into(),
+        port: 9,
+    };
+    let policy = WaitPolicy {
+        first_delay: Duration::from_millis(250),
+        max_delay: Duration::from_secs(5),
+        max_local_delay: Duration::from_secs(1),
+        attempt_timeout: Duration::from_secs(1),
+    };
+    let err = wait_for(&host, &never, &target, Duration::from_secs(10), &policy)
+        .await
+        .unwrap_err();
+    // Probes at 0, .25, .75, then every second 1.75 .. 9.75, and the deadline itself: 13
+    // (a wait on another node, capped at 5 s, makes 9 in the same 10 s).
+    let WaitError::Deadline { attempts, .. } = err;
+    assert_eq!(attempts, 13);
 }
 
 fn server_config(ca: &TestCa, server_cert: &str, server_key: &str) -> rustls::ServerConfig {
@@ -352,6 +380,7 @@ async fn postgres_wait_verifies_the_server_name_the_password_and_the_schema() {
         &WaitPolicy {
             first_delay: Duration::from_millis(20),
             max_delay: Duration::from_millis(200),
+            max_local_delay: Duration::from_millis(200),
             attempt_timeout: Duration::from_secs(5),
         },
     )

@@ -24,7 +24,11 @@ pub struct Observed {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WaitPolicy {
     pub first_delay: Duration,
+    /// Backoff cap for waits on another node (the seeder answers those for the whole fleet).
     pub max_delay: Duration,
+    /// Backoff cap for local probes (a daemon's health, a port, the region's pg): cheap, and
+    /// usually ready within seconds, so a long sleep would only add latency to a restart.
+    pub max_local_delay: Duration,
     /// Bound on one probe.
     pub attempt_timeout: Duration,
 }
@@ -34,6 +38,7 @@ impl Default for WaitPolicy {
         Self {
             first_delay: Duration::from_millis(250),
             max_delay: Duration::from_secs(5),
+            max_local_delay: Duration::from_secs(1),
             attempt_timeout: Duration::from_secs(5),
         }
     }
@@ -124,7 +129,11 @@ pub async fn wait_for(
             });
         }
         tokio::time::sleep(delay.min(deadline - now)).await;
-        delay = (delay * 2).min(policy.max_delay);
+        let cap = match target {
+            WaitTarget::Node { .. } => policy.max_delay,
+            _ => policy.max_local_delay,
+        };
+        delay = (delay * 2).min(cap);
     }
 }
 

@@ -320,6 +320,7 @@ impl<'a> Env<'a> {
                 wait: WaitPolicy {
                     first_delay: Duration::from_millis(10),
                     max_delay: Duration::from_millis(100),
+                    max_local_delay: Duration::from_millis(100),
                     attempt_timeout: Duration::from_secs(2),
                 },
             },
