@@ -449,6 +449,14 @@ pub enum Probe {
     ServiceActive {
         unit: String,
     },
+    /// A zero-touch credential file verified as a receiving ai-memory peer would (ai-memory's
+    /// `verify-cred`): against the issuer keys (raw 32-byte `<issuer_id>.pub` files, the id
+    /// being the file stem) and the trust domain. Reports the credential's subject.
+    FederationCredential {
+        credential_path: AbsPath,
+        issuer_keys: Vec<AbsPath>,
+        trust_domain: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

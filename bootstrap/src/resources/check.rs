@@ -148,6 +148,11 @@ async fn observe(env: &CheckEnv<'_>, probe: &Probe) -> Result<String, String> {
             query,
         } => sql(env.host, dbname, user, query).await,
         Probe::ProcessCount { exe, arg } => Ok(process_count(exe, arg).to_string()),
+        Probe::FederationCredential {
+            credential_path,
+            issuer_keys,
+            trust_domain,
+        } => federation_credential(env.host, credential_path, issuer_keys, trust_domain),
         Probe::ServiceActive { unit } => match env.manager {
             ServiceManager::Systemd => {
                 let out = env
@@ -219,6 +224,56 @@ fn parent_pid(proc_dir: &std::path::Path) -> Option<u32> {
     rest.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// The subject of a credential file that verifies against the given issuer keys and trust
+/// domain now; otherwise ai-memory's refusal tag. Never the credential itself.
+fn federation_credential(
+    host: &dyn Host,
+    credential_path: &AbsPath,
+    issuer_keys: &[AbsPath],
+    trust_domain: &str,
+) -> Result<String, String> {
+    let text = match host.read(credential_path) {
+        Ok(Some(b)) => {
+            String::from_utf8(b).map_err(|_| format!("{credential_path} is not text"))?
+        }
+        Ok(None) => return Err(format!("{credential_path} is missing")),
+        Err(e) => return Err(error_chain(&e)),
+    };
+    let mut issuers = Vec::new();
+    for path in issuer_keys {
+        let id = path
+            .as_str()
+            .rsplit('/')
+            .next()
+            .and_then(|n| n.strip_suffix(".pub"))
+            .ok_or_else(|| format!("{path}: an issuer key file is named <issuer_id>.pub"))?
+            .to_owned();
+        let bytes = match host.read(path) {
+            Ok(Some(b)) => b,
+            Ok(None) => return Err(format!("{path} is missing")),
+            Err(e) => return Err(error_chain(&e)),
+        };
+        let raw: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
+            format!(
+                "{path}: not a raw 32-byte Ed25519 key ({} bytes)",
+                bytes.len()
+            )
+        })?;
+        let key = ed25519_dalek::VerifyingKey::from_bytes(&raw)
+            .map_err(|_| format!("{path}: not a valid Ed25519 public key"))?;
+        issuers.push((id, key));
+    }
+    let issuers: Vec<(&str, ed25519_dalek::VerifyingKey)> =
+        issuers.iter().map(|(id, k)| (id.as_str(), *k)).collect();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    hiveseed_proto::credential::verify(text.trim(), &issuers, Some(trust_domain), now)
+        .map(|claims| claims.subject_agent_id)
+        .map_err(|e| e.to_string())
+}
+
 /// One value over the local socket as the `postgres` superuser (pg_hba `local all all trust`).
 async fn sql(host: &dyn Host, dbname: &str, user: &str, query: &str) -> Result<String, String> {
     let socket_dir: AbsPath = "/var/run/postgresql".parse().expect("static path");
@@ -250,6 +305,65 @@ async fn sql(host: &dyn Host, dbname: &str, user: &str, query: &str) -> Result<S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The node-side `verify_cred_chain`: the subject when the credential verifies, ai-memory's
+    /// refusal tag when it does not, a clear message for a missing or malformed file.
+    #[test]
+    fn federation_credential_probe() {
+        use ed25519_dalek::SigningKey;
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("etc/ai-memory/trust")).unwrap();
+        let host = crate::RealHost::new(tmp.path()).unwrap();
+        let ca = SigningKey::generate(&mut rand::rngs::OsRng);
+        let other = SigningKey::generate(&mut rand::rngs::OsRng);
+        let node = SigningKey::generate(&mut rand::rngs::OsRng);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let fed_id = "c1/r1/c1-peer-r1-01";
+        let mint = |issuer: &SigningKey| {
+            hiveseed_proto::credential::mint(
+                issuer,
+                "c1-ca",
+                "c1.fleet",
+                fed_id,
+                node.verifying_key().to_bytes(),
+                now,
+                3600,
+            )
+            .unwrap()
+            .0
+        };
+        let p = |s: &str| -> AbsPath { s.parse().unwrap() };
+        let cred = p("/etc/ai-memory/credential");
+        let keys = vec![p("/etc/ai-memory/trust/c1-ca.pub")];
+        std::fs::write(
+            tmp.path().join("etc/ai-memory/trust/c1-ca.pub"),
+            ca.verifying_key().to_bytes(),
+        )
+        .unwrap();
+        let probe = |domain: &str| federation_credential(&host, &cred, &keys, domain);
+
+        assert!(probe("c1.fleet").unwrap_err().contains("missing"));
+        std::fs::write(
+            tmp.path().join("etc/ai-memory/credential"),
+            mint(&ca) + "\n",
+        )
+        .unwrap();
+        assert_eq!(probe("c1.fleet").unwrap(), fed_id);
+        assert_eq!(
+            probe("other.fleet").unwrap_err(),
+            "credential_wrong_trust_domain"
+        );
+        // Signed by another key under the same issuer id.
+        std::fs::write(tmp.path().join("etc/ai-memory/credential"), mint(&other)).unwrap();
+        assert_eq!(probe("c1.fleet").unwrap_err(), "credential_bad_signature");
+        std::fs::write(tmp.path().join("etc/ai-memory/credential"), "v1=AAAA").unwrap();
+        assert_eq!(probe("c1.fleet").unwrap_err(), "credential_malformed");
+        std::fs::write(tmp.path().join("etc/ai-memory/trust/c1-ca.pub"), [0u8; 31]).unwrap();
+        assert!(probe("c1.fleet").unwrap_err().contains("31 bytes"));
+    }
 
     #[test]
     fn json_fields() {

@@ -445,11 +445,14 @@ pub async fn zerotouch(run: &mut Run<'_>) {
             a.error_tag().unwrap_or_else(|| a.summary()),
             ok,
         );
-        run.skip(
+        // The seed's `verify_cred_chain <h>`: the peer's own check verifies its credential file
+        // against its trust bundle and domain, as a receiving daemon would, and names the subject.
+        run.from_evidence(
             G,
             format!("cred_ca_chain[{}]", p.name()),
-            format!("{}/{}/{}", mesh.campaign, p.region(), p.name()),
-            "no node-side check reports the on-node credential verified against the trust bundle yet (the agent verifies each credential against the campaign CA before it writes it; the seeder keeps only an issuance event)",
+            p.name(),
+            "zerotouch.cred_ca_chain",
+            &format!("{}/{}/{}", mesh.campaign, p.region(), p.name()),
         );
     }
 }

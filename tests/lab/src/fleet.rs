@@ -171,6 +171,14 @@ pub fn address_plan(nodes: &BTreeMap<String, (String, String)>) -> BTreeMap<Stri
 /// `<lab>/seeder.log`; returns once it listens.
 fn start_seeder(lab_dir: &Path, seeder_bin: &Path, campaign: &Path) -> Result<u32> {
     let addr: SocketAddr = SEEDER_LISTEN.parse().expect("static");
+    // A predecessor's exit can be reported while its other threads still hold the listening
+    // socket; whatever answers here before we start is not ours.
+    crate::wait::until(
+        "the seeder's address to be free",
+        Duration::from_secs(10),
+        || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err(),
+    )
+    .map_err(|e| step("seeder serve", e))?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let log = std::fs::OpenOptions::new()
@@ -199,11 +207,13 @@ fn start_seeder(lab_dir: &Path, seeder_bin: &Path, campaign: &Path) -> Result<u3
         // Listening, or exited (a just-killed predecessor's socket can linger for a moment).
         let mut exited = None;
         crate::wait::until("the seeder to listen", Duration::from_secs(30), || {
+            let listening = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok();
+            // Only this child counts: an answer while it has already exited came from another.
             if let Ok(Some(st)) = child.try_wait() {
                 exited = Some(st);
                 return true;
             }
-            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+            listening
         })
         .map_err(|e| step("seeder serve", e))?;
         match exited {
@@ -589,6 +599,15 @@ impl Fleet {
         if !left.is_empty() {
             return Err(step("killing the seeder", "still running after SIGKILL"));
         }
+        // The leader's exit can be reported while its other threads still hold the listening
+        // socket: the seeder is gone when its port refuses connections.
+        let addr: SocketAddr = SEEDER_LISTEN.parse().expect("static");
+        crate::wait::until(
+            "the killed seeder's port to close",
+            Duration::from_secs(10),
+            || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err(),
+        )
+        .map_err(|e| step("killing the seeder", e))?;
         Ok(())
     }
 
