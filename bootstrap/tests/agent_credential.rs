@@ -542,7 +542,9 @@ async fn healthy(daemon: &mut Killed, base: &str, home: &Path) {
     let client = reqwest::Client::new();
     let url = format!("{base}/api/v1/health");
     let deadline = Instant::now() + Duration::from_secs(30);
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
     loop {
+        tick.tick().await;
         if let Some(st) = daemon.0.try_wait().unwrap() {
             panic!(
                 "ai-memory exited ({st}):\n{}",
@@ -555,7 +557,6 @@ async fn healthy(daemon: &mut Killed, base: &str, home: &Path) {
             }
         }
         assert!(Instant::now() < deadline, "{url} never answered");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

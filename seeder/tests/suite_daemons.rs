@@ -118,18 +118,21 @@ impl Daemon {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+        let pid = rustix::process::Pid::from_raw(child.id() as i32);
+        if let Some(pid) = pid {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
         }
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
+        // SIGINT drains; wait for the exit itself (not a poll), SIGKILL after 15 s.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        if rx.recv_timeout(Duration::from_secs(15)).is_err() {
+            if let Some(pid) = pid {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
             }
-            std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = child.kill();
-        let _ = child.wait();
+        let _ = waiter.join();
     }
 }
 
@@ -319,7 +322,9 @@ async fn wait_healthy(d: &mut Daemon, ca_pem: &str, operator: &Identity) {
     )
     .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
+        tick.tick().await;
         let r = client.get(d.endpoint.url("/api/v1/health")).send().await;
         if matches!(&r, Ok(resp) if resp.status() == 200) {
             return;
@@ -337,7 +342,6 @@ async fn wait_healthy(d: &mut Daemon, ca_pem: &str, operator: &Identity) {
             d.name,
             std::fs::read_to_string(&d.log).unwrap_or_default()
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -179,59 +179,49 @@ fn start_seeder(lab_dir: &Path, seeder_bin: &Path, campaign: &Path) -> Result<u3
         || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err(),
     )
     .map_err(|e| step("seeder serve", e))?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(lab_dir.join("seeder.log"))
-            .map_err(io("seeder log"))?;
-        let mut child = Command::new(seeder_bin)
-            .args([
-                "serve",
-                "--listen",
-                SEEDER_LISTEN,
-                "--mesh-deadline",
-                "120",
-                "--dir",
-            ])
-            .arg(campaign)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(io("seeder log"))?)
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .map_err(io("starting seeder serve"))?;
-        let pid = child.id();
-        std::fs::write(lab_dir.join("seeder.pid"), pid.to_string()).map_err(io("seeder.pid"))?;
-        // Listening, or exited (a just-killed predecessor's socket can linger for a moment).
-        let mut exited = None;
-        crate::wait::until("the seeder to listen", Duration::from_secs(30), || {
-            let listening = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok();
-            // Only this child counts: an answer while it has already exited came from another.
-            if let Ok(Some(st)) = child.try_wait() {
-                exited = Some(st);
-                return true;
-            }
-            listening
-        })
-        .map_err(|e| step("seeder serve", e))?;
-        match exited {
-            None => return Ok(pid),
-            Some(st) if Instant::now() < deadline => {
-                tracing::warn!(status = %st, "seeder serve exited at start; starting it again");
-                std::thread::sleep(Duration::from_millis(250));
-            }
-            Some(st) => {
-                return Err(step(
-                    "seeder serve",
-                    format!(
-                        "exited at start ({st}); see {}",
-                        lab_dir.join("seeder.log").display()
-                    ),
-                ))
-            }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(lab_dir.join("seeder.log"))
+        .map_err(io("seeder log"))?;
+    let mut child = Command::new(seeder_bin)
+        .args([
+            "serve",
+            "--listen",
+            SEEDER_LISTEN,
+            "--mesh-deadline",
+            "120",
+            "--dir",
+        ])
+        .arg(campaign)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(io("seeder log"))?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .map_err(io("starting seeder serve"))?;
+    let pid = child.id();
+    std::fs::write(lab_dir.join("seeder.pid"), pid.to_string()).map_err(io("seeder.pid"))?;
+    let mut exited = None;
+    crate::wait::until("the seeder to listen", Duration::from_secs(30), || {
+        let listening = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok();
+        // Only this child counts: an answer while it has already exited came from another.
+        if let Ok(Some(st)) = child.try_wait() {
+            exited = Some(st);
+            return true;
         }
+        listening
+    })
+    .map_err(|e| step("seeder serve", e))?;
+    match exited {
+        None => Ok(pid),
+        Some(st) => Err(step(
+            "seeder serve",
+            format!(
+                "exited at start ({st}); see {}",
+                lab_dir.join("seeder.log").display()
+            ),
+        )),
     }
 }
 
@@ -599,15 +589,6 @@ impl Fleet {
         if !left.is_empty() {
             return Err(step("killing the seeder", "still running after SIGKILL"));
         }
-        // The leader's exit can be reported while its other threads still hold the listening
-        // socket: the seeder is gone when its port refuses connections.
-        let addr: SocketAddr = SEEDER_LISTEN.parse().expect("static");
-        crate::wait::until(
-            "the killed seeder's port to close",
-            Duration::from_secs(10),
-            || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err(),
-        )
-        .map_err(|e| step("killing the seeder", e))?;
         Ok(())
     }
 

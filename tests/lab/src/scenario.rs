@@ -119,19 +119,7 @@ fn one_line(s: &str, max: usize) -> String {
     }
 }
 
-/// Polls `probe` (which returns `Some` when the condition holds) until `deadline`.
-fn poll<T>(deadline: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = probe() {
-            return Some(v);
-        }
-        if start.elapsed() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+use crate::wait::until_some as poll;
 
 /// Per node: (seeder's generation, applied generation, phase).
 fn generations(status: &serde_json::Value) -> BTreeMap<String, (u64, u64, String)> {

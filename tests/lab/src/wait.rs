@@ -39,6 +39,16 @@ pub fn until(
     }
 }
 
+/// [`until`] for a condition that yields a value when it holds (`Some`); `None` at the deadline.
+pub fn until_some<T>(deadline: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
+    let mut found = None;
+    let _ = until("a value", deadline, || {
+        found = probe();
+        found.is_some()
+    });
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -55,5 +65,16 @@ mod tests {
         })
         .unwrap();
         assert_eq!(n, 3);
+    }
+
+    #[test]
+    fn until_some_yields_the_value_or_none() {
+        let mut n = 0;
+        let v = until_some(Duration::from_secs(5), || {
+            n += 1;
+            (n == 2).then_some(n * 10)
+        });
+        assert_eq!(v, Some(20));
+        assert_eq!(until_some(Duration::from_millis(50), || None::<u8>), None);
     }
 }
