@@ -12,8 +12,8 @@ use crate::host::Host;
 use crate::plan::{Action, Plan};
 use crate::resources::wait::{self, WaitPolicy};
 use crate::resources::{
-    certificate, command, directory, federation, file, package, service, user, ArtifactFetcher,
-    CertSigner, CredentialIssuer, NodeReadiness, ResourceError,
+    certificate, command, directory, federation, file, package, service, standard, user,
+    ArtifactFetcher, CertSigner, CredentialIssuer, NodeReadiness, ResourceError,
 };
 use crate::supervisor::Supervisor;
 
@@ -252,6 +252,10 @@ async fn run(action: &Action, env: &ApplyEnv<'_>) -> Result<(), ResourceError> {
             manager,
             reason: _,
         } => service::restart(host, env.supervisor, unit, *manager).await?,
+        Action::SetNamespaceStandard {
+            standard,
+            reason: _,
+        } => standard::ensure(host, env.issuer, standard).await?,
         Action::Wait { target, timeout } => {
             wait::wait_for(host, env.readiness, target, *timeout, &env.settings.wait).await?;
         }

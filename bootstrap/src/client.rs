@@ -6,8 +6,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use hiveseed_proto::api::{
-    ApiError, CertRequest, CertResponse, CredentialRequest, CredentialResponse, EnrollRequest,
-    EnrollResponse, ErrorKind, Readiness,
+    ApiError, AttestRequest, AttestResponse, CertRequest, CertResponse, CredentialRequest,
+    CredentialResponse, EnrollRequest, EnrollResponse, ErrorKind, Readiness,
 };
 use hiveseed_proto::manifest::CertificatePurpose;
 use hiveseed_proto::status::StatusReport;
@@ -368,6 +368,20 @@ impl CredentialIssuer for SeederClient {
                 retryable: e.retryable(),
                 message: e.to_string(),
             })
+        })
+    }
+
+    fn attest<'a>(
+        &'a self,
+        req: &'a AttestRequest,
+    ) -> BoxFuture<'a, Result<AttestResponse, SignError>> {
+        Box::pin(async move {
+            self.post_mtls("/v1/attest", req, Duration::from_secs(30))
+                .await
+                .map_err(|e: ClientError| SignError {
+                    retryable: e.retryable(),
+                    message: e.to_string(),
+                })
         })
     }
 }

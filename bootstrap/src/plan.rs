@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use hiveseed_proto::credential::CredentialError;
 use hiveseed_proto::manifest::{
-    CertificatePurpose, FederationIssuer, FileContent, Ownership, WaitTarget,
+    CertificatePurpose, FederationIssuer, FileContent, NamespaceStandard, Ownership, WaitTarget,
 };
 use hiveseed_proto::{
     AbsPath, FedId, FileMode, Generation, Manifest, NodeName, Resource, ResourceId, Sha256,
@@ -17,7 +17,8 @@ use hiveseed_proto::{
 
 use crate::host::{display_argv, Host, HostError, Sensitive};
 use crate::resources::{
-    certificate, command, directory, federation, file, package, service, user, wait, NodeReadiness,
+    certificate, command, directory, federation, file, package, service, standard, user, wait,
+    NodeReadiness,
 };
 use crate::supervisor::Supervisor;
 use crate::unit::UnitError;
@@ -230,6 +231,10 @@ pub enum Action {
         target: WaitTarget,
         timeout: Duration,
     },
+    SetNamespaceStandard {
+        standard: Box<NamespaceStandard>,
+        reason: String,
+    },
 }
 
 fn owner_str(owner: &Option<Ownership>) -> String {
@@ -373,6 +378,11 @@ impl fmt::Display for Action {
                 timeout.as_secs(),
                 wait::blocked_on(target)
             ),
+            Action::SetNamespaceStandard { standard, reason } => write!(
+                f,
+                "set the standard of namespace {} to {:?} as {} ({reason})",
+                standard.namespace, standard.memory.title, standard.owner.agent_id
+            ),
         }
     }
 }
@@ -451,6 +461,7 @@ pub enum Observation {
     Command(command::Observed),
     Service(service::Observed),
     Wait(wait::Observed),
+    NamespaceStandard(standard::Observed),
     Check,
 }
 
@@ -609,6 +620,9 @@ pub async fn observe(manifest: &Manifest, env: &ObserveEnv<'_>) -> Result<Observ
             Resource::Wait(w) => Observation::Wait(
                 wait::observe(env.host, env.readiness, &w.target, env.probe_timeout).await,
             ),
+            Resource::NamespaceStandard(s) => Observation::NamespaceStandard(
+                standard::observe(env.host, s, env.probe_timeout).await,
+            ),
             Resource::Check(_) => Observation::Check,
         };
         resources.insert(r.id().clone(), o);
@@ -654,6 +668,9 @@ pub fn plan(
                 service::plan(s, o, observed.manager, notified)?
             }
             (Resource::Wait(w), Observation::Wait(o)) => wait::plan(w, o),
+            (Resource::NamespaceStandard(s), Observation::NamespaceStandard(o)) => {
+                standard::plan(s, o)
+            }
             (Resource::Check(_), Observation::Check) => Vec::new(),
             _ => return Err(PlanError::NotObserved { id }),
         };

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::envelope::SignedEnvelope;
 use crate::manifest::{CertificatePurpose, Manifest};
-use crate::names::{Ed25519PublicKey, FedId, Region};
+use crate::names::{Ed25519PublicKey, FedId, Region, Sha256};
 
 /// What a node knows about itself: from the DigitalOcean metadata service or a facts file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +64,29 @@ pub struct CredentialResponse {
     pub credential: String,
     /// Unix seconds.
     pub not_after: i64,
+}
+
+/// A signature for an attested ai-memory write the node's manifest asks for
+/// (`POST /v1/attest`): the seeder signs as the standard's owner, only a memory that a
+/// `namespace_standard` resource of the node's current manifest names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttestRequest {
+    pub namespace: String,
+    pub title: String,
+    pub kind: String,
+    /// SHA-256 of the memory's content.
+    pub content_sha256: Sha256,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttestResponse {
+    pub agent_id: String,
+    /// RFC 3339 (`2026-06-01T12:00:00+00:00`); the daemon accepts it within ±300 s of its clock.
+    pub created_at: String,
+    /// Standard base64 Ed25519 over the canonical-CBOR `SignableWrite` envelope.
+    pub signature: String,
 }
 
 /// Whether a node has reached a readiness gate (`GET /v1/ready/{node}/{gate}`).

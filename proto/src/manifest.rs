@@ -72,6 +72,9 @@ impl Manifest {
                     }
                 }
             }
+            if let Resource::NamespaceStandard(n) = r {
+                n.validate()?;
+            }
             if !seen.insert(r.id().clone()) {
                 return Err(ManifestError::Invalid(format!(
                     "resource id {} appears twice",
@@ -97,6 +100,7 @@ pub enum Resource {
     Command(Command),
     Service(Service),
     Wait(Wait),
+    NamespaceStandard(NamespaceStandard),
     Check(Check),
 }
 
@@ -113,6 +117,7 @@ impl Resource {
             Resource::Command(r) => &r.id,
             Resource::Service(r) => &r.id,
             Resource::Wait(r) => &r.id,
+            Resource::NamespaceStandard(r) => &r.id,
             Resource::Check(r) => &r.id,
         }
     }
@@ -129,6 +134,7 @@ impl Resource {
             Resource::Command(_) => "command",
             Resource::Service(_) => "service",
             Resource::Wait(_) => "wait",
+            Resource::NamespaceStandard(_) => "namespace_standard",
             Resource::Check(_) => "check",
         }
     }
@@ -400,6 +406,107 @@ pub enum WaitTarget {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         source: Option<std::net::IpAddr>,
     },
+}
+
+/// An ai-memory namespace standard (Batman Forms 2 and 6, reference spec §3.4): the node's own
+/// daemon binds `namespace` to a standard memory carrying `governance`. The memory is an attested
+/// write by `owner`, whose key only the seeder holds: the agent registers `owner` on its daemon,
+/// binds `owner.public_key` to it (as `owner`, the daemon's admin agent), asks the seeder to sign
+/// exactly this memory, writes it and points the namespace at it. Converged when the daemon
+/// reports a standard with this title whose governance holds every field given here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceStandard {
+    pub id: ResourceId,
+    /// The daemon's API base, `https://<host>:<port>`.
+    pub url: String,
+    pub ca_path: AbsPath,
+    pub cert_path: AbsPath,
+    pub key_path: AbsPath,
+    /// The daemon's API key (`x-api-key`); read on the node, never in the manifest.
+    pub api_key_file: AbsPath,
+    pub namespace: String,
+    pub owner: StandardOwner,
+    pub memory: StandardMemory,
+    /// The `GovernancePolicy` object (`ai-memory namespace batman-policy --json`).
+    pub governance: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StandardOwner {
+    pub agent_id: String,
+    pub public_key: Ed25519PublicKey,
+}
+
+/// The standard memory: what the seeder signs (with `namespace` and a fresh `created_at`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StandardMemory {
+    pub title: String,
+    /// The daemon's memory kind (`observation`, ...), part of the signed envelope.
+    pub kind: String,
+    pub content: String,
+}
+
+/// Limits on the texts of a namespace standard; ai-memory refuses far less anyway.
+const STANDARD_TEXT_MAX: usize = 4096;
+
+fn plain_text(what: &str, s: &str, max: usize) -> Result<(), ManifestError> {
+    if s.trim().is_empty() {
+        return Err(ManifestError::Invalid(format!("{what} is empty")));
+    }
+    if s.len() > max {
+        return Err(ManifestError::Invalid(format!(
+            "{what} is longer than {max} bytes"
+        )));
+    }
+    if s.chars().any(|c| c.is_control() && c != '\n') {
+        return Err(ManifestError::Invalid(format!(
+            "{what} contains control characters"
+        )));
+    }
+    Ok(())
+}
+
+impl NamespaceStandard {
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        let what = |f: &str| format!("namespace_standard {}: {f}", self.id);
+        if !self.url.starts_with("https://") || self.url.contains(char::is_whitespace) {
+            return Err(ManifestError::Invalid(what(
+                "url must be https://host:port",
+            )));
+        }
+        plain_text(&what("namespace"), &self.namespace, 128)?;
+        if self.namespace.contains(char::is_whitespace) {
+            return Err(ManifestError::Invalid(what(
+                "namespace contains whitespace",
+            )));
+        }
+        plain_text(&what("owner.agent_id"), &self.owner.agent_id, 128)?;
+        if self
+            .owner
+            .agent_id
+            .contains(|c: char| c.is_whitespace() || c == '/')
+        {
+            return Err(ManifestError::Invalid(what(
+                "owner.agent_id contains whitespace or a slash",
+            )));
+        }
+        plain_text(&what("memory.title"), &self.memory.title, 512)?;
+        plain_text(&what("memory.kind"), &self.memory.kind, 64)?;
+        plain_text(
+            &what("memory.content"),
+            &self.memory.content,
+            STANDARD_TEXT_MAX,
+        )?;
+        match &self.governance {
+            serde_json::Value::Object(m) if !m.is_empty() => Ok(()),
+            _ => Err(ManifestError::Invalid(what(
+                "governance must be a non-empty JSON object",
+            ))),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -823,6 +930,90 @@ mod tests {
         }
         let mut v = federation_credential_json();
         v["private_key"] = "x".into();
+        assert!(serde_json::from_value::<Resource>(v).is_err());
+    }
+
+    fn namespace_standard_json() -> serde_json::Value {
+        serde_json::json!({
+            "kind": "namespace_standard",
+            "id": "standard:campaign",
+            "url": "https://127.1.1.2:9077",
+            "ca_path": "/etc/ai-memory/tls/ca.pem",
+            "cert_path": "/etc/ai-memory/tls/client.pem",
+            "key_path": "/etc/ai-memory/tls/client.key",
+            "api_key_file": "/etc/ai-memory/api.key",
+            "namespace": "do-1461",
+            "owner": {
+                "agent_id": "ai:do-1461-operator@do-1461",
+                "public_key": "11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=",
+            },
+            "memory": {"title": "batman-active standard for do-1461", "kind": "observation", "content": "Form 2 + Form 6"},
+            "governance": {"auto_atomise": true, "write": "owner"},
+        })
+    }
+
+    fn with_resource(r: Resource) -> Manifest {
+        let mut m = manifest(1);
+        m.resources.push(r);
+        m.digest = Manifest::digest_of(&m.resources);
+        m
+    }
+
+    #[test]
+    fn namespace_standard_parses_and_passes_consistency() {
+        let r: Resource = serde_json::from_value(namespace_standard_json()).unwrap();
+        assert_eq!(r.kind(), "namespace_standard");
+        with_resource(r).check_consistency().unwrap();
+    }
+
+    #[test]
+    fn hostile_namespace_standards_are_refused_naming_the_field() {
+        let cases: [(&str, serde_json::Value, &str); 8] = [
+            ("url", "http://127.1.1.2:9077".into(), "url must be https"),
+            ("namespace", "".into(), "namespace is empty"),
+            (
+                "namespace",
+                "do 1461".into(),
+                "namespace contains whitespace",
+            ),
+            (
+                "owner",
+                serde_json::json!({"agent_id": "ai:x/y", "public_key": "11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo="}),
+                "owner.agent_id",
+            ),
+            (
+                "memory",
+                serde_json::json!({"title": "t\u{7}", "kind": "observation", "content": "c"}),
+                "memory.title contains control",
+            ),
+            (
+                "memory",
+                serde_json::json!({"title": "t", "kind": "observation", "content": "x".repeat(5000)}),
+                "memory.content is longer",
+            ),
+            (
+                "governance",
+                serde_json::json!([1, 2]),
+                "governance must be",
+            ),
+            ("governance", serde_json::json!({}), "governance must be"),
+        ];
+        for (field, value, needle) in cases {
+            let mut v = namespace_standard_json();
+            v[field] = value;
+            let r: Resource = serde_json::from_value(v).unwrap();
+            let err = with_resource(r)
+                .check_consistency()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{field}: {err}");
+            assert!(err.contains("standard:campaign"), "{field}: {err}");
+        }
+        let mut v = namespace_standard_json();
+        v["owner"]["public_key"] = "AAAA".into();
+        assert!(serde_json::from_value::<Resource>(v).is_err());
+        let mut v = namespace_standard_json();
+        v["owner"]["private_key"] = "x".into();
         assert!(serde_json::from_value::<Resource>(v).is_err());
     }
 

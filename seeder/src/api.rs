@@ -25,14 +25,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use hiveseed_proto::api::{
-    CertRequest, CertResponse, CredentialRequest, CredentialResponse, EnrollRequest,
-    EnrollResponse, ErrorKind, Readiness,
+    AttestRequest, AttestResponse, CertRequest, CertResponse, CredentialRequest,
+    CredentialResponse, EnrollRequest, EnrollResponse, ErrorKind, Readiness,
 };
 use hiveseed_proto::manifest::CertificatePurpose;
 use hiveseed_proto::status::{Phase, StatusReport};
 use hiveseed_proto::{FedId, JoinToken, NodeName, Sha256};
 use serde::Deserialize;
 
+use crate::campaign::CampaignDir;
 use crate::error::{ApiResult, Error};
 use crate::pki::{LeafSpec, LeafUsage};
 use crate::state::{fingerprint, Change, ReenrollPolicy, Seeder};
@@ -56,6 +57,7 @@ pub fn app(seeder: Arc<Seeder>) -> Router {
         .route("/v1/certs", post(post_cert))
         .route("/v1/identity", post(renew_identity))
         .route("/v1/credential", post(post_credential))
+        .route("/v1/attest", post(post_attest))
         .route("/v1/artifacts/{sha}", get(get_artifact))
         .route("/v1/ready/{node}/{gate}", get(get_ready))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -625,6 +627,43 @@ async fn post_credential(
         credential,
         not_after: claims.not_after,
     }))
+}
+
+/// Signs, as the campaign's operator agent and dated now, the attested write of a namespace
+/// standard that the calling node's current manifest names (namespace, title, kind and content
+/// digest all equal): the one write a node may have signed, so a node cannot borrow the
+/// operator's identity for anything else. Only an event is recorded.
+async fn post_attest(
+    State(s): State<Arc<Seeder>>,
+    id: NodeIdentity,
+    ApiJson(req): ApiJson<AttestRequest>,
+) -> ApiResult<axum::Json<AttestResponse>> {
+    if !s.manifest_names_standard(&id.node, &req)? {
+        return Err(Error::new(
+            ErrorKind::Forbidden,
+            format!(
+                "the manifest of {} names no namespace standard {:?} titled {:?} of kind {:?} with \
+                 that content",
+                id.node, req.namespace, req.title, req.kind
+            ),
+        ));
+    }
+    let agent_id = CampaignDir::operator_agent_id(s.inputs().fleet.campaign.as_str());
+    let now = s.now() as i64;
+    let created_at = crate::attest::rfc3339(now)
+        .ok_or_else(|| Error::new(ErrorKind::Internal, "the seeder's clock is out of range"))?;
+    let signed = crate::attest::sign_request(&agent_id, &s.operator_agent, &req, created_at);
+    s.store.event(
+        now as u64,
+        Some(&id.node),
+        "attested",
+        &format!(
+            "signed the standard memory {:?} of namespace {:?} as {agent_id}",
+            req.title, req.namespace
+        ),
+    )?;
+    tracing::info!(node = %id.node, namespace = %req.namespace, "standard memory signed");
+    Ok(axum::Json(signed))
 }
 
 async fn get_artifact(

@@ -95,6 +95,20 @@ impl CampaignDir {
         self.federation_dir()
             .join(format!("{}.pub", Self::federation_issuer_id(campaign)))
     }
+    /// Ed25519 keys of the ai-memory agents the seeder signs for (`<agent_id>.priv`, raw seeds):
+    /// the operator agent, and the `seeder test` harness agents.
+    pub fn agent_keys_dir(&self) -> PathBuf {
+        self.root.join("agent-keys")
+    }
+    /// The campaign's operator agent on every peer: the daemons' admin, and owner of the
+    /// campaign namespace's standard (its key stays here; the seeder signs for it).
+    pub fn operator_agent_id(campaign: &str) -> String {
+        format!("ai:{campaign}-operator@{campaign}")
+    }
+    pub fn load_operator_agent(&self, campaign: &Campaign) -> Result<SigningKey> {
+        crate::attest::KeyStore::new(self.agent_keys_dir())
+            .ensure(&Self::operator_agent_id(campaign.as_str()))
+    }
     pub fn secrets_dir(&self) -> PathBuf {
         self.root.join("secrets")
     }
@@ -411,6 +425,18 @@ pub fn init(
         let bytes: [u8; 32] = rand::random();
         Ok(hex::encode(bytes).into_bytes())
     })?;
+    // The operator agent's attestation key (made once; `seeder serve` signs with it).
+    let agent_key = dir
+        .agent_keys_dir()
+        .join(format!("{}.priv", CampaignDir::operator_agent_id(campaign)));
+    let existed = agent_key.exists();
+    crate::attest::KeyStore::new(dir.agent_keys_dir())
+        .ensure(&CampaignDir::operator_agent_id(campaign))?;
+    log.push(format!(
+        "{} {}",
+        if existed { "kept" } else { "wrote" },
+        agent_key.display()
+    ));
 
     Ok(log)
 }

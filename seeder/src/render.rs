@@ -105,6 +105,23 @@ pub struct ArtifactView {
     pub size: u64,
 }
 
+/// The campaign's operator agent as the roles see it: its id and the public half of the key the
+/// seeder signs its attested writes with.
+#[derive(Debug, Clone, Serialize)]
+pub struct OperatorAgent {
+    pub id: String,
+    pub public_key: hiveseed_proto::Ed25519PublicKey,
+}
+
+impl OperatorAgent {
+    pub fn new(campaign: &hiveseed_proto::Campaign, key: &ed25519_dalek::SigningKey) -> Self {
+        Self {
+            id: crate::campaign::CampaignDir::operator_agent_id(campaign.as_str()),
+            public_key: key.verifying_key().into(),
+        }
+    }
+}
+
 /// Fleet-wide facts shared by every node's rendering.
 #[derive(Debug, Clone)]
 pub struct FleetFacts {
@@ -115,6 +132,7 @@ pub struct FleetFacts {
     pub artifacts: BTreeMap<String, ArtifactView>,
     /// The campaign's zero-touch federation CA, as nodes trust it.
     pub federation: FederationIssuer,
+    pub operator_agent: OperatorAgent,
     pub mesh_released: bool,
     /// Validation only: an artifact not yet added renders as a placeholder instead of failing.
     pub placeholder_artifacts: bool,
@@ -372,6 +390,7 @@ impl<'a> Renderer<'a> {
                 "trust_domain": facts.federation.trust_domain,
                 "ca_pub_b64": facts.federation.public_key,
             },
+            "operator_agent": facts.operator_agent,
         }))
     }
 
@@ -563,6 +582,10 @@ mod tests {
             )
             .public()
             .clone(),
+            operator_agent: OperatorAgent::new(
+                &fleet.campaign,
+                &ed25519_dalek::SigningKey::from_bytes(&[2; 32]),
+            ),
             mesh_released: false,
             placeholder_artifacts: false,
         }

@@ -109,6 +109,8 @@ pub struct Seeder {
     pub signing: SigningKey,
     /// The zero-touch federation CA: mints node credentials (`POST /v1/credential`).
     pub federation: Issuer,
+    /// The operator agent's attestation key: signs the writes manifests ask for (`POST /v1/attest`).
+    pub operator_agent: SigningKey,
     pub policy: Policy,
     pub clock: Clock,
     inputs: RwLock<Arc<Inputs>>,
@@ -192,6 +194,7 @@ impl Seeder {
             }
         };
         let federation = dir.load_federation_issuer(&inputs.fleet.campaign)?;
+        let operator_agent = dir.load_operator_agent(&inputs.fleet.campaign)?;
         let operator_fpr = std::fs::read_to_string(dir.operator_cert())
             .ok()
             .and_then(|pem| {
@@ -223,6 +226,7 @@ impl Seeder {
             ca,
             signing,
             federation,
+            operator_agent,
             policy,
             clock,
             inputs: RwLock::new(Arc::new(inputs)),
@@ -388,6 +392,10 @@ impl Seeder {
             secrets,
             artifacts,
             federation: self.federation.public().clone(),
+            operator_agent: crate::render::OperatorAgent::new(
+                &fleet.campaign,
+                &self.operator_agent,
+            ),
             mesh_released: false,
             placeholder_artifacts: false,
         })
@@ -593,6 +601,26 @@ impl Seeder {
         }))
     }
 
+    /// Whether a node's current manifest has a `namespace_standard` whose memory is exactly this
+    /// write, owned by the operator agent with the key the seeder holds.
+    pub fn manifest_names_standard(
+        &self,
+        node: &NodeName,
+        req: &hiveseed_proto::api::AttestRequest,
+    ) -> Result<bool> {
+        let operator =
+            crate::render::OperatorAgent::new(&self.inputs().fleet.campaign, &self.operator_agent);
+        Ok(self.current_resources(node)?.iter().any(|r| {
+            matches!(r, Resource::NamespaceStandard(n)
+                if n.namespace == req.namespace
+                    && n.memory.title == req.title
+                    && n.memory.kind == req.kind
+                    && Sha256::digest(n.memory.content.as_bytes()) == req.content_sha256
+                    && n.owner.agent_id == operator.id
+                    && n.owner.public_key == operator.public_key)
+        }))
+    }
+
     /// Whether a node's current manifest asks for a federation credential for `fed_id`: a node
     /// whose role has no federation identity gets none.
     pub fn manifest_wants_credential(&self, node: &NodeName, fed_id: &FedId) -> Result<bool> {
@@ -653,6 +681,10 @@ pub fn validate_roles(fleet: &Fleet, roles: &RoleTree) -> Result<()> {
         federation: Issuer::new(SigningKey::from_bytes(&[1; 32]), &fleet.campaign)
             .public()
             .clone(),
+        operator_agent: crate::render::OperatorAgent::new(
+            &fleet.campaign,
+            &SigningKey::from_bytes(&[2; 32]),
+        ),
         mesh_released: true,
         placeholder_artifacts: true,
     };

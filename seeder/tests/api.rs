@@ -899,3 +899,176 @@ async fn credentials_only_for_the_callers_own_identity_and_a_valid_key() {
     assert_eq!(status, 200, "{text}");
     assert_eq!(credential_events(&c).len(), 2);
 }
+
+// ---- attested writes of namespace standards ----------------------------------------------------
+
+const ATTEST_SEEDER_IP: &str = "127.0.74.1";
+
+const ATTEST_PEER_ROLE: &str = r#"
+[[resource]]
+kind = "namespace_standard"
+id = "standard:campaign"
+url = "https://{{ node.public_ip }}:9077"
+ca_path = "/etc/ai-memory/tls/ca.pem"
+cert_path = "/etc/ai-memory/tls/client.pem"
+key_path = "/etc/ai-memory/tls/client.key"
+api_key_file = "/etc/ai-memory/api.key"
+namespace = "{{ campaign }}"
+owner = { agent_id = "{{ operator_agent.id }}", public_key = "{{ operator_agent.public_key }}" }
+memory = { title = "standard ({{ node.name }})", kind = "observation", content = "Forms 2 and 6 on {{ node.name }}" }
+governance = { auto_atomise = true, write = "owner" }
+"#;
+
+fn attest_events(c: &Campaign) -> usize {
+    hiveseed_seeder::store::Store::open(&c.dir.join("state.db"))
+        .unwrap()
+        .events(1000)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "attested")
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attestation_only_for_the_standard_the_callers_manifest_names() {
+    use sha2::Digest;
+    let fleet = fleet_toml("t1").replace(SEEDER_IP, ATTEST_SEEDER_IP);
+    let c = Campaign::with("t1", &fleet, ATTEST_PEER_ROLE);
+    let server = c.serve_on(&format!("{ATTEST_SEEDER_IP}:0"), &[]);
+    let mut p1 = Agent::new(P1, "127.0.74.11", "127.0.74.111", &c.ca_pem());
+    let mut pg = Agent::new(PG, "127.0.74.10", "127.0.74.110", &c.ca_pem());
+    p1.enroll(&server, &c.token(P1, "peer", 600)).await;
+    pg.enroll(&server, &c.token(PG, "pg", 600)).await;
+
+    let content = format!("Forms 2 and 6 on {P1}");
+    let good = serde_json::json!({
+        "namespace": "t1",
+        "title": format!("standard ({P1})"),
+        "kind": "observation",
+        "content_sha256": hex::encode(sha2::Sha256::digest(content.as_bytes())),
+    });
+    let post = |client: reqwest::Client, body: serde_json::Value| {
+        let url = server.url("/v1/attest");
+        async move {
+            let r = client.post(url).json(&body).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let before = now() as i64;
+    let (status, body) = post(p1.mtls(), good.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    let resp: hiveseed_proto::api::AttestResponse = serde_json::from_str(&body).unwrap();
+    assert_eq!(resp.agent_id, "ai:t1-operator@t1");
+    // Verifies under the operator agent's key as `seeder init` wrote it, over the envelope the
+    // daemon rebuilds from the write, dated by the seeder's clock.
+    let seed: [u8; 32] = std::fs::read(c.dir.join("agent-keys/ai:t1-operator@t1.priv"))
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+    let envelope = hiveseed_seeder::attest::SignableWrite {
+        agent_id: &resp.agent_id,
+        namespace: "t1",
+        title: &format!("standard ({P1})"),
+        kind: "observation",
+        created_at: &resp.created_at,
+        content_sha256: hiveseed_seeder::attest::content_sha256(&content),
+    };
+    assert_eq!(resp.signature, envelope.sign_b64(&key));
+    let signed_at = time::OffsetDateTime::parse(
+        &resp.created_at,
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap()
+    .unix_timestamp();
+    assert!(signed_at >= before && signed_at <= now() as i64, "{resp:?}");
+    assert_eq!(attest_events(&c), 1);
+
+    // Anything but exactly the named memory is refused, naming what; nothing is signed.
+    let with = |field: &str, value: serde_json::Value| {
+        let mut b = good.clone();
+        b[field] = value;
+        b
+    };
+    let cases: Vec<(&str, reqwest::Client, serde_json::Value, u16, &str, &str)> = vec![
+        (
+            "other content",
+            p1.mtls(),
+            with("content_sha256", hex::encode([7u8; 32]).into()),
+            403,
+            "forbidden",
+            "names no namespace standard",
+        ),
+        (
+            "another node's title",
+            p1.mtls(),
+            with("title", format!("standard ({P2})").into()),
+            403,
+            "forbidden",
+            "titled",
+        ),
+        (
+            "other namespace",
+            p1.mtls(),
+            with("namespace", "global".into()),
+            403,
+            "forbidden",
+            "standard \\\"global\\\"",
+        ),
+        (
+            "other kind",
+            p1.mtls(),
+            with("kind", "claim".into()),
+            403,
+            "forbidden",
+            "kind \\\"claim\\\"",
+        ),
+        (
+            "a role without a standard",
+            pg.mtls(),
+            good.clone(),
+            403,
+            "forbidden",
+            "names no namespace standard",
+        ),
+        (
+            "digest not hex",
+            p1.mtls(),
+            with("content_sha256", "zz".into()),
+            400,
+            "bad_request",
+            "content_sha256",
+        ),
+        (
+            "unknown field",
+            p1.mtls(),
+            with("agent_id", "ai:someone@t1".into()),
+            400,
+            "bad_request",
+            "agent_id",
+        ),
+        (
+            "no client certificate",
+            p1.anonymous(),
+            good.clone(),
+            401,
+            "unauthenticated",
+            "client certificate",
+        ),
+        (
+            "the operator",
+            c.operator(),
+            good.clone(),
+            401,
+            "unauthenticated",
+            "unknown client certificate",
+        ),
+    ];
+    for (what, client, body, want, kind, needle) in cases {
+        let (status, text) = post(client, body).await;
+        assert_eq!(status, want, "{what}: {text}");
+        assert_eq!(error_kind(&text), kind, "{what}: {text}");
+        assert!(text.contains(needle), "{what}: {text}");
+    }
+    assert_eq!(attest_events(&c), 1, "a refusal signed something");
+}

@@ -18,7 +18,7 @@ use hiveseed_proto::manifest::{
 use hiveseed_proto::{Generation, Manifest, Sha256};
 use hiveseed_seeder::fleet::{Fleet, NodeSpec};
 use hiveseed_seeder::render::{
-    read_role_tree, AllowEntry, ArtifactView, FleetFacts, Renderer, RoleTree,
+    read_role_tree, AllowEntry, ArtifactView, FleetFacts, OperatorAgent, Renderer, RoleTree,
 };
 use hiveseed_seeder::state::validate_roles;
 use hiveseed_seeder::store::Enrollment;
@@ -139,6 +139,10 @@ fn facts(fleet: &Fleet) -> FleetFacts {
         ]
         .into(),
         federation: federation_issuer(fleet).public().clone(),
+        operator_agent: OperatorAgent::new(
+            &fleet.campaign,
+            &ed25519_dalek::SigningKey::from_bytes(&[9; 32]),
+        ),
         mesh_released: true,
         placeholder_artifacts: false,
     }

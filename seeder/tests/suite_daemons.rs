@@ -482,7 +482,7 @@ fn suite_probes_pass_on_a_batman_pair_and_fail_on_misconfigured_daemons() {
             wait_healthy(d, &ca_pem, &operator).await;
         }
     });
-    let keys = root.join("harness-keys");
+    let keys = root.join("agent-keys");
     let d = |n: &str| daemons.iter().find(|d| d.name == n).unwrap();
 
     // 1. The Batman pair: every probe the suite can prove without a node report passes.

@@ -10,13 +10,14 @@ pub mod federation;
 pub mod file;
 pub mod package;
 pub mod service;
+pub mod standard;
 pub mod user;
 pub mod wait;
 
 use std::future::Future;
 use std::pin::Pin;
 
-use hiveseed_proto::api::{CredentialRequest, CredentialResponse};
+use hiveseed_proto::api::{AttestRequest, AttestResponse, CredentialRequest, CredentialResponse};
 use hiveseed_proto::{AbsPath, FileMode, Sha256};
 
 use crate::host::{Attrs, Host, HostError};
@@ -81,6 +82,8 @@ pub enum ResourceError {
         #[source]
         source: SignError,
     },
+    #[error("namespace standard {namespace}: {reason}")]
+    Standard { namespace: String, reason: String },
     #[error(transparent)]
     Wait(#[from] wait::WaitError),
     #[error(transparent)]
@@ -122,12 +125,25 @@ pub struct SignError {
     pub retryable: bool,
 }
 
-/// Sends the node's federation public key to the seeder and returns the credential it minted.
+/// What the seeder signs for a node's ai-memory daemon: a federation credential for the node's
+/// public key, and the attested write of a namespace standard its manifest names.
 pub trait CredentialIssuer: Send + Sync {
     fn issue<'a>(
         &'a self,
         req: &'a CredentialRequest,
     ) -> BoxFuture<'a, Result<CredentialResponse, SignError>>;
+
+    fn attest<'a>(
+        &'a self,
+        _req: &'a AttestRequest,
+    ) -> BoxFuture<'a, Result<AttestResponse, SignError>> {
+        Box::pin(async {
+            Err(SignError {
+                message: "no attestation signer configured".into(),
+                retryable: false,
+            })
+        })
+    }
 }
 
 /// Answers whether another node passed a readiness gate, as the seeder knows it.

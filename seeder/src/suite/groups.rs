@@ -762,13 +762,59 @@ pub async fn nsa_gaps(run: &mut Run<'_>) {
 
         signed_events_chain(run, p).await;
         provenance_envelope(run, p).await;
+        standard_owner_only(run, p).await;
+    }
+}
+
+/// Forms 2 and 6 in force: the campaign namespace's standard lets only its owner (the operator
+/// agent) write there, so the enrolled harness's correctly signed write is refused.
+async fn standard_owner_only(run: &mut Run<'_>, p: &Peer) {
+    const G: &str = "nsa_gaps";
+    let mesh = run.mesh;
+    let h = run.aid("test-harness");
+    let test = format!("standard_owner_only[{}]", p.name());
+    let expected = "403 not the owner";
+    if let Err(e) = run.enroll(G, p, &h).await {
+        return run.record(
+            G,
+            test,
+            expected,
+            format!("harness not enrolled: {e}"),
+            false,
+        );
+    }
+    let n = letters(12);
+    let written = run
+        .attested_write(
+            p,
+            &h,
+            &mesh.campaign,
+            &format!("nsa-non-owner-{n}"),
+            "observation",
+            "collective",
+            &format!("a non-owner write into the campaign namespace {n}"),
+        )
+        .await;
+    match written {
+        Ok(id) => run.record(
+            G,
+            test,
+            expected,
+            format!("written as {id}: no standard in force"),
+            false,
+        ),
+        Err(e) => {
+            let ok = e.contains("403") && e.contains("not the owner");
+            run.record(G, test, expected, e, ok)
+        }
     }
 }
 
 async fn signed_events_chain(run: &mut Run<'_>, p: &Peer) {
     const G: &str = "nsa_gaps";
     let mesh = run.mesh;
-    let h = run.aid("test-harness");
+    // The campaign namespace's standard admits only its owner, the operator agent.
+    let h = mesh.admin_agent_id.clone();
     let test = format!("signed_events_chain_ok[{}]", p.name());
     let a = run
         .call(
@@ -815,7 +861,8 @@ async fn signed_events_chain(run: &mut Run<'_>, p: &Peer) {
 async fn provenance_envelope(run: &mut Run<'_>, p: &Peer) {
     const G: &str = "nsa_gaps";
     let mesh = run.mesh;
-    let h = run.aid("test-harness");
+    // The campaign namespace's standard admits only its owner, the operator agent.
+    let h = mesh.admin_agent_id.clone();
     let test = format!("provenance_envelope[{}]", p.name());
     let expected = "citation | ConfidenceTier | confidence_tier | MemoryKind | memory_kind";
     if let Err(e) = run.enroll(G, p, &h).await {

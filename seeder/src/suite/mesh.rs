@@ -14,8 +14,8 @@ use crate::campaign::CampaignDir;
 use crate::fleet::Fleet;
 use crate::store::Store;
 
-use super::attest::KeyStore;
 use super::net::{Endpoint, Identity};
+use crate::attest::KeyStore;
 
 /// Everything a run needs, explicit so it runs against the lab and against test daemons alike.
 #[derive(Debug, Clone)]
@@ -200,7 +200,7 @@ impl Mesh {
             )
         });
         Ok(Mesh {
-            admin_agent_id: format!("ai:{campaign}-operator@{campaign}"),
+            admin_agent_id: CampaignDir::operator_agent_id(&campaign),
             campaign,
             ca_pem: read(dir.ca_cert())?,
             api_key: read(dir.api_key())?.trim().to_owned(),
@@ -212,7 +212,7 @@ impl Mesh {
             peers,
             agents,
             quorum_w: fleet.federation.quorum_w,
-            keys: KeyStore::new(dir.root().join("harness-keys")),
+            keys: KeyStore::new(dir.agent_keys_dir()),
             llm_missing,
             evidence,
             converge_within: Duration::from_secs(40),

@@ -6,7 +6,7 @@
 //! chain, systemd state) comes from that node's own latest report, and only while it is fresh.
 //! SKIP says why and never counts as PASS.
 
-pub mod attest;
+pub use crate::attest;
 pub mod groups;
 pub mod mesh;
 pub mod net;

@@ -9,9 +9,9 @@ use rand::Rng;
 use reqwest::Method;
 use serde::{Deserialize, Serialize};
 
-use super::attest::{rfc3339_now, AttestedWrite};
 use super::mesh::{Finding, Mesh, Peer};
 use super::net::{self, Answer, Endpoint, Identity, Posture, Request};
+use crate::attest::{rfc3339_now, AttestedWrite};
 
 /// One report line, in the seed's format.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -327,7 +327,7 @@ impl<'m> Run<'m> {
                 Method::PUT,
                 &format!("/api/v1/agents/{agent}/pubkey"),
                 Some(&admin),
-                Some(serde_json::json!({ "pubkey_b64": super::attest::pubkey_b64(&key) })),
+                Some(serde_json::json!({ "pubkey_b64": crate::attest::pubkey_b64(&key) })),
             )
             .await;
         if bind.is_success() {

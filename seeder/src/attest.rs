@@ -13,6 +13,7 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use ciborium::Value;
 use ed25519_dalek::{Signer, SigningKey};
+use hiveseed_proto::api::{AttestRequest, AttestResponse};
 use sha2::{Digest, Sha256};
 
 /// The six fields a store-path write signature commits to.
@@ -53,6 +54,30 @@ impl SignableWrite<'_> {
     /// The detached signature in the wire form the daemon decodes: standard base64.
     pub fn sign_b64(&self, key: &SigningKey) -> String {
         STANDARD.encode(key.sign(&self.canonical_cbor()).to_bytes())
+    }
+}
+
+/// The signature an attested write described by `req` needs, as `agent_id` with `key`, dated
+/// `created_at`: what `POST /v1/attest` answers.
+pub fn sign_request(
+    agent_id: &str,
+    key: &SigningKey,
+    req: &AttestRequest,
+    created_at: String,
+) -> AttestResponse {
+    let signature = SignableWrite {
+        agent_id,
+        namespace: &req.namespace,
+        title: &req.title,
+        kind: &req.kind,
+        created_at: &created_at,
+        content_sha256: req.content_sha256.0,
+    }
+    .sign_b64(key);
+    AttestResponse {
+        agent_id: agent_id.to_owned(),
+        created_at,
+        signature,
     }
 }
 
@@ -103,8 +128,18 @@ impl AttestedWrite {
 
 /// `2026-06-01T12:00:00+00:00`, the form the seed signs.
 pub fn rfc3339_now() -> String {
-    let now = time::OffsetDateTime::now_utc();
-    now.format(&time::macros::format_description!(
+    format_utc(time::OffsetDateTime::now_utc())
+}
+
+/// Unix seconds as [`rfc3339_now`] writes them; `None` outside the calendar `time` handles.
+pub fn rfc3339(unix: i64) -> Option<String> {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .map(format_utc)
+}
+
+fn format_utc(t: time::OffsetDateTime) -> String {
+    t.format(&time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second]+00:00"
     ))
     .expect("a fixed format")
