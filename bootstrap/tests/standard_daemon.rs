@@ -258,6 +258,25 @@ async fn the_standard_is_set_once_in_force_and_owner_only() {
     assert_eq!(now, Observed::InForce);
     assert!(standard::plan(&s, &now).is_empty());
 
+    // The node checks' probe reads the same standard memory.
+    let daemon = standard::Daemon::connect(
+        &host,
+        &s.url,
+        &s.ca_path,
+        &s.cert_path,
+        &s.key_path,
+        &s.api_key_file,
+        OWNER,
+    )
+    .unwrap();
+    let m = daemon.standard_memory(NAMESPACE).await.unwrap().unwrap();
+    assert_eq!(m["title"], s.memory.title.as_str());
+    assert_eq!(
+        m["metadata"]["governance"]["auto_classify_kind"],
+        "regex_then_llm"
+    );
+    assert_eq!(daemon.standard_memory("std-none").await.unwrap(), None);
+
     // A second run (a re-bind after drift, or a replaced node whose store survived) reuses the
     // memory: the write answers 409 with the existing id.
     standard::ensure(&host, &seeder, &s).await.unwrap();

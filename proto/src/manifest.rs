@@ -564,6 +564,19 @@ pub enum Probe {
         issuer_keys: Vec<AbsPath>,
         trust_domain: String,
     },
+    /// A JSON field (`title`, `metadata.governance.auto_atomise_mode`, ...) of the standard
+    /// memory an ai-memory daemon binds `namespace` to, read as `agent_id` with the node's client
+    /// certificate; `unset` when the namespace has no standard.
+    NamespaceStandard {
+        url: String,
+        ca_path: AbsPath,
+        cert_path: AbsPath,
+        key_path: AbsPath,
+        api_key_file: AbsPath,
+        namespace: String,
+        agent_id: String,
+        field: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

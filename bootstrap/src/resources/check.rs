@@ -153,6 +153,31 @@ async fn observe(env: &CheckEnv<'_>, probe: &Probe) -> Result<String, String> {
             issuer_keys,
             trust_domain,
         } => federation_credential(env.host, credential_path, issuer_keys, trust_domain),
+        Probe::NamespaceStandard {
+            url,
+            ca_path,
+            cert_path,
+            key_path,
+            api_key_file,
+            namespace,
+            agent_id,
+            field,
+        } => {
+            let daemon = super::standard::Daemon::connect(
+                env.host,
+                url,
+                ca_path,
+                cert_path,
+                key_path,
+                api_key_file,
+                agent_id,
+            )?;
+            match daemon.standard_memory(namespace).await? {
+                None => Ok("unset".into()),
+                Some(m) => json_field(&m, field)
+                    .ok_or_else(|| format!("no field {field:?} in the standard memory")),
+            }
+        }
         Probe::ServiceActive { unit } => match env.manager {
             ServiceManager::Systemd => {
                 let out = env

@@ -19,7 +19,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use hiveseed_proto::api::AttestRequest;
 use hiveseed_proto::manifest::NamespaceStandard;
-use hiveseed_proto::Sha256;
+use hiveseed_proto::{AbsPath, Sha256};
 use reqwest::{Method, Url};
 use serde_json::Value;
 
@@ -41,12 +41,11 @@ pub enum Observed {
 
 pub async fn observe(host: &dyn Host, s: &NamespaceStandard, timeout: Duration) -> Observed {
     let probe = async {
-        let api = Api::new(host, s)?;
-        let (status, body) = api.get_standard().await?;
-        if status != 200 {
-            return Err(format!("GET standard answered {status}: {}", quote(&body)));
-        }
-        Ok(in_force(s, &body))
+        let api = Daemon::for_standard(host, s)?;
+        Ok::<_, String>(in_force(
+            s,
+            api.standard_memory(&s.namespace).await?.as_ref(),
+        ))
     };
     match tokio::time::timeout(timeout, probe).await {
         Ok(Ok(None)) => Observed::InForce,
@@ -65,23 +64,20 @@ pub fn plan(s: &NamespaceStandard, o: &Observed) -> Vec<Action> {
     }
 }
 
-/// `None` when the GET answer shows the manifest's standard in force, else what differs.
-fn in_force(s: &NamespaceStandard, body: &str) -> Option<String> {
-    let v: Value = match serde_json::from_str(body) {
-        Ok(v) => v,
-        Err(_) => return Some(format!("GET standard is not JSON: {}", quote(body))),
-    };
-    if v.get("standard_id").is_none_or(Value::is_null) {
+/// `None` when `memory` (the namespace's standard memory, if any) is the manifest's standard
+/// in force, else what differs.
+fn in_force(s: &NamespaceStandard, memory: Option<&Value>) -> Option<String> {
+    let Some(m) = memory else {
         return Some(format!("namespace {} has no standard", s.namespace));
-    }
-    if v.get("title").and_then(Value::as_str) != Some(s.memory.title.as_str()) {
+    };
+    let title = m.get("title").and_then(Value::as_str).unwrap_or("");
+    if title != s.memory.title {
         return Some(format!(
-            "the standard is {:?}, not {:?}",
-            v.get("title").and_then(Value::as_str).unwrap_or(""),
+            "the standard is {title:?}, not {:?}",
             s.memory.title
         ));
     }
-    let got = v.get("governance").and_then(Value::as_object);
+    let got = m.pointer("/metadata/governance").and_then(Value::as_object);
     let want = s.governance.as_object()?;
     for (k, w) in want {
         let g = got.and_then(|g| g.get(k));
@@ -118,13 +114,14 @@ pub async fn ensure(
     issuer: &dyn CredentialIssuer,
     s: &NamespaceStandard,
 ) -> Result<(), ResourceError> {
-    let api = Api::new(host, s).map_err(|e| fail(s, e))?;
+    let api = Daemon::for_standard(host, s).map_err(|e| fail(s, e))?;
     let owner = &s.owner.agent_id;
 
     let (status, body) = api
         .call(
             Method::POST,
             &["api", "v1", "agents"],
+            &[],
             Some(serde_json::json!({
                 "agent_id": owner,
                 "agent_type": "ai:operator",
@@ -146,6 +143,7 @@ pub async fn ensure(
         .call(
             Method::PUT,
             &["api", "v1", "agents", owner, "pubkey"],
+            &[],
             Some(serde_json::json!({ "pubkey_b64": pubkey })),
         )
         .await
@@ -183,6 +181,7 @@ pub async fn ensure(
         .call(
             Method::POST,
             &["api", "v1", "memories"],
+            &[],
             Some(serde_json::json!({
                 "title": s.memory.title,
                 "content": s.memory.content,
@@ -227,6 +226,7 @@ pub async fn ensure(
         .call(
             Method::POST,
             &["api", "v1", "namespaces", &s.namespace, "standard"],
+            &[],
             Some(serde_json::json!({ "id": memory_id, "governance": s.governance })),
         )
         .await
@@ -241,64 +241,133 @@ pub async fn ensure(
     Ok(())
 }
 
-/// The daemon's API as the owner: mTLS client, API key, base URL.
-struct Api<'a> {
-    s: &'a NamespaceStandard,
+/// An ai-memory daemon's HTTP API as one agent: mTLS client, API key, base URL.
+pub struct Daemon {
     client: reqwest::Client,
     base: Url,
     api_key: String,
+    agent_id: String,
 }
 
-impl<'a> Api<'a> {
-    fn new(host: &dyn Host, s: &'a NamespaceStandard) -> Result<Self, String> {
-        let base: Url = s.url.parse().map_err(|e| format!("url {:?}: {e}", s.url))?;
-        let client = https_client(host, &s.ca_path, &s.cert_path, &s.key_path)?;
+impl std::fmt::Debug for Daemon {
+    // The API key stays out of debug output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("base", &self.base.as_str())
+            .field("agent_id", &self.agent_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Daemon {
+    pub fn connect(
+        host: &dyn Host,
+        url: &str,
+        ca_path: &AbsPath,
+        cert_path: &AbsPath,
+        key_path: &AbsPath,
+        api_key_file: &AbsPath,
+        agent_id: &str,
+    ) -> Result<Self, String> {
+        let base: Url = url.parse().map_err(|e| format!("url {url:?}: {e}"))?;
+        if base.cannot_be_a_base() {
+            return Err(format!("url {url:?} cannot take a path"));
+        }
+        let client = https_client(host, ca_path, cert_path, key_path)?;
         let key = host
-            .read(&s.api_key_file)
+            .read(api_key_file)
             .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("{} is missing", s.api_key_file))?;
+            .ok_or_else(|| format!("{api_key_file} is missing"))?;
         // Never echo the key: errors name the file only.
         let api_key = String::from_utf8(key)
-            .map_err(|_| format!("{} is not text", s.api_key_file))?
+            .map_err(|_| format!("{api_key_file} is not text"))?
             .trim()
             .to_owned();
         if api_key.is_empty() {
-            return Err(format!("{} is empty", s.api_key_file));
+            return Err(format!("{api_key_file} is empty"));
         }
         Ok(Self {
-            s,
             client,
             base,
             api_key,
+            agent_id: agent_id.to_owned(),
         })
     }
 
-    async fn get_standard(&self) -> Result<(u16, String), String> {
-        self.call(
-            Method::GET,
-            &["api", "v1", "namespaces", &self.s.namespace, "standard"],
-            None,
+    fn for_standard(host: &dyn Host, s: &NamespaceStandard) -> Result<Self, String> {
+        Self::connect(
+            host,
+            &s.url,
+            &s.ca_path,
+            &s.cert_path,
+            &s.key_path,
+            &s.api_key_file,
+            &s.owner.agent_id,
         )
-        .await
     }
 
-    /// One request as the owner; the status and body, or why there is none.
+    /// The namespace's standard memory as the daemon stores it (`title`, `metadata.governance`,
+    /// ...), `None` when the namespace has none. Through the two reads a postgres-backed 0.7.0
+    /// serves (`GET /api/v1/namespaces/{ns}/standard` answers 501 there).
+    pub async fn standard_memory(&self, namespace: &str) -> Result<Option<Value>, String> {
+        let (status, body) = self
+            .call(
+                Method::GET,
+                &["api", "v1", "namespaces"],
+                &[("namespace", namespace)],
+                None,
+            )
+            .await?;
+        if status != 200 {
+            return Err(format!(
+                "GET /api/v1/namespaces?namespace={namespace} answered {status}: {}",
+                quote(&body)
+            ));
+        }
+        let v: Value = serde_json::from_str(&body)
+            .map_err(|_| format!("the namespace answer is not JSON: {}", quote(&body)))?;
+        let Some(id) = v.get("standard_id").and_then(Value::as_str) else {
+            return Ok(None);
+        };
+        let (status, body) = self
+            .call(Method::GET, &["api", "v1", "memories", id], &[], None)
+            .await?;
+        if status != 200 {
+            return Err(format!(
+                "GET the standard memory {id} answered {status}: {}",
+                quote(&body)
+            ));
+        }
+        let v: Value = serde_json::from_str(&body)
+            .map_err(|_| format!("the memory answer is not JSON: {}", quote(&body)))?;
+        // `{"memory": {...}, "links": [...]}`, or the bare memory.
+        Ok(Some(match v.get("memory") {
+            Some(m) => m.clone(),
+            None => v,
+        }))
+    }
+
+    /// One request; the status and body, or why there is none.
     async fn call(
         &self,
         method: Method,
         segments: &[&str],
+        query: &[(&str, &str)],
         body: Option<Value>,
     ) -> Result<(u16, String), String> {
         let mut url = self.base.clone();
         url.path_segments_mut()
-            .map_err(|_| format!("url {:?} cannot take a path", self.s.url))?
+            .expect("checked in connect")
             .clear()
             .extend(segments);
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
         let mut req = self
             .client
             .request(method.clone(), url.clone())
             .header("x-api-key", &self.api_key)
-            .header("x-agent-id", &self.s.owner.agent_id);
+            .header("x-agent-id", &self.agent_id);
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -341,29 +410,30 @@ mod tests {
     #[test]
     fn in_force_needs_the_title_and_every_governance_field() {
         let s = standard();
-        let set = r#"{"standard_id":"m1","title":"std (p1)","governance":{"auto_atomise":true,"write":"owner","inherit":true}}"#;
-        assert_eq!(in_force(&s, set), None);
+        let m = |v: &str| serde_json::from_str::<Value>(v).unwrap();
+        let set = m(
+            r#"{"title":"std (p1)","metadata":{"governance":{"auto_atomise":true,"write":"owner","inherit":true}}}"#,
+        );
+        assert_eq!(in_force(&s, Some(&set)), None);
+        let why = in_force(&s, None).unwrap();
+        assert!(why.contains("has no standard"), "{why}");
         let cases = [
+            (r#"{"title":"other","metadata":{}}"#, "not \"std (p1)\""),
             (
-                r#"{"namespace":"do-1461","standard_id":null}"#,
-                "has no standard",
-            ),
-            (
-                r#"{"standard_id":"m1","title":"other","governance":{}}"#,
-                "not \"std (p1)\"",
-            ),
-            (
-                r#"{"standard_id":"m1","title":"std (p1)","governance":{"auto_atomise":false,"write":"owner"}}"#,
+                r#"{"title":"std (p1)","metadata":{"governance":{"auto_atomise":false,"write":"owner"}}}"#,
                 "governance auto_atomise is false",
             ),
             (
-                r#"{"standard_id":"m1","title":"std (p1)","governance":{"auto_atomise":true}}"#,
+                r#"{"title":"std (p1)","metadata":{"governance":{"auto_atomise":true}}}"#,
                 "governance write is absent",
             ),
-            ("<html>", "not JSON"),
+            (
+                r#"{"title":"std (p1)"}"#,
+                "governance auto_atomise is absent",
+            ),
         ];
         for (body, needle) in cases {
-            let why = in_force(&s, body).expect(body);
+            let why = in_force(&s, Some(&m(body))).expect(body);
             assert!(why.contains(needle), "{body}: {why}");
         }
     }
