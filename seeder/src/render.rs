@@ -360,6 +360,10 @@ impl<'a> Renderer<'a> {
                 "ttl": f.ttl,
                 "pins": f.pins,
                 "peer_count": expected_peers.len(),
+                "embedder": f.embedder,
+                "llm": f.llm,
+                "reranker": f.reranker,
+                "llm_key_env": f.llm_key_env(),
             },
             "region": {
                 "name": node.region.as_str(),
@@ -777,6 +781,35 @@ argv = ["/bin/true"]
             .unwrap_err()
             .to_string();
         assert!(err.contains("refresh_on names file:nosuch"), "{err}");
+    }
+
+    #[test]
+    fn the_context_carries_the_fleets_embedder_llm_and_key_variable() {
+        let node_name: NodeName = "do-1461-peer-nyc3-01".parse().unwrap();
+        let fleet = Fleet::parse(EXAMPLE).unwrap();
+        let tree = roles("");
+        let ctx = Renderer::new(&fleet, &tree)
+            .context(fleet.node(&node_name).unwrap(), &facts(&fleet))
+            .unwrap();
+        let f = &ctx["fleet"];
+        assert_eq!(f["embedder"]["kind"], "openrouter");
+        assert_eq!(f["embedder"]["dim"], 768);
+        assert_eq!(f["llm"]["backend"], "openrouter");
+        assert_eq!(f["reranker"]["model"], "ms-marco-MiniLM-L-6-v2");
+        assert_eq!(f["llm_key_env"], "OPENROUTER_API_KEY");
+
+        let at = EXAMPLE.find("\n# The seed's embedder and LLM").unwrap();
+        let local = Fleet::parse(&EXAMPLE[..at]).unwrap();
+        let ctx = Renderer::new(&local, &tree)
+            .context(local.node(&node_name).unwrap(), &facts(&local))
+            .unwrap();
+        let f = &ctx["fleet"];
+        assert_eq!(f["embedder"]["kind"], "local");
+        assert_eq!(
+            f["embedder"]["model"],
+            "sentence-transformers/all-MiniLM-L6-v2"
+        );
+        assert!(f["llm"].is_null() && f["reranker"].is_null() && f["llm_key_env"].is_null());
     }
 
     #[test]
