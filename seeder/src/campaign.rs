@@ -10,6 +10,9 @@
 //!                               Ed25519 zero-touch issuer, raw 32 bytes (ai-memory's format)
 //! secrets/pg-password           fleet PostgreSQL password (48 alphanumerics)
 //! secrets/api-key               ai-memory daemon API key (64 hex)
+//! secrets/llm-api-key           the operator's LLM/embedding API key: put there by the operator
+//!                               (never generated), one line, 0600 or 0400; read only when the
+//!                               fleet's [embedder] or [llm] needs a key
 //! ```
 //! Nothing secret ever leaves this directory except inside a node's own manifest.
 
@@ -118,6 +121,9 @@ impl CampaignDir {
     pub fn api_key(&self) -> PathBuf {
         self.secrets_dir().join("api-key")
     }
+    pub fn llm_api_key(&self) -> PathBuf {
+        self.secrets_dir().join("llm-api-key")
+    }
     pub fn operator_cert(&self) -> PathBuf {
         self.root.join("operator.pem")
     }
@@ -158,6 +164,44 @@ impl CampaignDir {
             .try_into()
             .map_err(|_| anyhow::anyhow!("{} is not a raw 32-byte Ed25519 seed", path.display()))?;
         Ok(Issuer::new(SigningKey::from_bytes(&seed), campaign))
+    }
+
+    /// The operator's LLM/embedding API key. Refused, naming the file and never quoting it,
+    /// unless it is a regular file of mode 0600 or 0400 holding one line of key characters: the
+    /// value becomes a `NAME=value` line of the peers' environment file, where a newline, a quote
+    /// or a `$` would change what systemd reads.
+    pub fn read_llm_api_key(&self) -> Result<String> {
+        let path = self.llm_api_key();
+        let shown = path.display();
+        let meta = fs::metadata(&path).with_context(|| {
+            format!("{shown}: the fleet's [embedder] or [llm] needs the operator's API key there (one line, chmod 600)")
+        })?;
+        if !meta.is_file() {
+            bail!("{shown} is not a regular file");
+        }
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode != 0o600 && mode != 0o400 {
+            bail!("{shown} has mode {mode:04o}; the operator's API key must be 0600 or 0400 (chmod 600 {shown})");
+        }
+        let bytes = fs::read(&path).with_context(|| format!("reading {shown}"))?;
+        let text = String::from_utf8(bytes)
+            .map_err(|_| anyhow::anyhow!("{shown} is not text (the key is withheld)"))?;
+        let key = text.trim();
+        if key.is_empty() {
+            bail!("{shown} is empty; put the operator's API key there (one line)");
+        }
+        if key.len() > 1024 {
+            bail!("{shown} holds more than 1024 bytes; it must be one API key (withheld)");
+        }
+        if !key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.~+/=:".contains(&b))
+        {
+            bail!(
+                "{shown} must be one line of letters, digits and - _ . ~ + / = : (it holds another character; the key is withheld)"
+            );
+        }
+        Ok(key.to_owned())
     }
 
     pub fn load_manifest_key(&self) -> Result<SigningKey> {
@@ -588,6 +632,63 @@ mod tests {
             before,
             "nothing regenerated"
         );
+    }
+
+    /// The operator's key: refused with the file's name and never its content when missing,
+    /// empty, loose, not a regular file, or not one line of key characters; 0600 and 0400 work.
+    #[test]
+    fn the_operator_key_file_is_strict_and_never_quoted() {
+        const KEY: &str = "sk-or-v1-FakeTestKey0123456789abcdef";
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = CampaignDir::new(tmp.path());
+        fs::create_dir_all(dir.secrets_dir()).unwrap();
+        let path = dir.llm_api_key();
+        let shown = path.display().to_string();
+        let write = |bytes: &[u8], mode: u32| {
+            let _ = fs::remove_file(&path);
+            let _ = fs::remove_dir(&path);
+            fs::write(&path, bytes).unwrap();
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+        };
+        let refused = |why: &str| {
+            let err = format!("{:#}", dir.read_llm_api_key().unwrap_err());
+            assert!(err.contains(&shown), "{why}: {err}");
+            assert!(!err.contains("FakeTestKey"), "{why}: the key leaked: {err}");
+            err
+        };
+
+        assert!(refused("missing").contains("operator's API key"));
+        write(b"", 0o600);
+        assert!(refused("empty").contains("is empty"));
+        write(b" \n\n", 0o600);
+        assert!(refused("blank").contains("is empty"));
+        for mode in [0o644, 0o640, 0o604, 0o700, 0o660] {
+            write(KEY.as_bytes(), mode);
+            let err = refused("loose");
+            assert!(err.contains(&format!("{mode:04o}")), "{err}");
+        }
+        for bad in [
+            format!("{KEY}\nAI_MEMORY_FED_REQUIRE_SIG=0"),
+            format!("{KEY} {KEY}"),
+            format!("\"{KEY}\""),
+            format!("{KEY}$HOME"),
+            format!("{KEY}#"),
+            "x".repeat(1025),
+        ] {
+            write(bad.as_bytes(), 0o600);
+            refused(&bad);
+        }
+        write(&[0xff, 0xfe, b'k'], 0o600);
+        refused("not utf-8");
+        let _ = fs::remove_file(&path);
+        fs::create_dir(&path).unwrap();
+        refused("a directory");
+        fs::remove_dir(&path).unwrap();
+
+        for mode in [0o600, 0o400] {
+            write(format!("{KEY}\n").as_bytes(), mode);
+            assert_eq!(dir.read_llm_api_key().unwrap(), KEY);
+        }
     }
 
     #[test]

@@ -137,7 +137,8 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum ArtifactCommand {
-    /// Add a file under a name; `ai-memory` must match the fleet's pinned sha256.
+    /// Add a file under a name; `ai-memory` (and `ollama` for an Ollama embedder) must match
+    /// the fleet's pinned sha256.
     Add {
         #[arg(long)]
         dir: PathBuf,
@@ -243,6 +244,13 @@ pub fn run(cli: Cli) -> Result<()> {
             .with_context(|| format!("initialising {}", dir.display()))?;
             for line in log {
                 println!("{line}");
+            }
+            let key = CampaignDir::new(&dir).llm_api_key();
+            if let (Some(var), false) = (parsed.llm_key_env(), key.exists()) {
+                println!(
+                    "missing {}: the fleet's [embedder]/[llm] needs the operator's API key (delivered to the peers as {var}); write it there, one line, chmod 600, before `seeder publish`",
+                    key.display()
+                );
             }
             Ok(())
         }
@@ -466,6 +474,9 @@ pub fn publish(dir: &CampaignDir, timeout: u64) -> Result<()> {
         );
     }
     state::validate_roles(&fleet, &roles).context("the roles do not render")?;
+    // The real secrets, now: a missing or loose operator key refuses the publish, rather than a
+    // running seeder failing to render it.
+    state::load_secrets(dir, &fleet).context("the campaign's secrets are not ready")?;
     check_artifact_pins(&store, &fleet)?;
     let digest = crate::render::inputs_digest(&fleet_text, &roles);
     let before = store.latest_inputs()?.map(|p| p.id);
@@ -528,12 +539,15 @@ pub fn publish(dir: &CampaignDir, timeout: u64) -> Result<()> {
     Ok(())
 }
 
-/// The `ai-memory` artifact must be the pinned binary: served bytes are what the fleet pins.
+/// Pinned artifacts (`ai-memory`, and `ollama` for an Ollama embedder) must be the pinned bytes:
+/// served bytes are what the fleet pins.
 fn check_artifact_pins(store: &Store, fleet: &Fleet) -> Result<()> {
-    let pin = fleet.pins.ai_memory.sha256;
+    let pins = fleet.artifact_pins();
     for (name, sha, _) in store.artifacts()? {
-        if name == "ai-memory" && sha != pin {
-            bail!("artifact ai-memory is {sha}, but pins.ai_memory.sha256 is {pin}; add the pinned binary");
+        for (pinned, pin, field) in &pins {
+            if name == *pinned && sha != *pin {
+                bail!("artifact {name} is {sha}, but {field} is {pin}; add the pinned file");
+            }
         }
     }
     Ok(())
@@ -550,13 +564,16 @@ fn artifact_add(dir: &CampaignDir, name: &str, file: &Path) -> Result<()> {
     }
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let sha = Sha256::digest(&bytes);
-    if name == "ai-memory" {
-        let fleet = current_fleet(dir, &store)?;
-        if sha != fleet.pins.ai_memory.sha256 {
+    let fleet = current_fleet(dir, &store)?;
+    if let Some((_, pin, field)) = fleet
+        .artifact_pins()
+        .into_iter()
+        .find(|(n, _, _)| *n == name)
+    {
+        if sha != pin {
             bail!(
-                "{} is {sha}, but pins.ai_memory.sha256 is {}; refusing to serve an unpinned binary",
-                file.display(),
-                fleet.pins.ai_memory.sha256
+                "{} is {sha}, but {field} is {pin}; refusing to serve an unpinned {name}",
+                file.display()
             );
         }
     }

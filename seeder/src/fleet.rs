@@ -51,6 +51,51 @@ pub struct FleetConfig {
     #[serde(default)]
     pub accounts: AccountsConfig,
     pub pins: PinsConfig,
+    /// Where the peers' embeddings come from; absent: `local`.
+    #[serde(default)]
+    pub embedder: Option<EmbedderConfig>,
+    /// The peers' LLM; absent: none (no LLM-backed features).
+    #[serde(default)]
+    pub llm: Option<LlmConfig>,
+    /// The peers' cross-encoder reranker; absent: none.
+    #[serde(default)]
+    pub reranker: Option<RerankerConfig>,
+}
+
+/// `[embedder]`: one shape for every kind, checked per kind in `validate_embedder` so that each
+/// refusal names its field (serde's tagged enums would say "unknown variant" and nothing else).
+/// Unset fields take the seed's values (reference spec §1.6).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbedderConfig {
+    /// `local`, `openrouter` or `ollama`.
+    pub kind: String,
+    pub model: Option<String>,
+    pub dim: Option<u32>,
+    /// `openrouter`: the variable the daemon reads the operator's key from.
+    pub api_key_env: Option<String>,
+    /// `ollama`: the release the `ollama` artifact is.
+    pub version: Option<String>,
+    /// `ollama`: sha256 of `ollama-linux-amd64.tgz`; the `ollama` artifact must be exactly this.
+    pub sha256: Option<String>,
+    /// `ollama`: where the sidecar listens, `http://127.0.0.1:<port>`.
+    pub url: Option<String>,
+}
+
+/// `[llm]`: unset fields take the seed's values (reference spec §1.6).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmConfig {
+    pub backend: Option<String>,
+    pub model: Option<String>,
+    pub api_key_env: Option<String>,
+}
+
+/// `[reranker]`: the daemon's cross-encoder (reference spec §3.2).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RerankerConfig {
+    pub model: Option<String>,
 }
 
 /// Service accounts. Production leaves this out (useradd picks the uid).
@@ -188,6 +233,9 @@ pub struct Fleet {
     pub federation: Federation,
     pub ttl: Ttl,
     pub pins: Pins,
+    pub embedder: Embedder,
+    pub llm: Option<Llm>,
+    pub reranker: Option<Reranker>,
     /// Node name → position in `nodes`.
     #[serde(skip)]
     index: std::collections::HashMap<NodeName, usize>,
@@ -272,6 +320,130 @@ pub struct AiMemoryPins {
     pub version: String,
     pub sha256: Sha256,
     pub schema: u32,
+}
+
+/// The seed's choices (reference spec §1.6).
+pub const SEED_OPENROUTER_EMBED_MODEL: &str = "google/gemini-embedding-2";
+pub const SEED_EMBED_DIM: u32 = 768;
+pub const SEED_KEY_ENV: &str = "OPENROUTER_API_KEY";
+pub const SEED_OLLAMA_VERSION: &str = "0.6.8";
+pub const SEED_OLLAMA_URL: &str = "http://127.0.0.1:11434";
+pub const SEED_LLM_MODEL: &str = "google/gemma-4-26b-a4b-it";
+pub const SEED_RERANKER_MODEL: &str = "ms-marco-MiniLM-L-6-v2";
+/// The local model: what the seeder's `minilm-*` artifacts are.
+pub const LOCAL_EMBED_MODEL: &str = "sentence-transformers/all-MiniLM-L6-v2";
+pub const LOCAL_EMBED_DIM: u32 = 384;
+/// The one model ai-memory 0.7.0 embeds with through Ollama: it asks the sidecar for exactly this
+/// tag (`NOMIC_OLLAMA_MODEL`), whatever the config names.
+pub const OLLAMA_EMBED_MODEL: &str = "nomic-embed-text";
+
+/// Where the peers' embeddings come from. Serialized with its `kind`, for the roles.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Embedder {
+    /// all-MiniLM-L6-v2 on the node, from the seeder's `minilm-*` artifacts: offline, no key.
+    Local { model: String, dim: u32 },
+    /// The seed's choice: an OpenRouter embedding model, with the operator's key.
+    Openrouter {
+        model: String,
+        dim: u32,
+        api_key_env: EnvVarName,
+    },
+    /// The seed's older choice: an Ollama sidecar on each peer, its release served by the seeder
+    /// as the `ollama` artifact (pinned by `sha256`), the model pulled from Ollama's registry.
+    Ollama {
+        version: String,
+        sha256: Sha256,
+        model: String,
+        dim: u32,
+        /// `http://127.0.0.1:<port>`.
+        url: String,
+        /// `127.0.0.1:<port>`: the sidecar's `OLLAMA_HOST`.
+        listen: String,
+        port: u16,
+    },
+}
+
+impl Embedder {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Embedder::Local { .. } => "local",
+            Embedder::Openrouter { .. } => "openrouter",
+            Embedder::Ollama { .. } => "ollama",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LlmBackend {
+    Openrouter,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Llm {
+    pub backend: LlmBackend,
+    pub model: String,
+    pub api_key_env: EnvVarName,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Reranker {
+    pub model: String,
+}
+
+/// A process environment variable name the fleet chooses (`OPENROUTER_API_KEY`): upper-case
+/// letters, digits and `_`, not starting with a digit, and none the peers' environment file
+/// already sets or the daemon reads for itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct EnvVarName(String);
+
+impl EnvVarName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    fn parse(field_name: &str, s: &str) -> Result<Self, FleetError> {
+        let mut chars = s.chars();
+        let well_formed = matches!(chars.next(), Some(c) if c.is_ascii_uppercase() || c == '_')
+            && chars.all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+            && s.len() <= 128;
+        if !well_formed {
+            return Err(field(
+                field_name,
+                "must be an environment variable name: A-Z, 0-9 and _, not starting with a digit",
+            ));
+        }
+        // The environment file sets these (or the daemon reads them as its own settings): the
+        // key must not replace one of them.
+        const TAKEN: [&str; 7] = [
+            "AI_MEMORY_",
+            "PG",
+            "LD_",
+            "HF_",
+            "OLLAMA_",
+            "SYSTEMD_",
+            "RUST_",
+        ];
+        const TAKEN_EXACT: [&str; 6] = ["HOME", "PATH", "USER", "SHELL", "LANG", "TZ"];
+        if TAKEN.iter().any(|p| s.starts_with(p)) || TAKEN_EXACT.contains(&s) {
+            return Err(field(
+                field_name,
+                format!(
+                    "{s} is a variable the peers' environment already uses (AI_MEMORY_*, PG*, \
+                     LD_*, HF_*, OLLAMA_*, SYSTEMD_*, RUST_*, HOME, PATH, ...)"
+                ),
+            ));
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl fmt::Display for EnvVarName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 impl fmt::Display for RegionCounts {
@@ -469,6 +641,24 @@ impl Fleet {
         };
 
         let pins = validate_pins(&raw.pins)?;
+        let embedder = validate_embedder(raw.embedder.as_ref())?;
+        let llm = raw.llm.as_ref().map(validate_llm).transpose()?;
+        let reranker = raw
+            .reranker
+            .as_ref()
+            .map(|r| validate_reranker(r, &embedder, llm.as_ref()))
+            .transpose()?;
+        if let (Embedder::Openrouter { api_key_env, .. }, Some(l)) = (&embedder, &llm) {
+            if l.api_key_env != *api_key_env {
+                return Err(field(
+                    "llm.api_key_env",
+                    format!(
+                        "must equal embedder.api_key_env ({api_key_env}): the campaign holds one \
+                         operator key (secrets/llm-api-key)"
+                    ),
+                ));
+            }
+        }
         let index = nodes
             .iter()
             .enumerate()
@@ -484,8 +674,36 @@ impl Fleet {
             federation,
             ttl,
             pins,
+            embedder,
+            llm,
+            reranker,
             index,
         })
+    }
+
+    /// The variable the operator's API key (`secrets/llm-api-key`) reaches the peers' daemon as,
+    /// when the embedder or the LLM needs one; `None`: the fleet needs no key.
+    pub fn llm_key_env(&self) -> Option<&EnvVarName> {
+        match &self.embedder {
+            Embedder::Openrouter { api_key_env, .. } => Some(api_key_env),
+            Embedder::Local { .. } | Embedder::Ollama { .. } => {
+                self.llm.as_ref().map(|l| &l.api_key_env)
+            }
+        }
+    }
+
+    /// Artifacts whose bytes the fleet pins: `(artifact name, sha256, the field that pins it)`.
+    /// The seeder refuses to serve any other bytes under these names.
+    pub fn artifact_pins(&self) -> Vec<(&'static str, Sha256, &'static str)> {
+        let mut pins = vec![(
+            "ai-memory",
+            self.pins.ai_memory.sha256,
+            "pins.ai_memory.sha256",
+        )];
+        if let Embedder::Ollama { sha256, .. } = &self.embedder {
+            pins.push(("ollama", *sha256, "embedder.sha256"));
+        }
+        pins
     }
 
     pub fn node(&self, name: &NodeName) -> Option<&NodeSpec> {
@@ -609,6 +827,229 @@ fn validate_pins(p: &PinsConfig) -> Result<Pins, FleetError> {
     })
 }
 
+/// A model identifier as the daemon's config and Ollama take it: no spaces, quotes or controls.
+fn model_name(field_name: &str, s: &str) -> Result<String, FleetError> {
+    if s.is_empty() {
+        return Err(field(field_name, "must not be empty"));
+    }
+    if s.len() > 200
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./:@+".contains(&b))
+    {
+        return Err(field(
+            field_name,
+            "must be a model id: letters, digits and - _ . / : @ +, at most 200 characters",
+        ));
+    }
+    Ok(s.to_owned())
+}
+
+fn positive_dim(field_name: &str, dim: u32) -> Result<u32, FleetError> {
+    if dim == 0 || dim > 65_536 {
+        return Err(field(field_name, "must be a vector dimension in 1..=65536"));
+    }
+    Ok(dim)
+}
+
+/// The fields each embedder kind accepts, so a stray one is refused by name.
+fn refuse_fields(kind: &str, present: &[(&str, bool)]) -> Result<(), FleetError> {
+    match present.iter().find(|(_, set)| *set) {
+        Some((name, _)) => Err(field(
+            format!("embedder.{name}"),
+            format!("does not apply to kind = \"{kind}\""),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn validate_embedder(raw: Option<&EmbedderConfig>) -> Result<Embedder, FleetError> {
+    let Some(e) = raw else {
+        return Ok(Embedder::Local {
+            model: LOCAL_EMBED_MODEL.into(),
+            dim: LOCAL_EMBED_DIM,
+        });
+    };
+    match e.kind.as_str() {
+        "local" => {
+            // The model is whatever the seeder's minilm-* artifacts are; nothing to choose.
+            refuse_fields(
+                "local",
+                &[
+                    ("model", e.model.is_some()),
+                    ("dim", e.dim.is_some()),
+                    ("api_key_env", e.api_key_env.is_some()),
+                    ("version", e.version.is_some()),
+                    ("sha256", e.sha256.is_some()),
+                    ("url", e.url.is_some()),
+                ],
+            )?;
+            Ok(Embedder::Local {
+                model: LOCAL_EMBED_MODEL.into(),
+                dim: LOCAL_EMBED_DIM,
+            })
+        }
+        "openrouter" => {
+            refuse_fields(
+                "openrouter",
+                &[
+                    ("version", e.version.is_some()),
+                    ("sha256", e.sha256.is_some()),
+                    ("url", e.url.is_some()),
+                ],
+            )?;
+            Ok(Embedder::Openrouter {
+                model: model_name(
+                    "embedder.model",
+                    e.model.as_deref().unwrap_or(SEED_OPENROUTER_EMBED_MODEL),
+                )?,
+                dim: positive_dim("embedder.dim", e.dim.unwrap_or(SEED_EMBED_DIM))?,
+                api_key_env: EnvVarName::parse(
+                    "embedder.api_key_env",
+                    e.api_key_env.as_deref().unwrap_or(SEED_KEY_ENV),
+                )?,
+            })
+        }
+        "ollama" => {
+            refuse_fields("ollama", &[("api_key_env", e.api_key_env.is_some())])?;
+            let version = e.version.as_deref().unwrap_or(SEED_OLLAMA_VERSION);
+            if version.is_empty()
+                || !version
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-+".contains(&b))
+            {
+                return Err(field(
+                    "embedder.version",
+                    "must be an Ollama release such as 0.6.8",
+                ));
+            }
+            let sha256: Sha256 = e
+                .sha256
+                .as_deref()
+                .ok_or_else(|| {
+                    field(
+                        "embedder.sha256",
+                        "is required for kind = \"ollama\": the sha256 of the release's \
+                         ollama-linux-amd64.tgz (the `ollama` artifact)",
+                    )
+                })?
+                .parse()
+                .map_err(|e: hiveseed_proto::NameError| field("embedder.sha256", e.reason))?;
+            let model = model_name(
+                "embedder.model",
+                e.model.as_deref().unwrap_or(OLLAMA_EMBED_MODEL),
+            )?;
+            if model != OLLAMA_EMBED_MODEL {
+                return Err(field(
+                    "embedder.model",
+                    format!(
+                        "ai-memory 0.7.0 embeds through Ollama with {OLLAMA_EMBED_MODEL} only \
+                         (it asks the sidecar for that tag whatever the config names)"
+                    ),
+                ));
+            }
+            let dim = positive_dim("embedder.dim", e.dim.unwrap_or(SEED_EMBED_DIM))?;
+            if dim != SEED_EMBED_DIM {
+                return Err(field(
+                    "embedder.dim",
+                    format!("{OLLAMA_EMBED_MODEL} makes {SEED_EMBED_DIM}-dimensional vectors"),
+                ));
+            }
+            let url = e.url.as_deref().unwrap_or(SEED_OLLAMA_URL);
+            let port = ollama_port(url)?;
+            let listen = format!("127.0.0.1:{port}");
+            Ok(Embedder::Ollama {
+                version: version.to_owned(),
+                sha256,
+                model,
+                dim,
+                url: format!("http://{listen}"),
+                listen,
+                port,
+            })
+        }
+        other => Err(field(
+            "embedder.kind",
+            format!("unknown kind {other:?} (local, openrouter or ollama)"),
+        )),
+    }
+}
+
+/// The sidecar serves its node only: `http://127.0.0.1:<port>` → the port.
+fn ollama_port(s: &str) -> Result<u16, FleetError> {
+    let bad = || {
+        field(
+            "embedder.url",
+            "must be http://127.0.0.1:<port> (the sidecar listens on the peer's loopback only)",
+        )
+    };
+    let url = url::Url::parse(s).map_err(|_| bad())?;
+    let loopback =
+        matches!(url.host(), Some(url::Host::Ipv4(a)) if a == std::net::Ipv4Addr::LOCALHOST);
+    if url.scheme() != "http"
+        || !loopback
+        || !url.username().is_empty()
+        || url.password().is_some()
+        || url.path() != "/"
+        || url.query().is_some()
+        || url.fragment().is_some()
+    {
+        return Err(bad());
+    }
+    match url.port() {
+        Some(port) if port != 0 => Ok(port),
+        _ => Err(bad()),
+    }
+}
+
+fn validate_llm(l: &LlmConfig) -> Result<Llm, FleetError> {
+    let backend = match l.backend.as_deref().unwrap_or("openrouter") {
+        "openrouter" => LlmBackend::Openrouter,
+        other => {
+            return Err(field(
+                "llm.backend",
+                format!("unknown backend {other:?} (supported: openrouter)"),
+            ))
+        }
+    };
+    Ok(Llm {
+        backend,
+        model: model_name("llm.model", l.model.as_deref().unwrap_or(SEED_LLM_MODEL))?,
+        api_key_env: EnvVarName::parse(
+            "llm.api_key_env",
+            l.api_key_env.as_deref().unwrap_or(SEED_KEY_ENV),
+        )?,
+    })
+}
+
+fn validate_reranker(
+    r: &RerankerConfig,
+    embedder: &Embedder,
+    llm: Option<&Llm>,
+) -> Result<Reranker, FleetError> {
+    // The cross-encoder is ai-memory's `autonomous` tier, which presumes an LLM; and the daemon
+    // downloads its model from the HuggingFace Hub at start, which the offline local embedder's
+    // fleet cannot reach.
+    if llm.is_none() {
+        return Err(field(
+            "reranker",
+            "needs an [llm] (the reranker is ai-memory's autonomous tier)",
+        ));
+    }
+    if matches!(embedder, Embedder::Local { .. }) {
+        return Err(field(
+            "reranker",
+            "needs the HuggingFace Hub at daemon start; the local embedder is the offline choice",
+        ));
+    }
+    Ok(Reranker {
+        model: model_name(
+            "reranker.model",
+            r.model.as_deref().unwrap_or(SEED_RERANKER_MODEL),
+        )?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -636,6 +1077,248 @@ mod tests {
             ("peer", "sgp1", 3)
         );
         assert_eq!(f.seeder.port, 8443);
+        // The seed's embedder, LLM and reranker (spec §1.6, §3.2).
+        assert_eq!(
+            f.embedder,
+            Embedder::Openrouter {
+                model: "google/gemini-embedding-2".into(),
+                dim: 768,
+                api_key_env: EnvVarName("OPENROUTER_API_KEY".into()),
+            }
+        );
+        assert_eq!(
+            f.llm,
+            Some(Llm {
+                backend: LlmBackend::Openrouter,
+                model: "google/gemma-4-26b-a4b-it".into(),
+                api_key_env: EnvVarName("OPENROUTER_API_KEY".into()),
+            })
+        );
+        assert_eq!(
+            f.reranker,
+            Some(Reranker {
+                model: "ms-marco-MiniLM-L-6-v2".into()
+            })
+        );
+        assert_eq!(
+            f.llm_key_env().map(EnvVarName::as_str),
+            Some("OPENROUTER_API_KEY")
+        );
+        assert_eq!(f.artifact_pins().len(), 1);
+    }
+
+    /// The reference fleet with `choice` in place of its `[embedder]`/`[llm]`/`[reranker]`.
+    fn with_choice(choice: &str) -> String {
+        let at = EXAMPLE
+            .find("\n# The seed's embedder and LLM")
+            .expect("the reference fleet ends with its embedder choice");
+        format!("{}\n{choice}", &EXAMPLE[..at])
+    }
+
+    const OLLAMA_SHA: &str = "5a0e7ab1c2d3e4f5061728394a5b6c7d8e9fa0b1c2d3e4f5061728394a5b6c7d";
+
+    #[test]
+    fn no_embedder_section_is_the_local_model_and_needs_no_key() {
+        for text in [
+            with_choice(""),
+            with_choice("[embedder]\nkind = \"local\"\n"),
+            include_str!("../../roles/fleet.lab.toml").to_owned(),
+        ] {
+            let f = Fleet::parse(&text).unwrap();
+            assert_eq!(
+                f.embedder,
+                Embedder::Local {
+                    model: "sentence-transformers/all-MiniLM-L6-v2".into(),
+                    dim: 384
+                }
+            );
+            assert_eq!((f.llm.as_ref(), f.reranker.as_ref()), (None, None));
+            assert_eq!(f.llm_key_env(), None);
+            assert_eq!(f.artifact_pins().len(), 1);
+        }
+        // A local embedder with an LLM: the key is the LLM's.
+        let f = Fleet::parse(&with_choice("[embedder]\nkind = \"local\"\n[llm]\n")).unwrap();
+        assert_eq!(
+            f.llm_key_env().map(EnvVarName::as_str),
+            Some("OPENROUTER_API_KEY")
+        );
+    }
+
+    #[test]
+    fn unset_fields_take_the_seeds_values() {
+        let f = Fleet::parse(&with_choice(
+            "[embedder]\nkind = \"openrouter\"\n[llm]\n[reranker]\n",
+        ))
+        .unwrap();
+        assert_eq!(f, Fleet::parse(EXAMPLE).unwrap());
+    }
+
+    #[test]
+    fn ollama_embedder_pins_its_artifact_and_needs_no_key() {
+        let f = Fleet::parse(&with_choice(&format!(
+            "[embedder]\nkind = \"ollama\"\nsha256 = \"{OLLAMA_SHA}\"\n"
+        )))
+        .unwrap();
+        let sha: Sha256 = OLLAMA_SHA.parse().unwrap();
+        assert_eq!(
+            f.embedder,
+            Embedder::Ollama {
+                version: "0.6.8".into(),
+                sha256: sha,
+                model: "nomic-embed-text".into(),
+                dim: 768,
+                url: "http://127.0.0.1:11434".into(),
+                listen: "127.0.0.1:11434".into(),
+                port: 11434,
+            }
+        );
+        assert_eq!(f.llm_key_env(), None);
+        assert_eq!(
+            f.artifact_pins(),
+            [
+                (
+                    "ai-memory",
+                    f.pins.ai_memory.sha256,
+                    "pins.ai_memory.sha256"
+                ),
+                ("ollama", sha, "embedder.sha256"),
+            ]
+        );
+        let f = Fleet::parse(&with_choice(&format!(
+            "[embedder]\nkind = \"ollama\"\nversion = \"0.6.9\"\nsha256 = \"{OLLAMA_SHA}\"\nurl = \"http://127.0.0.1:11500\"\n[llm]\n[reranker]\n"
+        )))
+        .unwrap();
+        let Embedder::Ollama {
+            version, listen, ..
+        } = &f.embedder
+        else {
+            panic!("{:?}", f.embedder)
+        };
+        assert_eq!(
+            (version.as_str(), listen.as_str()),
+            ("0.6.9", "127.0.0.1:11500")
+        );
+        assert_eq!(
+            f.llm_key_env().map(EnvVarName::as_str),
+            Some("OPENROUTER_API_KEY")
+        );
+    }
+
+    /// Hostile and mistaken choices are refused naming the field.
+    #[test]
+    fn embedder_llm_and_reranker_refusals_name_the_field() {
+        let ollama = |extra: &str| {
+            format!("[embedder]\nkind = \"ollama\"\nsha256 = \"{OLLAMA_SHA}\"\n{extra}")
+        };
+        let cases: Vec<(String, &str)> = vec![
+            ("[embedder]\nkind = \"gpu\"\n".into(), "embedder.kind"),
+            ("[embedder]\nkind = \"\"\n".into(), "embedder.kind"),
+            ("[embedder]\nkind = \"Local\"\n".into(), "embedder.kind"),
+            ("[embedder]\nmodel = \"x\"\n".into(), "kind"),
+            ("[embedder]\nkind = \"local\"\nsurprise = 1\n".into(), "surprise"),
+            ("[embedder]\nkind = \"local\"\nmodel = \"x\"\n".into(), "embedder.model"),
+            (
+                "[embedder]\nkind = \"local\"\napi_key_env = \"OPENROUTER_API_KEY\"\n".into(),
+                "embedder.api_key_env",
+            ),
+            ("[embedder]\nkind = \"openrouter\"\nmodel = \"\"\n".into(), "embedder.model"),
+            (
+                "[embedder]\nkind = \"openrouter\"\nmodel = \"a model\"\n".into(),
+                "embedder.model",
+            ),
+            (
+                "[embedder]\nkind = \"openrouter\"\nmodel = \"m\\\"\\n[evil]\"\n".into(),
+                "embedder.model",
+            ),
+            ("[embedder]\nkind = \"openrouter\"\ndim = 0\n".into(), "embedder.dim"),
+            ("[embedder]\nkind = \"openrouter\"\ndim = -1\n".into(), "dim"),
+            ("[embedder]\nkind = \"openrouter\"\ndim = 100000\n".into(), "embedder.dim"),
+            (
+                "[embedder]\nkind = \"openrouter\"\napi_key_env = \"\"\n".into(),
+                "embedder.api_key_env",
+            ),
+            (
+                "[embedder]\nkind = \"openrouter\"\napi_key_env = \"openrouter_api_key\"\n".into(),
+                "embedder.api_key_env",
+            ),
+            (
+                "[embedder]\nkind = \"openrouter\"\napi_key_env = \"1KEY\"\n".into(),
+                "embedder.api_key_env",
+            ),
+            (
+                "[embedder]\nkind = \"openrouter\"\napi_key_env = \"API-KEY\"\n".into(),
+                "embedder.api_key_env",
+            ),
+            (
+                "[embedder]\nkind = \"openrouter\"\napi_key_env = \"KEY\\nAI_MEMORY_FED_REQUIRE_SIG\"\n".into(),
+                "embedder.api_key_env",
+            ),
+            (
+                "[embedder]\nkind = \"openrouter\"\napi_key_env = \"PGPASSWORD\"\n".into(),
+                "embedder.api_key_env",
+            ),
+            (
+                "[embedder]\nkind = \"openrouter\"\napi_key_env = \"AI_MEMORY_FED_REQUIRE_SIG\"\n".into(),
+                "embedder.api_key_env",
+            ),
+            (
+                "[embedder]\nkind = \"openrouter\"\napi_key_env = \"LD_PRELOAD\"\n".into(),
+                "embedder.api_key_env",
+            ),
+            (
+                "[embedder]\nkind = \"openrouter\"\napi_key_env = \"PATH\"\n".into(),
+                "embedder.api_key_env",
+            ),
+            (
+                format!("[embedder]\nkind = \"openrouter\"\nsha256 = \"{OLLAMA_SHA}\"\n"),
+                "embedder.sha256",
+            ),
+            ("[embedder]\nkind = \"ollama\"\n".into(), "embedder.sha256"),
+            (
+                "[embedder]\nkind = \"ollama\"\nsha256 = \"xyz\"\n".into(),
+                "embedder.sha256",
+            ),
+            (ollama("model = \"mxbai-embed-large\"\n"), "embedder.model"),
+            (ollama("dim = 1024\n"), "embedder.dim"),
+            (ollama("version = \"\"\n"), "embedder.version"),
+            (ollama("version = \"0.6.8; rm -rf /\"\n"), "embedder.version"),
+            (ollama("url = \"http://10.0.0.1:11434\"\n"), "embedder.url"),
+            (ollama("url = \"https://127.0.0.1:11434\"\n"), "embedder.url"),
+            (ollama("url = \"http://127.0.0.1\"\n"), "embedder.url"),
+            (ollama("url = \"http://localhost:11434\"\n"), "embedder.url"),
+            (ollama("url = \"http://u:p@127.0.0.1:11434\"\n"), "embedder.url"),
+            (ollama("url = \"http://127.0.0.1:11434/api\"\n"), "embedder.url"),
+            (ollama("url = \"not a url\"\n"), "embedder.url"),
+            (ollama("api_key_env = \"OLLAMA_KEY\"\n"), "embedder.api_key_env"),
+            ("[llm]\nbackend = \"xai\"\n".into(), "llm.backend"),
+            ("[llm]\nmodel = \"\"\n".into(), "llm.model"),
+            ("[llm]\napi_key_env = \"x y\"\n".into(), "llm.api_key_env"),
+            ("[llm]\nbase_url = \"https://evil.example\"\n".into(), "base_url"),
+            ("[llm]\napi_key = \"sk-inline\"\n".into(), "api_key"),
+            (
+                "[embedder]\nkind = \"openrouter\"\n[llm]\napi_key_env = \"XAI_API_KEY\"\n".into(),
+                "llm.api_key_env",
+            ),
+            ("[embedder]\nkind = \"openrouter\"\n[reranker]\n".into(), "reranker"),
+            ("[llm]\n[reranker]\n".into(), "reranker"),
+            (
+                "[embedder]\nkind = \"openrouter\"\n[llm]\n[reranker]\nmodel = \"\"\n".into(),
+                "reranker.model",
+            ),
+            (
+                "[embedder]\nkind = \"openrouter\"\n[llm]\n[reranker]\nenabled = false\n".into(),
+                "enabled",
+            ),
+        ];
+        for (choice, needle) in &cases {
+            let err = Fleet::parse(&with_choice(choice))
+                .expect_err(choice)
+                .to_string();
+            assert!(
+                err.contains(needle),
+                "{choice:?}: error {err:?} does not name {needle:?}"
+            );
+        }
     }
 
     #[test]

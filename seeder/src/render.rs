@@ -11,6 +11,11 @@
 //! lists): `port = "={{ fleet.federation.port }}"`. Undefined variables are errors, so a typo in a
 //! role never renders silently. Everything concrete (IPs, peer list, allowlist, secrets) is decided
 //! here; the agent never computes fleet topology.
+//!
+//! A resource whose `when` is false does not exist in the node's manifest, and neither do the
+//! `notify` / `refresh_on` edges that name it: a role lists every input a service may have (the
+//! files of each embedder variant, say) and each node's manifest keeps the ones it renders. Any
+//! other edge must name an earlier rendered resource, as the agent requires, or rendering fails.
 
 use std::collections::BTreeMap;
 
@@ -373,6 +378,10 @@ impl<'a> Renderer<'a> {
                 "ttl": f.ttl,
                 "pins": f.pins,
                 "peer_count": expected_peers.len(),
+                "embedder": f.embedder,
+                "llm": f.llm,
+                "reranker": f.reranker,
+                "llm_key_env": f.llm_key_env(),
             },
             "region": {
                 "name": node.region.as_str(),
@@ -408,6 +417,9 @@ impl<'a> Renderer<'a> {
             return Ok(None);
         };
         let mut out = Vec::new();
+        // Ids whose `when` was false, and ids rendered so far (what an edge may name).
+        let mut skipped = std::collections::BTreeSet::new();
+        let mut rendered = std::collections::BTreeSet::new();
         for (index, raw) in list.into_iter().enumerate() {
             let id = raw
                 .get("id")
@@ -433,6 +445,7 @@ impl<'a> Renderer<'a> {
                     .map_err(|e| err(format!("when: {e:#}")))?;
                 let v = expr.eval(&ctx).map_err(|e| err(format!("when: {e:#}")))?;
                 if !v.is_true() {
+                    skipped.insert(id.clone());
                     continue;
                 }
             }
@@ -477,9 +490,23 @@ impl<'a> Renderer<'a> {
                     );
                 }
             }
-            let rendered = self.render_value(value, &ctx).map_err(err)?;
-            let resource: Resource =
-                serde_json::from_value(rendered).map_err(|e| err(e.to_string()))?;
+            let value_out = self.render_value(value, &ctx).map_err(err)?;
+            let mut resource: Resource =
+                serde_json::from_value(value_out).map_err(|e| err(e.to_string()))?;
+            let (edges, field) = match &mut resource {
+                Resource::Service(s) => (Some(&mut s.notify), "notify"),
+                Resource::Command(c) => (Some(&mut c.refresh_on), "refresh_on"),
+                _ => (None, ""),
+            };
+            if let Some(edges) = edges {
+                edges.retain(|t| rendered.contains(t.as_str()) || !skipped.contains(t.as_str()));
+                if let Some(t) = edges.iter().find(|t| !rendered.contains(t.as_str())) {
+                    return Err(err(format!(
+                        "{field} names {t}, which is not an earlier resource of this role"
+                    )));
+                }
+            }
+            rendered.insert(resource.id().to_string());
             out.push(resource);
         }
         Ok(Some(out))
@@ -675,6 +702,137 @@ mode = "0700"
                 role: "peer".into()
             }
         );
+    }
+
+    /// Edges to a resource whose `when` is false go with it; any other edge must name an earlier
+    /// rendered resource, or the role does not render.
+    #[test]
+    fn edges_to_skipped_resources_are_dropped_and_dangling_ones_refused() {
+        let fleet = Fleet::parse(EXAMPLE).unwrap();
+        let node = fleet
+            .node(&"do-1461-peer-nyc3-01".parse().unwrap())
+            .unwrap();
+        let head = r#"
+[[resource]]
+kind = "file"
+id = "file:skipped"
+when = "false"
+path = "/a"
+mode = "0644"
+content = { type = "text", text = "" }
+
+[[resource]]
+kind = "file"
+id = "file:kept"
+when = "true"
+path = "/b"
+mode = "0644"
+content = { type = "text", text = "" }
+"#;
+        let tree = roles(&format!(
+            r#"{head}
+[[resource]]
+kind = "command"
+id = "cmd:c"
+creates = "/c"
+refresh_on = ["file:skipped", "file:kept"]
+argv = ["/bin/true"]
+
+[[resource]]
+kind = "service"
+id = "service:s"
+unit = "s.service"
+notify = ["file:skipped", "file:kept", "cmd:c"]
+unit_text = "[Service]\nExecStart=/bin/true\n"
+"#
+        ));
+        let res = Renderer::new(&fleet, &tree)
+            .resources(node, &facts(&fleet))
+            .unwrap()
+            .unwrap();
+        let ids: Vec<&str> = res.iter().map(|r| r.id().as_str()).collect();
+        assert_eq!(ids, ["file:kept", "cmd:c", "service:s"]);
+        let Resource::Command(c) = &res[1] else {
+            panic!()
+        };
+        assert_eq!(c.refresh_on, ["file:kept".parse().unwrap()]);
+        let Resource::Service(svc) = &res[2] else {
+            panic!()
+        };
+        assert_eq!(
+            svc.notify,
+            ["file:kept".parse().unwrap(), "cmd:c".parse().unwrap()]
+        );
+
+        for (edge, field) in [
+            ("notify = [\"file:nosuch\"]", "notify names file:nosuch"),
+            ("notify = [\"service:later\"]", "notify names service:later"),
+        ] {
+            let tree = roles(&format!(
+                r#"{head}
+[[resource]]
+kind = "service"
+id = "service:s"
+unit = "s.service"
+{edge}
+unit_text = "[Service]\nExecStart=/bin/true\n"
+
+[[resource]]
+kind = "service"
+id = "service:later"
+unit = "l.service"
+unit_text = "[Service]\nExecStart=/bin/true\n"
+"#
+            ));
+            let err = Renderer::new(&fleet, &tree)
+                .resources(node, &facts(&fleet))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field) && err.contains("service:s"), "{err}");
+        }
+        let tree = roles(&format!(
+            r#"{head}
+[[resource]]
+kind = "command"
+id = "cmd:c"
+refresh_on = ["file:nosuch"]
+argv = ["/bin/true"]
+"#
+        ));
+        let err = Renderer::new(&fleet, &tree)
+            .resources(node, &facts(&fleet))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("refresh_on names file:nosuch"), "{err}");
+    }
+
+    #[test]
+    fn the_context_carries_the_fleets_embedder_llm_and_key_variable() {
+        let node_name: NodeName = "do-1461-peer-nyc3-01".parse().unwrap();
+        let fleet = Fleet::parse(EXAMPLE).unwrap();
+        let tree = roles("");
+        let ctx = Renderer::new(&fleet, &tree)
+            .context(fleet.node(&node_name).unwrap(), &facts(&fleet))
+            .unwrap();
+        let f = &ctx["fleet"];
+        assert_eq!(f["embedder"]["kind"], "openrouter");
+        assert_eq!(f["embedder"]["dim"], 768);
+        assert_eq!(f["llm"]["backend"], "openrouter");
+        assert_eq!(f["reranker"]["model"], "ms-marco-MiniLM-L-6-v2");
+        assert_eq!(f["llm_key_env"], "OPENROUTER_API_KEY");
+
+        let at = EXAMPLE.find("\n# The seed's embedder and LLM").unwrap();
+        let local = Fleet::parse(&EXAMPLE[..at]).unwrap();
+        let ctx = Renderer::new(&local, &tree)
+            .context(local.node(&node_name).unwrap(), &facts(&local))
+            .unwrap();
+        let f = &ctx["fleet"];
+        assert_eq!(f["embedder"]["kind"], "local");
+        assert_eq!(
+            f["embedder"]["model"],
+            "sentence-transformers/all-MiniLM-L6-v2"
+        );
+        assert!(f["llm"].is_null() && f["reranker"].is_null() && f["llm_key_env"].is_null());
     }
 
     #[test]

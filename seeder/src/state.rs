@@ -369,9 +369,7 @@ impl Seeder {
                 role: "ctrl".into(),
             });
         }
-        let mut secrets = BTreeMap::new();
-        secrets.insert("pg_password".into(), read_secret(&self.dir.pg_password())?);
-        secrets.insert("api_key".into(), read_secret(&self.dir.api_key())?);
+        let secrets = load_secrets(&self.dir, fleet)?;
         let artifacts = self
             .store
             .artifacts()?
@@ -631,6 +629,19 @@ impl Seeder {
     }
 }
 
+/// The fleet secrets the roles render with (`secrets.*`): the generated ones, and the operator's
+/// LLM/embedding key when the fleet's embedder or LLM needs it (and only then, so a role that
+/// names it for a fleet without one fails to render instead of delivering nothing).
+pub fn load_secrets(dir: &CampaignDir, fleet: &Fleet) -> Result<BTreeMap<String, String>> {
+    let mut secrets = BTreeMap::new();
+    secrets.insert("pg_password".into(), read_secret(&dir.pg_password())?);
+    secrets.insert("api_key".into(), read_secret(&dir.api_key())?);
+    if fleet.llm_key_env().is_some() {
+        secrets.insert("llm_api_key".into(), dir.read_llm_api_key()?);
+    }
+    Ok(secrets)
+}
+
 fn read_secret(path: &std::path::Path) -> Result<String> {
     let s = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let s = s.trim().to_owned();
@@ -675,7 +686,13 @@ pub fn validate_roles(fleet: &Fleet, roles: &RoleTree) -> Result<()> {
             ("pg_password".to_string(), "x".to_string()),
             ("api_key".to_string(), "x".to_string()),
         ]
-        .into(),
+        .into_iter()
+        .chain(
+            fleet
+                .llm_key_env()
+                .map(|_| ("llm_api_key".to_string(), "x".to_string())),
+        )
+        .collect(),
         artifacts: BTreeMap::new(),
         // A stand-in key with the campaign's real issuer id and domain.
         federation: Issuer::new(SigningKey::from_bytes(&[1; 32]), &fleet.campaign)

@@ -26,6 +26,10 @@ use hiveseed_seeder::store::Enrollment;
 /// Fleet secrets of the fixture: distinctive, so a leak is found by substring.
 const PG_PASSWORD: &str = "GoldenPgPassw0rdGoldenPgPassw0rdGoldenPgPassw0rd";
 const API_KEY: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";
+/// The operator's LLM/embedding key of the fixture (fake; the shape of an OpenRouter key).
+const LLM_KEY: &str = "sk-or-v1-GoldenFakeLlmKey-0f1e2d3c4b5a69788796a5b4c3d2e1f0-0f1e2d3c4b5a6978";
+/// The fixture's pin of ollama-linux-amd64.tgz (fake: nothing here downloads the release).
+const OLLAMA_SHA256: &str = "5a0e7ab1c2d3e4f5061728394a5b6c7d8e9fa0b1c2d3e4f5061728394a5b6c7d";
 
 /// The fixture's federation CA seed (the campaign's `federation/do-1461-ca.priv`).
 const FEDERATION_CA_SEED: [u8; 32] = [0x42; 32];
@@ -79,7 +83,8 @@ fn artifact(sha256: &str, size: u64) -> ArtifactView {
 }
 
 /// Every node enrolled, every non-pg node with a mesh client certificate, the operator, the
-/// pinned binary and the MiniLM files (digests as the lab cache has them), mesh released.
+/// pinned binary, the MiniLM files (digests as the lab cache has them) and the pinned Ollama
+/// release, mesh released; the operator's key only when the fleet needs one, as the seeder does.
 fn facts(fleet: &Fleet) -> FleetFacts {
     let enrollments = fleet
         .nodes
@@ -109,7 +114,13 @@ fn facts(fleet: &Fleet) -> FleetFacts {
             ("pg_password".to_string(), PG_PASSWORD.to_string()),
             ("api_key".to_string(), API_KEY.to_string()),
         ]
-        .into(),
+        .into_iter()
+        .chain(
+            fleet
+                .llm_key_env()
+                .map(|_| ("llm_api_key".to_string(), LLM_KEY.to_string())),
+        )
+        .collect(),
         artifacts: [
             (
                 "ai-memory".to_string(),
@@ -136,6 +147,7 @@ fn facts(fleet: &Fleet) -> FleetFacts {
                     90_868_376,
                 ),
             ),
+            ("ollama".to_string(), artifact(OLLAMA_SHA256, 1_211_000_000)),
         ]
         .into(),
         federation: federation_issuer(fleet).public().clone(),
@@ -185,6 +197,36 @@ fn render_all(text: &str) -> (Fleet, BTreeMap<String, Vec<Resource>>) {
 
 fn reference() -> (Fleet, BTreeMap<String, Vec<Resource>>) {
     render_all(&fleet_text("fleet.example.toml"))
+}
+
+/// Where the reference fleet's embedder/LLM choice starts (everything after is that choice).
+const CHOICE_MARKER: &str = "\n# The seed's embedder and LLM";
+
+/// The reference fleet with `choice` in place of the seed's `[embedder]`/`[llm]`/`[reranker]`.
+fn reference_with(choice: &str) -> String {
+    let text = fleet_text("fleet.example.toml");
+    let at = text
+        .find(CHOICE_MARKER)
+        .expect("fleet.example.toml ends with its embedder choice");
+    format!("{}\n{choice}", &text[..at])
+}
+
+/// No `[embedder]` at all: the default, the local MiniLM model.
+fn local_choice() -> String {
+    reference_with("")
+}
+
+fn ollama_choice() -> String {
+    reference_with(&format!(
+        "[embedder]\nkind = \"ollama\"\nversion = \"0.6.8\"\nsha256 = \"{OLLAMA_SHA256}\"\n"
+    ))
+}
+
+/// The Ollama embedder with the seed's LLM: the key is needed for the LLM alone.
+fn ollama_llm_choice() -> String {
+    reference_with(&format!(
+        "[embedder]\nkind = \"ollama\"\nversion = \"0.6.8\"\nsha256 = \"{OLLAMA_SHA256}\"\n\n[llm]\n"
+    ))
 }
 
 fn find<'a>(res: &'a [Resource], id: &str) -> &'a Resource {
@@ -327,6 +369,15 @@ fn reference_pg_and_peer_match_the_golden_files() {
     let (_, nodes) = reference();
     for node in [PG_NODE, PEER_NODE] {
         check_golden(node, &nodes[node]);
+    }
+}
+
+/// The peer of the reference fleet with the other two embedders, as golden files too.
+#[test]
+fn embedder_variants_match_their_golden_files() {
+    for (suffix, text) in [("local", local_choice()), ("ollama", ollama_choice())] {
+        let (_, nodes) = render_all(&text);
+        check_golden(&format!("{PEER_NODE}+{suffix}"), &nodes[PEER_NODE]);
     }
 }
 
@@ -959,15 +1010,501 @@ fn unreleased_mesh_or_unenrolled_pg_renders_no_daemon() {
     assert!(ids.contains("file:allowlist") && ids.contains("cert:client"));
 }
 
-// ---- properties of every node of both fleets ---------------------------------------------------
+// ---- the embedder and the operator's key ----------------------------------------------------------
 
-fn both_fleets() -> Vec<(Fleet, BTreeMap<String, Vec<Resource>>)> {
-    vec![reference(), render_all(&fleet_text("fleet.lab.toml"))]
+/// Assignment names of an environment file, in file order.
+fn env_names(env: &str) -> Vec<&str> {
+    env.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l.split_once('=').unwrap().0)
+        .collect()
+}
+
+/// The reference peer against the seed's config.toml (spec §3.2) and EnvironmentFile (§3.3).
+#[test]
+fn reference_peer_config_and_environment_are_the_seeds() {
+    let (_, nodes) = reference();
+    let res = &nodes[PEER_NODE];
+
+    // §3.2 verbatim (the api_key is the fixture's), parsed: ours is it, less the legacy flat
+    // `cross_encoder` (written as [reranker] enabled), plus [admin].
+    let seed = format!(
+        r#"
+schema_version = 2
+tier = "autonomous"
+api_key = "{API_KEY}"
+cross_encoder = true
+
+[embeddings]
+backend = "openrouter"
+model = "google/gemini-embedding-2"
+dim = 768
+api_key_env = "OPENROUTER_API_KEY"
+
+[llm]
+backend = "openrouter"
+model = "google/gemma-4-26b-a4b-it"
+api_key_env = "OPENROUTER_API_KEY"
+
+[reranker]
+enabled = true
+model = "ms-marco-MiniLM-L-6-v2"
+
+[storage]
+default_namespace = "do-1461"
+archive_on_gc = true
+
+[audit]
+enabled = true
+path = "/var/log/ai-memory/audit"
+redact_content = true
+hash_chain = true
+
+[mcp]
+profile = "full"
+
+[permissions]
+mode = "enforce"
+"#
+    );
+    let mut seed: toml::Table = toml::from_str(&seed).unwrap();
+    assert_eq!(
+        seed.remove("cross_encoder"),
+        Some(toml::Value::Boolean(true))
+    );
+    let config = text_of(res, "file:config");
+    let mut ours: toml::Table = toml::from_str(config).unwrap();
+    assert!(ours.remove("admin").is_some());
+    assert_eq!(ours, seed);
+    assert!(
+        !config.contains(LLM_KEY),
+        "config.toml names the variable only"
+    );
+
+    // §3.3: the key first, then the seed's order; PGPASSWORD is ours (the seed put the password in
+    // the URL), and no offline switch for a cloud embedder.
+    let env = text_of(res, "file:env");
+    let names = env_names(env);
+    let seed_order = [
+        "OPENROUTER_API_KEY",
+        "AI_MEMORY_KEY_DIR",
+        "AI_MEMORY_FED_TRUST_BUNDLE_DIR",
+        "AI_MEMORY_FED_TRUST_DOMAIN",
+        "AI_MEMORY_FED_CRED_PATH",
+        "AI_MEMORY_FED_REQUIRE_SIG",
+        "AI_MEMORY_FED_REQUIRE_NONCE",
+        "AI_MEMORY_FED_REQUIRE_PEER_ENROLLMENT",
+        "AI_MEMORY_REQUIRE_AGENT_ATTESTATION",
+        "AI_MEMORY_PERMISSIONS_MODE",
+        "AI_MEMORY_GOVERNANCE_FAIL_OPEN_ON_ERROR",
+        "AI_MEMORY_AUTO_CONFIDENCE",
+        "AI_MEMORY_CONFIDENCE_SHADOW",
+        "AI_MEMORY_CONFIDENCE_DECAY",
+        "AI_MEMORY_STORE_URL",
+        "AI_MEMORY_AGENT_ID",
+        "AI_MEMORY_FED_IDENTITY",
+    ];
+    let without_pg: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| *n != "PGPASSWORD")
+        .collect();
+    assert_eq!(without_pg, seed_order);
+    assert_eq!(env_vars(env)["OPENROUTER_API_KEY"], LLM_KEY);
+    let Resource::File(f) = find(res, "file:env") else {
+        panic!()
+    };
+    assert!(f.secret);
+    assert_eq!(
+        (f.path.as_str(), f.mode.to_string().as_str()),
+        ("/etc/ai-memory/ai-memory.env", "0400")
+    );
+}
+
+fn table(text: &str) -> toml::Table {
+    toml::from_str(text).unwrap()
+}
+
+const MINILM_IDS: [&str; 3] = [
+    "file:minilm-config",
+    "file:minilm-tokenizer",
+    "file:minilm-model",
+];
+const OLLAMA_IDS: [&str; 10] = [
+    "user:ollama",
+    "dir:ollama-home",
+    "dir:ollama-models",
+    "file:ollama-archive",
+    "cmd:ollama-install",
+    "service:ollama",
+    "wait:ollama",
+    "cmd:ollama-pull",
+    "check:ollama.version",
+    "check:ollama.model",
+];
+
+/// Each embedder choice renders its own resources and settings and nothing of the others'; only
+/// peers depend on the choice.
+#[test]
+fn each_embedder_variant_renders_only_its_own_resources() {
+    let (_, openrouter) = reference();
+    for (kind, text) in [
+        ("openrouter", fleet_text("fleet.example.toml")),
+        ("local", local_choice()),
+        ("ollama", ollama_choice()),
+    ] {
+        let (fleet, nodes) = render_all(&text);
+        assert_eq!(fleet.embedder.kind(), kind);
+        for (node, res) in &nodes {
+            if !node.contains("-peer-") {
+                assert_eq!(
+                    res, &openrouter[node],
+                    "{kind}: {node} depends on the embedder"
+                );
+            }
+        }
+        let res = &nodes[PEER_NODE];
+        let ids: BTreeSet<&str> = res.iter().map(|r| r.id().as_str()).collect();
+        let Resource::Service(daemon) = find(res, "service:ai-memory") else {
+            panic!()
+        };
+        let notify: BTreeSet<&str> = daemon.notify.iter().map(|n| n.as_str()).collect();
+        for id in MINILM_IDS {
+            assert_eq!(ids.contains(id), kind == "local", "{kind}: {id}");
+            assert_eq!(notify.contains(id), kind == "local", "{kind}: notify {id}");
+        }
+        for id in OLLAMA_IDS {
+            assert_eq!(ids.contains(id), kind == "ollama", "{kind}: {id}");
+        }
+        assert_eq!(notify.contains("cmd:ollama-pull"), kind == "ollama");
+        for always in ["file:binary", "file:config", "file:env", "key:federation"] {
+            assert!(notify.contains(always), "{kind}: notify {always}");
+        }
+        let unit = text_of(res, "service:ai-memory");
+        let (after, wants) = if kind == "ollama" {
+            (
+                "After=network-online.target ollama.service",
+                "Wants=network-online.target ollama.service",
+            )
+        } else {
+            ("After=network-online.target", "Wants=network-online.target")
+        };
+        assert!(unit.lines().any(|l| l == after), "{kind}: {unit}");
+        assert!(unit.lines().any(|l| l == wants), "{kind}: {unit}");
+        let checks = checks_of(res);
+        assert_eq!(checks["health.embedder_ready"].0, "true", "{kind}");
+
+        let env = text_of(res, "file:env");
+        let vars = env_vars(env);
+        assert_eq!(
+            vars.get("AI_MEMORY_EMBED_OFFLINE"),
+            (kind == "local").then_some(&"1"),
+            "{kind}"
+        );
+        assert_eq!(
+            vars.contains_key("OPENROUTER_API_KEY"),
+            kind == "openrouter"
+        );
+        let config: toml::Table = toml::from_str(text_of(res, "file:config")).unwrap();
+        let embeddings = config["embeddings"].as_table().unwrap();
+        match kind {
+            "local" => {
+                assert_eq!(config["tier"].as_str(), Some("semantic"));
+                assert_eq!(
+                    embeddings,
+                    &table(r#"model = "sentence-transformers/all-MiniLM-L6-v2""#)
+                );
+            }
+            "ollama" => {
+                assert_eq!(config["tier"].as_str(), Some("semantic"));
+                assert_eq!(
+                    embeddings,
+                    &table(
+                        r#"
+backend = "ollama"
+url = "http://127.0.0.1:11434"
+model = "nomic-embed-text"
+dim = 768
+"#
+                    )
+                );
+            }
+            _ => assert_eq!(embeddings["backend"].as_str(), Some("openrouter")),
+        }
+        if kind != "openrouter" {
+            for absent in ["llm", "reranker"] {
+                assert!(!config.contains_key(absent), "{kind}: [{absent}]");
+            }
+        }
+    }
+}
+
+/// The Ollama sidecar as the seed's step 25 installs it: the pinned release from the seeder,
+/// unpacked into /usr/local, the seed's unit, the model pulled once, before the daemon.
+#[test]
+fn ollama_sidecar_is_the_seeds_from_the_pinned_artifact() {
+    let (fleet, nodes) = render_all(&ollama_choice());
+    let res = &nodes[PEER_NODE];
+    let ids: Vec<&str> = res.iter().map(|r| r.id().as_str()).collect();
+    let pos = |id: &str| ids.iter().position(|x| *x == id).unwrap();
+    let order = [
+        "user:ollama",
+        "dir:ollama-home",
+        "dir:ollama-models",
+        "file:ollama-archive",
+        "cmd:ollama-install",
+        "service:ollama",
+        "wait:ollama",
+        "cmd:ollama-pull",
+        "service:ai-memory",
+    ];
+    for w in order.windows(2) {
+        assert!(pos(w[0]) < pos(w[1]), "{} before {}", w[0], w[1]);
+    }
+
+    let Resource::User(u) = find(res, "user:ollama") else {
+        panic!()
+    };
+    assert_eq!(
+        (
+            u.name.as_str(),
+            u.system,
+            u.home.as_ref().map(|h| h.as_str())
+        ),
+        ("ollama", true, Some("/var/lib/ollama"))
+    );
+    for (id, path) in [
+        ("dir:ollama-home", "/var/lib/ollama"),
+        ("dir:ollama-models", "/var/lib/ollama/models"),
+    ] {
+        let Resource::Directory(d) = find(res, id) else {
+            panic!()
+        };
+        assert_eq!(
+            (d.path.as_str(), d.mode.to_string().as_str()),
+            (path, "0750")
+        );
+        assert_eq!(d.owner.as_ref().unwrap().owner, "ollama");
+    }
+    let Resource::File(archive) = find(res, "file:ollama-archive") else {
+        panic!()
+    };
+    assert!(
+        matches!(&archive.content, FileContent::Artifact { sha256, .. } if sha256.to_hex() == OLLAMA_SHA256)
+    );
+    assert_eq!(fleet.artifact_pins()[1].0, "ollama");
+    let Resource::Command(install) = find(res, "cmd:ollama-install") else {
+        panic!()
+    };
+    assert_eq!(
+        install.argv,
+        [
+            "/usr/bin/tar",
+            "-xzf",
+            archive.path.as_str(),
+            "-C",
+            "/usr/local",
+            "--no-same-owner"
+        ]
+    );
+    assert_eq!(
+        install.creates.as_ref().unwrap().as_str(),
+        "/usr/local/bin/ollama"
+    );
+    assert_eq!(install.refresh_on[0].as_str(), "file:ollama-archive");
+
+    // The seed's unit, less the sandboxing keys the agent's unit subset lacks.
+    let unit = text_of(res, "service:ollama");
+    let seed_unit = [
+        "[Unit]",
+        "Description=Ollama CPU embedder (do-1461 peer sidecar, pinned 0.6.8)",
+        "After=network-online.target",
+        "Wants=network-online.target",
+        "[Service]",
+        "Type=simple",
+        "Environment=OLLAMA_HOST=127.0.0.1:11434",
+        "Environment=OLLAMA_MODELS=/var/lib/ollama/models",
+        "ExecStart=/usr/local/bin/ollama serve",
+        "User=ollama",
+        "Group=ollama",
+        "Restart=always",
+        "RestartSec=3",
+        "ReadWritePaths=/var/lib/ollama",
+        "ProtectSystem=full",
+        "NoNewPrivileges=true",
+        "[Install]",
+        "WantedBy=multi-user.target",
+    ];
+    let sandboxing = ["ReadWritePaths=", "ProtectSystem=", "NoNewPrivileges="];
+    let want: Vec<&str> = seed_unit
+        .iter()
+        .copied()
+        .filter(|l| !sandboxing.iter().any(|k| l.starts_with(k)))
+        .collect();
+    let got: Vec<&str> = unit.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(got, want);
+    let Resource::Service(s) = find(res, "service:ollama") else {
+        panic!()
+    };
+    assert_eq!(s.unit, "ollama.service");
+    assert_eq!(s.notify[0].as_str(), "cmd:ollama-install");
+
+    let Resource::Wait(w) = find(res, "wait:ollama") else {
+        panic!()
+    };
+    assert!(matches!(&w.target, WaitTarget::Tcp { host, port: 11434 } if host == "127.0.0.1"));
+    let Resource::Command(pull) = find(res, "cmd:ollama-pull") else {
+        panic!()
+    };
+    assert_eq!(
+        pull.argv,
+        [
+            "/usr/bin/env",
+            "OLLAMA_HOST=127.0.0.1:11434",
+            "/usr/local/bin/ollama",
+            "pull",
+            "nomic-embed-text"
+        ]
+    );
+    // `ollama list` decides; the model is the script's argument, not part of the script.
+    let unless = pull.unless.as_ref().unwrap();
+    let script = &unless[4];
+    assert!(
+        script.starts_with("/usr/local/bin/ollama list | "),
+        "{script}"
+    );
+    assert!(!script.contains("nomic"), "{script}");
+    assert_eq!(&unless[5..], ["sh", "nomic-embed-text"]);
+
+    let checks = checks_of(res);
+    assert_eq!(checks["ollama.version"].0, "0.6.8");
+    assert_eq!(checks["ollama.model"].0, "nomic-embed-text");
+    assert_eq!(checks["ollama.active"].0, "active");
+}
+
+/// What a seeder knows of `ollama list` output decides the pull's guard: run the rendered
+/// `unless` script against canned listings with a stand-in `ollama`.
+#[test]
+fn ollama_pull_guard_reads_the_listing() {
+    let (_, nodes) = render_all(&ollama_choice());
+    let Resource::Command(pull) = find(&nodes[PEER_NODE], "cmd:ollama-pull") else {
+        panic!()
+    };
+    let unless = pull.unless.as_ref().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let fake = tmp.path().join("ollama");
+    let run = |listing: &str| -> bool {
+        std::fs::write(&fake, format!("#!/bin/sh\nprintf '{listing}'\n")).unwrap();
+        let mut perms = std::fs::metadata(&fake).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+        std::fs::set_permissions(&fake, perms).unwrap();
+        let script = unless[4].replace("/usr/local/bin/ollama", fake.to_str().unwrap());
+        std::process::Command::new(&unless[2])
+            .args(["-c", &script])
+            .args(&unless[5..])
+            .status()
+            .unwrap()
+            .success()
+    };
+    let header = "NAME                       ID              SIZE      MODIFIED\\n";
+    assert!(run(&format!(
+        "{header}nomic-embed-text:latest    0a109f422b47    274 MB    2 minutes ago\\n"
+    )));
+    assert!(!run(header), "an empty listing pulls");
+    assert!(!run(&format!(
+        "{header}nomic-embed-text-v2:latest 0a109f422b47    274 MB    2 minutes ago\\n"
+    )));
+}
+
+/// The operator's key is in exactly one place of the whole manifest of a peer whose fleet needs
+/// one, the 0400 environment file, and nowhere for any other node or fleet.
+#[test]
+fn the_operator_key_is_only_in_the_peers_environment_file() {
+    for text in [
+        fleet_text("fleet.example.toml"),
+        fleet_text("fleet.lab.toml"),
+        local_choice(),
+        ollama_choice(),
+        ollama_llm_choice(),
+    ] {
+        let (fleet, nodes) = render_all(&text);
+        let needs_key = fleet.llm_key_env().is_some();
+        for (node, res) in &nodes {
+            let carriers: Vec<&str> = res
+                .iter()
+                .filter(|r| serde_json::to_string(r).unwrap().contains(LLM_KEY))
+                .map(|r| r.id().as_str())
+                .collect();
+            let want: &[&str] = if needs_key && node.contains("-peer-") {
+                &["file:env"]
+            } else {
+                &[]
+            };
+            assert_eq!(carriers, want, "{node} ({})", fleet.embedder.kind());
+            if !want.is_empty() {
+                let env = text_of(res, "file:env");
+                assert_eq!(env.matches(LLM_KEY).count(), 1, "{node}");
+                let var = fleet.llm_key_env().unwrap().as_str();
+                assert!(env.lines().any(|l| l == format!("{var}={LLM_KEY}")));
+            }
+        }
+    }
+    // The Ollama embedder with an LLM: the key for the LLM alone, the tier with an LLM.
+    let (_, nodes) = render_all(&ollama_llm_choice());
+    let config: toml::Table = toml::from_str(text_of(&nodes[PEER_NODE], "file:config")).unwrap();
+    assert_eq!(config["tier"].as_str(), Some("smart"));
+    assert_eq!(
+        config["llm"]["api_key_env"].as_str(),
+        Some("OPENROUTER_API_KEY")
+    );
+    assert!(config["embeddings"].get("api_key_env").is_none());
+}
+
+/// The rendered sidecar unit passes `systemd-analyze verify` (offline; any output on stderr is a
+/// failure, since unknown keys only warn), as the agent's own unit does.
+#[test]
+fn ollama_unit_verifies_with_systemd_analyze() {
+    let Ok(out) = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+    else {
+        panic!("systemd-analyze is not installed (Debian package systemd)");
+    };
+    assert!(out.status.success());
+    let (_, nodes) = render_all(&ollama_choice());
+    // ExecStart must exist at verify time.
+    let unit =
+        text_of(&nodes[PEER_NODE], "service:ollama").replace("/usr/local/bin/ollama", "/bin/true");
+    assert!(unit.contains("ExecStart=/bin/true serve"));
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("ollama.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stderr.trim().is_empty(),
+        "systemd-analyze verify: {stderr}"
+    );
+}
+
+// ---- properties of every node of every fleet ---------------------------------------------------
+
+/// Both fleet files, and the reference fleet with the Ollama embedder.
+fn every_fleet() -> Vec<(Fleet, BTreeMap<String, Vec<Resource>>)> {
+    vec![
+        reference(),
+        render_all(&fleet_text("fleet.lab.toml")),
+        render_all(&ollama_choice()),
+    ]
 }
 
 #[test]
 fn secrets_appear_only_in_secret_files_and_stdin() {
-    for (fleet, nodes) in both_fleets() {
+    for (fleet, nodes) in every_fleet() {
         for (node, res) in &nodes {
             let spec = fleet.node(&node.parse().unwrap()).unwrap();
             let mut carriers = BTreeSet::new();
@@ -1085,7 +1622,7 @@ fn assert_unit_subset(node: &str, unit: &str, text: &str) {
 
 #[test]
 fn manifests_are_consistent_guarded_and_in_the_unit_subset() {
-    for (fleet, nodes) in both_fleets() {
+    for (fleet, nodes) in every_fleet() {
         for (node, res) in nodes {
             let spec = fleet.node(&node.parse().unwrap()).unwrap();
             let m = Manifest {

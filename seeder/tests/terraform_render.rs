@@ -775,6 +775,12 @@ fn user_data_is_byte_identical_across_publishes() {
     let dir = tmp.path().join("campaign");
     let d = dir.to_str().unwrap();
     seeder_ok(&["init", "--fleet", fleet.to_str().unwrap(), "--dir", d]);
+    // The reference fleet's embedder and LLM need the operator's key (a fake one: nothing here
+    // calls the API). It never reaches user_data: checked below.
+    const LLM_KEY: &str = "sk-or-v1-FakeTerraformTestKey0123456789";
+    let key = dir.join("secrets/llm-api-key");
+    fs::write(&key, LLM_KEY).unwrap();
+    fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let bin = tmp.path().join("bootstrap.bin");
     fs::write(&bin, b"not really an agent").unwrap();
     seeder_ok(&[
@@ -796,6 +802,12 @@ fn user_data_is_byte_identical_across_publishes() {
     };
     let first = user_data();
     assert_eq!(first.len(), 12);
+    for (node, ud) in &first {
+        assert!(
+            !ud.contains(LLM_KEY),
+            "{node}: the operator's key in user_data"
+        );
+    }
 
     let text = fs::read_to_string(&fleet).unwrap();
     fs::write(

@@ -192,13 +192,17 @@ impl Mesh {
                 },
             );
         }
-        let llm_key = dir.secrets_dir().join("llm-api-key");
-        let llm_missing = (!llm_key.exists()).then(|| {
-            format!(
-                "no LLM key ({} is absent; the roles deliver none to the peers)",
+        // The peers have an LLM only when the fleet gives them one (`[llm]`), with the operator's
+        // key from the campaign directory.
+        let llm_key = dir.llm_api_key();
+        let llm_missing = match (&fleet.llm, llm_key.exists()) {
+            (None, _) => Some("no LLM key: the fleet has no [llm], the peers have no LLM".into()),
+            (Some(_), false) => Some(format!(
+                "no LLM key ({} is absent, so the peers have none)",
                 llm_key.display()
-            )
-        });
+            )),
+            (Some(_), true) => None,
+        };
         Ok(Mesh {
             admin_agent_id: CampaignDir::operator_agent_id(&campaign),
             campaign,
