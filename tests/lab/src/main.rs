@@ -321,8 +321,9 @@ fn scenarios(
     };
     type Step =
         fn(&hiveseed_lab::fleet::Fleet, &mut sc::Record, std::time::Duration) -> anyhow::Result<()>;
-    let steps: [(Scenario, &'static str, Step); 6] = [
+    let steps: [(Scenario, &'static str, Step); 7] = [
         (Scenario::Suite, "suite", |f, r, _| sc::suite(f, r)),
+        (Scenario::Secrets, "llm key", |f, r, _| sc::llm_key(f, r)),
         (Scenario::Secrets, "secrets", |f, r, _| sc::secrets(f, r)),
         (Scenario::Redeploy, "redeploy", |f, r, _| sc::redeploy(f, r)),
         (Scenario::Replace, "replace", sc::replace),

@@ -286,6 +286,98 @@ fn parse_rfc3339(s: &str) -> Option<f64> {
     Some(t.unix_timestamp_nanos() as f64 / 1e9)
 }
 
+// ---- the operator's LLM key ---------------------------------------------------------------
+
+/// The operator's LLM key reaches the peers: a stand-in key (nothing here can reach OpenRouter)
+/// in the campaign's `secrets/llm-api-key` and the seed's `[llm]` added to the fleet, published;
+/// every peer applies it with the daemon healthy, its key in the 0400 environment file and
+/// nowhere in config.toml, and the report green (the LLM client initialises offline; calls would
+/// need the network). The `secrets` scan that follows looks for this key too.
+pub fn llm_key(f: &Fleet, rec: &mut Record) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    const S: &str = "llm key";
+    let peers: Vec<String> = f.with_role("peer").iter().map(|n| n.name.clone()).collect();
+    let before = generations(&f.status()?);
+    let key = format!("sk-or-v1-lab-{}", hex::encode(rand::random::<[u8; 24]>()));
+    let path = f.campaign_dir.join("secrets/llm-api-key");
+    std::fs::write(&path, format!("{key}\n"))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let mut text = std::fs::read_to_string(&f.fleet_file)?;
+    anyhow::ensure!(!text.contains("[llm]"), "the lab fleet already has [llm]");
+    text.push_str(
+        "\n# Added by the `llm key` scenario: the seed's LLM, with a stand-in key.\n[llm]\nbackend = \"openrouter\"\nmodel = \"google/gemma-4-26b-a4b-it\"\napi_key_env = \"OPENROUTER_API_KEY\"\n",
+    );
+    std::fs::write(&f.fleet_file, text)?;
+    let started = Instant::now();
+    let out = f.publish()?;
+    rec.note(format!(
+        "llm key: [llm] + secrets/llm-api-key; {}",
+        one_line(&out, 100)
+    ));
+    let when = wait_applied(f, &peers, &before, started, Duration::from_secs(90));
+    rec.check(
+        S,
+        "every peer applied the generation with the key",
+        format!("{} peers", peers.len()),
+        format!("{}/{} peers", when.len(), peers.len()),
+        when.len() == peers.len(),
+    );
+    let mut bad = Vec::new();
+    for n in f.with_role("peer") {
+        let env = n.root.join("etc/ai-memory/ai-memory.env");
+        let config = n
+            .root
+            .join("var/lib/ai-memory/.config/ai-memory/config.toml");
+        let env_text = std::fs::read_to_string(&env).unwrap_or_default();
+        let mode = std::fs::metadata(&env)
+            .map(|m| m.mode() & 0o777)
+            .unwrap_or(0);
+        if !env_text
+            .lines()
+            .any(|l| l == format!("OPENROUTER_API_KEY={key}"))
+        {
+            bad.push(format!(
+                "{}: no OPENROUTER_API_KEY line with the key",
+                n.name
+            ));
+        }
+        if mode != 0o400 {
+            bad.push(format!("{}: ai-memory.env is {mode:o}", n.name));
+        }
+        let config_text = std::fs::read_to_string(&config).unwrap_or_default();
+        if !config_text.contains("api_key_env = \"OPENROUTER_API_KEY\"")
+            || config_text.contains(&key)
+        {
+            bad.push(format!(
+                "{}: config.toml does not name the variable, or holds the key",
+                n.name
+            ));
+        }
+    }
+    rec.check(
+        S,
+        "key in each peer's 0400 environment file only",
+        "OPENROUTER_API_KEY=<key>, 0400; config.toml names the variable",
+        if bad.is_empty() {
+            format!("{} peers", peers.len())
+        } else {
+            bad.join("; ")
+        },
+        bad.is_empty(),
+    );
+    let (green, out) = report_green(f, Duration::from_secs(60));
+    let got = if green {
+        out.lines()
+            .find(|l| l.starts_with("TOTAL="))
+            .unwrap_or("")
+            .to_owned()
+    } else {
+        fails_of(&out)
+    };
+    rec.check(S, "report green with [llm]", "FAIL=0", got, green);
+    Ok(())
+}
+
 // ---- secrets ----------------------------------------------------------------------------
 
 /// The campaign's secrets as they would appear in text.
@@ -294,6 +386,7 @@ fn secret_values(f: &Fleet) -> Vec<(String, String)> {
     for (label, file) in [
         ("fleet PG password", "secrets/pg-password"),
         ("API key", "secrets/api-key"),
+        ("LLM API key", "secrets/llm-api-key"),
     ] {
         if let Ok(v) = std::fs::read_to_string(f.campaign_dir.join(file)) {
             let v = v.trim().to_owned();
@@ -340,12 +433,13 @@ fn holds_private_key(path: &Path, bytes: &[u8]) -> bool {
 pub fn secrets(f: &Fleet, rec: &mut Record) -> Result<()> {
     const S: &str = "secrets";
     let secrets = secret_values(f);
+    let labels: Vec<&str> = secrets.iter().map(|(l, _)| l.as_str()).collect();
     rec.check(
         S,
         "campaign has secrets to look for",
-        "pg password + API key",
-        format!("{} secret values", secrets.len()),
-        secrets.len() == 2,
+        "pg password + API key (+ LLM API key after `llm key`)",
+        labels.join(" + "),
+        labels.starts_with(&["fleet PG password", "API key"]),
     );
     let leaks = |text: &str| -> Vec<String> {
         let mut l: Vec<String> = secrets
