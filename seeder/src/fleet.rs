@@ -827,6 +827,28 @@ mod tests {
             ("peer", "sgp1", 3)
         );
         assert_eq!(f.seeder.port, 8443);
+        for (region, layout) in &f.store_layouts {
+            assert_eq!(*layout, StoreLayout::Database, "{region}");
+        }
+        assert_eq!(f.store_layouts.len(), 3);
+    }
+
+    #[test]
+    fn lab_fleet_runs_both_store_layouts() {
+        let lab = Fleet::parse(LAB).unwrap();
+        let layouts: Vec<(&str, StoreLayout)> = lab
+            .store_layouts
+            .iter()
+            .map(|(r, l)| (r.as_str(), *l))
+            .collect();
+        assert_eq!(
+            layouts,
+            [
+                ("fra1", StoreLayout::Database),
+                ("nyc3", StoreLayout::Database),
+                ("sgp1", StoreLayout::Schema),
+            ]
+        );
     }
 
     #[test]

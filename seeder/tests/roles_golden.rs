@@ -205,17 +205,6 @@ fn with_store(text: &str, layout: Option<&str>) -> String {
     out
 }
 
-/// `text` with `[regions.<region>]` overriding the store layout.
-fn with_region_layout(text: &str, region: &str, layout: &str) -> String {
-    let header = format!("[regions.{region}]\n");
-    assert!(text.contains(&header), "no {header}");
-    text.replacen(
-        &header,
-        &format!("{header}store_layout = \"{layout}\"\n"),
-        1,
-    )
-}
-
 /// The reference fleet with every region in one store layout.
 fn reference_with_layout(layout: &str) -> (Fleet, BTreeMap<String, Vec<Resource>>) {
     let (fleet, nodes) = render_all(&with_store(&fleet_text("fleet.example.toml"), Some(layout)));
@@ -362,11 +351,17 @@ fn check_golden(dir: &str, res: &[Resource]) {
     );
 }
 
+/// The reference fleet (a database per peer) in `golden/<node>`, the seed's layout (a schema per
+/// peer) in `golden/schema-layout/<node>`.
 #[test]
 fn reference_pg_and_peer_match_the_golden_files() {
     let (_, nodes) = reference();
     for node in [PG_NODE, PEER_NODE] {
         check_golden(node, &nodes[node]);
+    }
+    let (_, nodes) = reference_with_layout("schema");
+    for node in [PG_NODE, PEER_NODE] {
+        check_golden(&format!("schema-layout/{node}"), &nodes[node]);
     }
 }
 
@@ -694,14 +689,15 @@ fn peer_node_serves_with_the_spec_flags() {
     );
 
     // The environment file: password as PGPASSWORD, a password-free verify-full URL to the
-    // region's pg private address and schema ic_peer_K, identities, the Batman battery.
+    // region's pg private address and the peer's own database (the reference fleet's layout; the
+    // seed's: see the layout tests), identities, the Batman battery.
     let vars = env_vars(text_of(res, "file:env"));
     assert_eq!(vars["PGPASSWORD"], PG_PASSWORD);
     let url = vars["AI_MEMORY_STORE_URL"];
     assert_eq!(
         url,
         format!(
-            "postgres://ai_memory@{}:5432/ai_memory?options=-csearch_path%3Dic_peer_1%2Cag_catalog%2Cpublic&sslmode=verify-full&sslrootcert=/etc/ai-memory/tls/ca.pem",
+            "postgres://ai_memory@{}:5432/ai_memory_peer_1?options=-csearch_path%3Dpublic%2Cag_catalog&sslmode=verify-full&sslrootcert=/etc/ai-memory/tls/ca.pem",
             pg.private_ip
         )
     );
@@ -817,8 +813,8 @@ fn peer_node_serves_with_the_spec_flags() {
         ),
         (
             pg.private_ip.to_string().as_str(),
-            "ai_memory",
-            "ic_peer_1",
+            "ai_memory_peer_1",
+            "public",
             "/etc/ai-memory/tls/ca.pem",
             "ai_memory"
         )
@@ -1234,17 +1230,12 @@ fn database_layout_pg_holds_a_database_per_peer() {
     assert_eq!(wait_pg(peer), ("ai_memory_peer_2".into(), "public".into()));
 }
 
-/// A mixed fleet (the lab's with nyc3 and fra1 a database per peer, sgp1 a schema per peer):
-/// every peer's store URL, wait and pg_hba rule agree with its region's pg node, which creates
-/// its database and reports its chain under the name `seeder test` reads (`signed_events.<store>`).
+/// A mixed fleet (the lab's: nyc3 and fra1 a database per peer, sgp1 a schema per peer): every
+/// peer's store URL, wait and pg_hba rule agree with its region's pg node, which creates its
+/// database and reports its chain under the name `seeder test` reads (`signed_events.<store>`).
 #[test]
 fn a_mixed_fleet_renders_each_region_in_its_own_layout() {
-    let mixed = with_region_layout(
-        &with_store(&fleet_text("fleet.lab.toml"), Some("database")),
-        "sgp1",
-        "schema",
-    );
-    let (fleet, nodes) = render_all(&mixed);
+    let (fleet, nodes) = render_all(&fleet_text("fleet.lab.toml"));
     let facts = facts(&fleet);
     let mut seen = BTreeSet::new();
     for peer in fleet.nodes_with_role("peer") {
@@ -1300,7 +1291,7 @@ fn a_mixed_fleet_renders_each_region_in_its_own_layout() {
             _ => assert_eq!(store.name, format!("ai_memory_peer_{}", peer.index)),
         }
     }
-    assert_eq!(seen.len(), 2, "both layouts: {seen:?}");
+    assert_eq!(seen.len(), 2, "the lab fleet runs both layouts: {seen:?}");
 }
 
 /// A region's pg node before its peers: the seed's layout still makes its one database, the
@@ -1656,7 +1647,11 @@ fn lab_fleet_uses_distro_prefix_pins_and_has_agents() {
     assert_eq!(f["--quorum-timeout-ms"], "2000");
     assert_eq!(f["--catchup-interval-secs"], "5");
     assert_eq!(f["--quorum-peers"].split(',').count(), 8);
-    assert!(text_of(peer, "file:env").contains("search_path%3Dic_peer_2%2C"));
+    assert!(text_of(peer, "file:env")
+        .contains(":5432/ai_memory_peer_2?options=-csearch_path%3Dpublic%2Cag_catalog&"));
+    let peer = &nodes["do-1461-peer-sgp1-02"];
+    assert!(text_of(peer, "file:env")
+        .contains(":5432/ai_memory?options=-csearch_path%3Dic_peer_2%2Cag_catalog%2Cpublic&"));
     let checks = checks_of(peer);
     assert_eq!(
         checks["binary.sha256"].0,
