@@ -264,6 +264,12 @@ pub fn run(cli: Cli) -> Result<()> {
                 f.federation.quorum_w,
                 f.federation.quorum_w_requested
             );
+            let layouts: Vec<String> = f
+                .store_layouts
+                .iter()
+                .map(|(region, layout)| format!("{region} {layout}"))
+                .collect();
+            println!("store layout: {}", layouts.join(", "));
             for n in &f.nodes {
                 println!("{:<28} {:<6} {:<6} {}", n.name, n.role, n.region, n.size);
             }

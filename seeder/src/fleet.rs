@@ -50,6 +50,8 @@ pub struct FleetConfig {
     pub ttl: TtlConfig,
     #[serde(default)]
     pub accounts: AccountsConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
     pub pins: PinsConfig,
     /// Where the peers' embeddings come from; absent: `local`.
     #[serde(default)]
@@ -98,6 +100,15 @@ pub struct RerankerConfig {
     pub model: Option<String>,
 }
 
+/// Where the peers' ai-memory stores live on their region's pg node (README "Store layout").
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `"schema"` (the seed's: one database, a schema per peer) or `"database"` (a database per
+    /// peer); absent means `"schema"`. `[regions.<name>] store_layout` overrides it per region.
+    pub layout: Option<String>,
+}
+
 /// Service accounts. Production leaves this out (useradd picks the uid).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -120,6 +131,8 @@ pub struct RegionConfig {
     pub agent: u32,
     #[serde(default)]
     pub ctrl: u32,
+    /// Overrides `[store] layout` for this region's pg node and peers.
+    pub store_layout: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -236,6 +249,9 @@ pub struct Fleet {
     pub embedder: Embedder,
     pub llm: Option<Llm>,
     pub reranker: Option<Reranker>,
+    /// The effective store layout of every region with a pg node (`[store] layout`, or the
+    /// region's own `store_layout`).
+    pub store_layouts: BTreeMap<Region, StoreLayout>,
     /// Node name → position in `nodes`.
     #[serde(skip)]
     index: std::collections::HashMap<NodeName, usize>,
@@ -262,11 +278,109 @@ pub struct NodeSpec {
     pub name: NodeName,
     pub role: RoleName,
     pub region: Region,
-    /// 1-based position among the nodes of this role in this region (the seed's `ic_peer_K`).
+    /// 1-based position among the nodes of this role in this region: a peer's K, which names its
+    /// store (`ic_peer_K` or `ai_memory_peer_K`).
     pub index: u32,
     pub size: String,
     /// The uid of the node's service account when the fleet pins one (`accounts`).
     pub service_uid: Option<u32>,
+}
+
+/// How a region's pg node holds its peers' ai-memory stores.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreLayout {
+    /// The seed's: one database `ai_memory`, a schema `ic_peer_K` per peer. ai-memory 0.7.0
+    /// NULLs a per-schema store's embeddings at every boot (its dimension probe reads `public`).
+    #[default]
+    Schema,
+    /// A database `ai_memory_peer_K` per peer, the daemon's tables in its `public` schema.
+    Database,
+}
+
+/// The one database of the schema layout.
+pub const SHARED_DATABASE: &str = "ai_memory";
+
+/// Where one peer's store lives on its region's pg node; K is the peer's index in its region.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PeerStore {
+    pub index: u32,
+    pub layout: StoreLayout,
+    /// `ai_memory` (schema layout) or `ai_memory_peer_K` (database layout).
+    pub database: String,
+    /// The schema the daemon's tables live in: `ic_peer_K`, or `public`.
+    pub schema: String,
+    /// The daemon's search_path: its schema first, `public` (pgvector's types) always, and
+    /// `ag_catalog` as the seed has it.
+    pub search_path: Vec<String>,
+    /// The store's name in check names (`signed_events.<name>`): the schema in the schema
+    /// layout, the database in the database layout.
+    pub name: String,
+}
+
+impl StoreLayout {
+    fn parse(field_name: &str, s: &str) -> Result<Self, FleetError> {
+        match s {
+            "schema" => Ok(Self::Schema),
+            "database" => Ok(Self::Database),
+            _ => Err(field(
+                field_name,
+                format!("must be \"schema\" or \"database\", not {s:?}"),
+            )),
+        }
+    }
+
+    /// The store of the region's K-th peer.
+    pub fn store(self, index: u32) -> PeerStore {
+        match self {
+            Self::Schema => {
+                let schema = format!("ic_peer_{index}");
+                PeerStore {
+                    index,
+                    layout: self,
+                    database: SHARED_DATABASE.into(),
+                    schema: schema.clone(),
+                    search_path: vec![schema.clone(), "ag_catalog".into(), "public".into()],
+                    name: schema,
+                }
+            }
+            Self::Database => {
+                let database = format!("{SHARED_DATABASE}_peer_{index}");
+                PeerStore {
+                    index,
+                    layout: self,
+                    database: database.clone(),
+                    schema: "public".into(),
+                    search_path: vec!["public".into(), "ag_catalog".into()],
+                    name: database,
+                }
+            }
+        }
+    }
+
+    /// The databases a pg node with `peers` peers holds, in peer order. The schema layout's one
+    /// database exists even before the region has a peer, as in the seed.
+    pub fn databases(self, peers: u32) -> Vec<StoreDatabase> {
+        match self {
+            Self::Schema => vec![StoreDatabase {
+                name: SHARED_DATABASE.into(),
+                schemas: (1..=peers).map(|k| self.store(k).schema).collect(),
+            }],
+            Self::Database => (1..=peers)
+                .map(|k| StoreDatabase {
+                    name: self.store(k).database,
+                    schemas: Vec::new(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// One database of a pg node's stores, with the peer schemas it holds besides `public`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StoreDatabase {
+    pub name: String,
+    pub schemas: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -446,6 +560,15 @@ impl fmt::Display for EnvVarName {
     }
 }
 
+impl fmt::Display for StoreLayout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Schema => "schema",
+            Self::Database => "database",
+        })
+    }
+}
+
 impl fmt::Display for RegionCounts {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -490,7 +613,12 @@ impl Fleet {
         if raw.regions.is_empty() {
             return Err(field("regions", "at least one region is required"));
         }
+        let default_layout = match &raw.store.layout {
+            Some(s) => StoreLayout::parse("store.layout", s)?,
+            None => StoreLayout::default(),
+        };
         let mut regions = BTreeMap::new();
+        let mut store_layouts = BTreeMap::new();
         for (name, counts) in &raw.regions {
             let region: Region = name.parse().map_err(|e: hiveseed_proto::NameError| {
                 field(format!("regions.{name}"), e.reason)
@@ -528,6 +656,19 @@ impl Fleet {
             };
             if c == RegionCounts::default() {
                 return Err(field(format!("regions.{name}"), "declares no nodes"));
+            }
+            let layout = match &counts.store_layout {
+                Some(_) if c.pg == 0 => {
+                    return Err(field(
+                        format!("regions.{name}.store_layout"),
+                        "the region has no pg node to hold stores",
+                    ))
+                }
+                Some(s) => StoreLayout::parse(&format!("regions.{name}.store_layout"), s)?,
+                None => default_layout,
+            };
+            if c.pg == 1 {
+                store_layouts.insert(region.clone(), layout);
             }
             regions.insert(region, c);
         }
@@ -677,6 +818,7 @@ impl Fleet {
             embedder,
             llm,
             reranker,
+            store_layouts,
             index,
         })
     }
@@ -712,6 +854,17 @@ impl Fleet {
 
     pub fn nodes_with_role<'a>(&'a self, role: &'a str) -> impl Iterator<Item = &'a NodeSpec> {
         self.nodes.iter().filter(move |n| n.role.as_str() == role)
+    }
+
+    /// The store layout of a region (the fleet's default for a region without a pg node, which
+    /// holds no stores).
+    pub fn store_layout(&self, region: &Region) -> StoreLayout {
+        self.store_layouts.get(region).copied().unwrap_or_default()
+    }
+
+    /// Where a peer's store lives; `None` for the other roles.
+    pub fn peer_store(&self, node: &NodeSpec) -> Option<PeerStore> {
+        (node.role.as_str() == "peer").then(|| self.store_layout(&node.region).store(node.index))
     }
 }
 
@@ -1050,11 +1203,49 @@ fn validate_reranker(
     })
 }
 
+/// Fleet texts with a chosen store layout, whatever the fleet files themselves say.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    /// `text` with its `[store]` table replaced by one naming `layout` (`None`: no table) and no
+    /// region overriding it.
+    pub(crate) fn with_store(text: &str, layout: Option<&str>) -> String {
+        let mut out = String::new();
+        let mut in_store = false;
+        for line in text.lines() {
+            if line.starts_with('[') {
+                in_store = line == "[store]";
+                if line.starts_with("[regions.") && !out.contains("\n[regions.") {
+                    if let Some(l) = layout {
+                        out.push_str(&format!("[store]\nlayout = \"{l}\"\n\n"));
+                    }
+                }
+            }
+            if !in_store && !line.starts_with("store_layout") {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// `text` with `[regions.<region>]` overriding the store layout.
+    pub(crate) fn with_region_layout(text: &str, region: &str, layout: &str) -> String {
+        let header = format!("[regions.{region}]\n");
+        assert!(text.contains(&header), "no {header}");
+        text.replacen(
+            &header,
+            &format!("{header}store_layout = \"{layout}\"\n"),
+            1,
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const EXAMPLE: &str = include_str!("../../roles/fleet.example.toml");
+    const LAB: &str = include_str!("../../roles/fleet.lab.toml");
 
     #[test]
     fn reference_fleet_parses() {
@@ -1077,6 +1268,10 @@ mod tests {
             ("peer", "sgp1", 3)
         );
         assert_eq!(f.seeder.port, 8443);
+        for (region, layout) in &f.store_layouts {
+            assert_eq!(*layout, StoreLayout::Database, "{region}");
+        }
+        assert_eq!(f.store_layouts.len(), 3);
         // The seed's embedder, LLM and reranker (spec §1.6, §3.2).
         assert_eq!(
             f.embedder,
@@ -1322,6 +1517,24 @@ mod tests {
     }
 
     #[test]
+    fn lab_fleet_runs_both_store_layouts() {
+        let lab = Fleet::parse(LAB).unwrap();
+        let layouts: Vec<(&str, StoreLayout)> = lab
+            .store_layouts
+            .iter()
+            .map(|(r, l)| (r.as_str(), *l))
+            .collect();
+        assert_eq!(
+            layouts,
+            [
+                ("fra1", StoreLayout::Database),
+                ("nyc3", StoreLayout::Database),
+                ("sgp1", StoreLayout::Schema),
+            ]
+        );
+    }
+
+    #[test]
     fn w_is_clamped_to_the_peer_count() {
         let one_peer = EXAMPLE
             .replace("quorum_w = 2", "quorum_w = 50")
@@ -1421,6 +1634,137 @@ mod tests {
             );
         }
         assert!(cases.len() >= 8);
+    }
+
+    /// Store-layout refusals name their field (on a fleet with a `[store]` table to break).
+    #[test]
+    fn store_layout_refusals_name_the_field() {
+        let base = fixtures::with_store(EXAMPLE, Some("database"));
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "layout = \"database\"",
+                "layout = \"tablespace\"",
+                "store.layout",
+            ),
+            ("layout = \"database\"", "layout = \"\"", "store.layout"),
+            ("layout = \"database\"", "layout = 1", "layout"),
+            ("[store]\nlayout", "[store]\nlayouts", "layouts"),
+            (
+                "[store]\n",
+                "[store]\nregions = { nyc3 = \"schema\" }\n",
+                "regions",
+            ),
+            (
+                "[regions.sgp1]\n",
+                "[regions.sgp1]\nstore_layout = \"Database\"\n",
+                "regions.sgp1.store_layout",
+            ),
+            (
+                "[regions.sgp1]\n",
+                "[regions.sgp1]\nstorage_layout = \"schema\"\n",
+                "storage_layout",
+            ),
+            (
+                "[regions.sgp1]\n",
+                "[regions.ams3]\nagent = 1\nstore_layout = \"schema\"\n\n[regions.sgp1]\n",
+                "regions.ams3.store_layout",
+            ),
+        ];
+        for (from, to, needle) in cases {
+            assert!(base.contains(from), "fixture lost {from:?}");
+            let broken = base.replacen(from, to, 1);
+            let err = Fleet::parse(&broken).expect_err(to).to_string();
+            assert!(
+                err.contains(needle),
+                "{to:?}: error {err:?} does not name {needle:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn store_layout_defaults_to_the_seeds_and_a_region_overrides_it() {
+        let region = |r: &str| -> Region { r.parse().unwrap() };
+        // No [store]: the seed's layout everywhere, so older fleet files keep their stores.
+        let without = fixtures::with_store(EXAMPLE, None);
+        let f = Fleet::parse(&without).unwrap();
+        for r in ["nyc3", "fra1", "sgp1"] {
+            assert_eq!(f.store_layout(&region(r)), StoreLayout::Schema);
+        }
+
+        // The override works both ways, and only for its own region.
+        let to_schema = fixtures::with_region_layout(
+            &fixtures::with_store(EXAMPLE, Some("database")),
+            "fra1",
+            "schema",
+        );
+        let f = Fleet::parse(&to_schema).unwrap();
+        assert_eq!(f.store_layout(&region("fra1")), StoreLayout::Schema);
+        assert_eq!(f.store_layout(&region("nyc3")), StoreLayout::Database);
+        assert_eq!(f.store_layout(&region("sgp1")), StoreLayout::Database);
+        let to_database = fixtures::with_region_layout(&without, "sgp1", "database");
+        let f = Fleet::parse(&to_database).unwrap();
+        assert_eq!(f.store_layout(&region("sgp1")), StoreLayout::Database);
+        assert_eq!(f.store_layout(&region("fra1")), StoreLayout::Schema);
+    }
+
+    #[test]
+    fn peer_stores_are_named_by_layout_and_index() {
+        let s = StoreLayout::Schema.store(2);
+        assert_eq!(
+            (s.database.as_str(), s.schema.as_str(), s.name.as_str()),
+            ("ai_memory", "ic_peer_2", "ic_peer_2")
+        );
+        assert_eq!(s.search_path, ["ic_peer_2", "ag_catalog", "public"]);
+        let d = StoreLayout::Database.store(2);
+        assert_eq!(
+            (d.database.as_str(), d.schema.as_str(), d.name.as_str()),
+            ("ai_memory_peer_2", "public", "ai_memory_peer_2")
+        );
+        assert_eq!(d.search_path, ["public", "ag_catalog"]);
+
+        let names = |l: StoreLayout, n| -> Vec<(String, Vec<String>)> {
+            l.databases(n)
+                .into_iter()
+                .map(|d| (d.name, d.schemas))
+                .collect()
+        };
+        assert_eq!(
+            names(StoreLayout::Schema, 2),
+            [(
+                "ai_memory".to_string(),
+                vec!["ic_peer_1".to_string(), "ic_peer_2".to_string()]
+            )]
+        );
+        assert_eq!(
+            names(StoreLayout::Schema, 0),
+            [("ai_memory".into(), vec![])]
+        );
+        assert_eq!(
+            names(StoreLayout::Database, 2),
+            [
+                ("ai_memory_peer_1".to_string(), vec![]),
+                ("ai_memory_peer_2".to_string(), vec![])
+            ]
+        );
+        assert!(names(StoreLayout::Database, 0).is_empty());
+
+        let mixed = fixtures::with_region_layout(
+            &fixtures::with_store(LAB, Some("database")),
+            "sgp1",
+            "schema",
+        );
+        let f = Fleet::parse(&mixed).unwrap();
+        let node = |n: &str| f.node(&n.parse().unwrap()).unwrap();
+        assert_eq!(
+            f.peer_store(node("do-1461-peer-fra1-03")).unwrap().name,
+            "ai_memory_peer_3"
+        );
+        assert_eq!(
+            f.peer_store(node("do-1461-peer-sgp1-03")).unwrap().name,
+            "ic_peer_3"
+        );
+        assert_eq!(f.peer_store(node("do-1461-pg-fra1-01")), None);
+        assert_eq!(f.peer_store(node("do-1461-agent-fra1-01")), None);
     }
 
     #[test]

@@ -9,8 +9,8 @@
 //!
 //! A string starting with `=` is rendered and then parsed as JSON, for typed values (numbers,
 //! lists): `port = "={{ fleet.federation.port }}"`. Undefined variables are errors, so a typo in a
-//! role never renders silently. Everything concrete (IPs, peer list, allowlist, secrets) is decided
-//! here; the agent never computes fleet topology.
+//! role never renders silently. Everything concrete (IPs, peer list, stores, allowlist, secrets) is
+//! decided here; the agent never computes fleet topology.
 //!
 //! A resource whose `when` is false does not exist in the node's manifest, and neither do the
 //! `notify` / `refresh_on` edges that name it: a role lists every input a service may have (the
@@ -347,6 +347,8 @@ impl<'a> Renderer<'a> {
             .cloned()
             .collect();
         let counts = f.regions.get(&node.region).copied().unwrap_or_default();
+        let layout = f.store_layout(&node.region);
+        let stores: Vec<_> = (1..=counts.peer).map(|k| layout.store(k)).collect();
         let other_peers: Vec<NodeView> = all_peers
             .iter()
             .filter(|p| p.name != node.name.as_str())
@@ -372,6 +374,7 @@ impl<'a> Renderer<'a> {
                 "private_ip": me.private_ip.to_string(),
                 "fed_id": FedId::new(&f.campaign, &node.region, &node.name),
                 "agent_id": format!("ai:{}@{campaign}", node.name),
+                "store": f.peer_store(node),
             },
             "fleet": {
                 "federation": f.federation,
@@ -388,6 +391,9 @@ impl<'a> Renderer<'a> {
                 "pg": region_pg,
                 "peers": region_peers,
                 "peer_count": counts.peer,
+                "store_layout": layout,
+                "stores": stores,
+                "databases": layout.databases(counts.peer),
             },
             "peers": other_peers,
             "mesh": mesh,
@@ -851,6 +857,71 @@ argv = ["/bin/true"]
             !deps.contains("allowlist") && !deps.contains("region"),
             "{deps:?}"
         );
+    }
+
+    /// The stores are decided here, per region: the pg node gets every store of its region, a
+    /// peer its own, in the region's layout.
+    #[test]
+    fn context_carries_each_regions_store_layout() {
+        let text = crate::fleet::fixtures::with_region_layout(
+            &crate::fleet::fixtures::with_store(
+                include_str!("../../roles/fleet.lab.toml"),
+                Some("database"),
+            ),
+            "sgp1",
+            "schema",
+        );
+        let fleet = Fleet::parse(&text).unwrap();
+        let f = facts(&fleet);
+        let tree = roles("");
+        let r = Renderer::new(&fleet, &tree);
+        let ctx = |n: &str| {
+            r.context(fleet.node(&n.parse().unwrap()).unwrap(), &f)
+                .unwrap()
+        };
+
+        let pg = ctx("do-1461-pg-fra1-01");
+        assert_eq!(pg["region"]["store_layout"], "database");
+        assert_eq!(
+            pg["region"]["databases"],
+            serde_json::json!([
+                {"name": "ai_memory_peer_1", "schemas": []},
+                {"name": "ai_memory_peer_2", "schemas": []},
+                {"name": "ai_memory_peer_3", "schemas": []},
+            ])
+        );
+        assert_eq!(pg["region"]["stores"][2]["name"], "ai_memory_peer_3");
+        assert_eq!(
+            pg["region"]["stores"][2]["search_path"],
+            serde_json::json!(["public", "ag_catalog"])
+        );
+        assert!(pg["node"]["store"].is_null());
+
+        let pg = ctx("do-1461-pg-sgp1-01");
+        assert_eq!(pg["region"]["store_layout"], "schema");
+        assert_eq!(
+            pg["region"]["databases"],
+            serde_json::json!([
+                {"name": "ai_memory", "schemas": ["ic_peer_1", "ic_peer_2", "ic_peer_3"]},
+            ])
+        );
+
+        let peer = ctx("do-1461-peer-sgp1-02");
+        assert_eq!(
+            peer["node"]["store"],
+            serde_json::json!({
+                "index": 2,
+                "layout": "schema",
+                "database": "ai_memory",
+                "schema": "ic_peer_2",
+                "search_path": ["ic_peer_2", "ag_catalog", "public"],
+                "name": "ic_peer_2",
+            })
+        );
+        let peer = ctx("do-1461-peer-nyc3-01");
+        assert_eq!(peer["node"]["store"]["database"], "ai_memory_peer_1");
+        assert_eq!(peer["node"]["store"]["schema"], "public");
+        assert!(ctx("do-1461-agent-nyc3-01")["node"]["store"].is_null());
     }
 
     #[test]

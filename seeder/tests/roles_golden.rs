@@ -229,6 +229,37 @@ fn ollama_llm_choice() -> String {
     ))
 }
 
+/// `text` with its `[store]` table replaced by one naming `layout` (`None`: no table) and no
+/// region overriding it.
+fn with_store(text: &str, layout: Option<&str>) -> String {
+    let mut out = String::new();
+    let mut in_store = false;
+    for line in text.lines() {
+        if line.starts_with('[') {
+            in_store = line == "[store]";
+            if line.starts_with("[regions.") && !out.contains("\n[regions.") {
+                if let Some(l) = layout {
+                    out.push_str(&format!("[store]\nlayout = \"{l}\"\n\n"));
+                }
+            }
+        }
+        if !in_store && !line.starts_with("store_layout") {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// The reference fleet with every region in one store layout.
+fn reference_with_layout(layout: &str) -> (Fleet, BTreeMap<String, Vec<Resource>>) {
+    let (fleet, nodes) = render_all(&with_store(&fleet_text("fleet.example.toml"), Some(layout)));
+    for l in fleet.store_layouts.values() {
+        assert_eq!(l.to_string(), layout);
+    }
+    (fleet, nodes)
+}
+
 fn find<'a>(res: &'a [Resource], id: &str) -> &'a Resource {
     res.iter()
         .find(|r| r.id().as_str() == id)
@@ -321,8 +352,10 @@ fn first_difference(want: &str, got: &str) -> String {
     )
 }
 
-fn check_golden(node: &str, res: &[Resource]) {
-    let dir = golden_dir().join(node);
+/// `dir`: the node's golden directory, relative to `tests/golden`.
+fn check_golden(dir: &str, res: &[Resource]) {
+    let node = dir;
+    let dir = golden_dir().join(dir);
     let want = golden_files(res);
     if std::env::var_os("HIVESEED_UPDATE_GOLDEN").is_some() {
         let _ = std::fs::remove_dir_all(&dir);
@@ -364,11 +397,17 @@ fn check_golden(node: &str, res: &[Resource]) {
     );
 }
 
+/// The reference fleet (a database per peer) in `golden/<node>`, the seed's layout (a schema per
+/// peer) in `golden/schema-layout/<node>`.
 #[test]
 fn reference_pg_and_peer_match_the_golden_files() {
     let (_, nodes) = reference();
     for node in [PG_NODE, PEER_NODE] {
         check_golden(node, &nodes[node]);
+    }
+    let (_, nodes) = reference_with_layout("schema");
+    for node in [PG_NODE, PEER_NODE] {
+        check_golden(&format!("schema-layout/{node}"), &nodes[node]);
     }
 }
 
@@ -487,18 +526,24 @@ fn pg_node_is_the_spec_cluster_hostssl_only() {
         rules[0],
         ["local", "all", "postgres", "peer", "map=hiveseed"]
     );
-    let mut region_peers: Vec<String> = fleet
+    // Each peer to its own store's database (the layout tests say which that is).
+    let mut region_peers: Vec<(String, String)> = fleet
         .nodes_with_role("peer")
         .filter(|n| n.region.as_str() == "nyc3")
-        .map(|n| format!("{}/32", facts.enrollments[&n.name].private_ip))
+        .map(|n| {
+            (
+                fleet.peer_store(n).unwrap().database,
+                format!("{}/32", facts.enrollments[&n.name].private_ip),
+            )
+        })
         .collect();
     region_peers.sort();
-    let mut hostssl: Vec<String> = Vec::new();
+    let mut hostssl: Vec<(String, String)> = Vec::new();
     for r in &rules[1..] {
         assert_eq!(r[0], "hostssl", "only hostssl over TCP: {r:?}");
-        assert_eq!(&r[1..3], ["ai_memory", "ai_memory"]);
+        assert_eq!(r[2], "ai_memory");
         assert_eq!(r[4], "scram-sha-256");
-        hostssl.push(r[3].to_string());
+        hostssl.push((r[1].to_string(), r[3].to_string()));
     }
     hostssl.sort();
     assert_eq!(hostssl, region_peers);
@@ -529,7 +574,7 @@ fn pg_node_is_the_spec_cluster_hostssl_only() {
         .iter()
         .any(|n| n.as_str() == "file:postgresql.conf"));
 
-    // SQL: after the server listens; the password on stdin only; K = 3 schemas.
+    // SQL: after the server listens; the password on stdin only (the stores: see the layout tests).
     assert!(pos("wait:pg-listening") < pos("cmd:sql-role"));
     let Resource::Wait(w) = find(res, "wait:pg-listening") else {
         panic!()
@@ -545,21 +590,6 @@ fn pg_node_is_the_spec_cluster_hostssl_only() {
     let stdin = role.stdin.as_deref().unwrap();
     assert!(stdin.contains(&format!("LOGIN PASSWORD '{PG_PASSWORD}'")));
     assert!(stdin.contains("\\gexec"));
-    let init = text_of(res, "file:init-age.sql");
-    for k in 1..=3 {
-        assert!(init.contains(&format!(
-            "CREATE SCHEMA IF NOT EXISTS ic_peer_{k} AUTHORIZATION ai_memory;"
-        )));
-    }
-    assert!(!init.contains("ic_peer_4"));
-    for stmt in [
-        "CREATE EXTENSION IF NOT EXISTS age;",
-        "CREATE EXTENSION IF NOT EXISTS vector WITH SCHEMA public;",
-        "PERFORM ag_catalog.create_graph('memory_graph');",
-        "GRANT ALL PRIVILEGES ON SCHEMA public, ic_peer_1, ic_peer_2, ic_peer_3, ag_catalog TO ai_memory;",
-    ] {
-        assert!(init.contains(stmt), "init-age.sql lacks {stmt}");
-    }
     let Resource::Command(sql) = find(res, "cmd:sql-init") else {
         panic!()
     };
@@ -567,13 +597,8 @@ fn pg_node_is_the_spec_cluster_hostssl_only() {
         .refresh_on
         .iter()
         .any(|r| r.as_str() == "file:init-age.sql"));
-    assert!(sql
-        .unless
-        .as_ref()
-        .unwrap()
-        .last()
-        .unwrap()
-        .contains("'{ic_peer_1,ic_peer_2,ic_peer_3}'::text[])) = 3"));
+    assert!(pos("cmd:sql-role") < pos("cmd:sql-init"));
+    assert!(pos("file:init-ready.sql") < pos("cmd:sql-init"));
 
     // Checks: §7 names, expected values from the pins.
     let checks = checks_of(res);
@@ -582,13 +607,16 @@ fn pg_node_is_the_spec_cluster_hostssl_only() {
     assert_eq!(checks["store.pgvector_version"].0, "0.8.6");
     assert_eq!(checks["store.age_graph"].0, "1");
     assert_eq!(checks["daemon_pg.tls"].0, "encrypted (>=1 ssl, 0 plain)");
+    // Cluster-wide facts from the postgres database, which exists in either layout.
     for name in [
         "store.pg_version",
         "daemon_pg.tls",
+        "daemon_pg.tls_version",
         "store.plaintext_refused",
+        "store.data_checksums",
     ] {
         assert!(
-            matches!(&checks[name].1, Probe::Sql { user, dbname, .. } if user == "postgres" && dbname == "ai_memory"),
+            matches!(&checks[name].1, Probe::Sql { user, dbname, .. } if user == "postgres" && dbname == "postgres"),
             "{name}"
         );
     }
@@ -716,14 +744,15 @@ fn peer_node_serves_with_the_spec_flags() {
     );
 
     // The environment file: password as PGPASSWORD, a password-free verify-full URL to the
-    // region's pg private address and schema ic_peer_K, identities, the Batman battery.
+    // region's pg private address and the peer's own database (the reference fleet's layout; the
+    // seed's: see the layout tests), identities, the Batman battery.
     let vars = env_vars(text_of(res, "file:env"));
     assert_eq!(vars["PGPASSWORD"], PG_PASSWORD);
     let url = vars["AI_MEMORY_STORE_URL"];
     assert_eq!(
         url,
         format!(
-            "postgres://ai_memory@{}:5432/ai_memory?options=-csearch_path%3Dic_peer_1%2Cag_catalog%2Cpublic&sslmode=verify-full&sslrootcert=/etc/ai-memory/tls/ca.pem",
+            "postgres://ai_memory@{}:5432/ai_memory_peer_1?options=-csearch_path%3Dpublic%2Cag_catalog&sslmode=verify-full&sslrootcert=/etc/ai-memory/tls/ca.pem",
             pg.private_ip
         )
     );
@@ -804,7 +833,7 @@ fn peer_node_serves_with_the_spec_flags() {
         matches!(&bin.content, FileContent::Artifact { sha256, .. } if *sha256 == fleet.pins.ai_memory.sha256)
     );
 
-    // Waits: the pg node's gate, then verify-full login into this peer's own schema, before the unit.
+    // Waits: the pg node's gate, then verify-full login into this peer's own store, before the unit.
     let ids: Vec<&str> = res.iter().map(|r| r.id().as_str()).collect();
     let pos = |id: &str| ids.iter().position(|x| *x == id).unwrap();
     assert!(pos("wait:pg-converged") < pos("wait:pg-schema"));
@@ -820,6 +849,7 @@ fn peer_node_serves_with_the_spec_flags() {
     };
     let WaitTarget::Postgres {
         host,
+        dbname,
         schema,
         ca_path,
         user,
@@ -831,13 +861,15 @@ fn peer_node_serves_with_the_spec_flags() {
     assert_eq!(
         (
             host.as_str(),
+            dbname.as_str(),
             schema.as_str(),
             ca_path.as_str(),
             user.as_str()
         ),
         (
             pg.private_ip.to_string().as_str(),
-            "ic_peer_1",
+            "ai_memory_peer_1",
+            "public",
             "/etc/ai-memory/tls/ca.pem",
             "ai_memory"
         )
@@ -1009,6 +1041,361 @@ fn unreleased_mesh_or_unenrolled_pg_renders_no_daemon() {
     }
     assert!(ids.contains("file:allowlist") && ids.contains("cert:client"));
 }
+
+// ---- store layouts -----------------------------------------------------------------------------
+
+/// The SQL statements of a psql script, one per line as the templates write them (comments and
+/// blank lines dropped).
+fn sql_lines(text: &str) -> Vec<&str> {
+    text.lines()
+        .filter(|l| !l.is_empty() && !l.starts_with("--"))
+        .collect()
+}
+
+fn wait_pg(res: &[Resource]) -> (String, String) {
+    let Resource::Wait(w) = find(res, "wait:pg-schema") else {
+        panic!()
+    };
+    let WaitTarget::Postgres { dbname, schema, .. } = &w.target else {
+        panic!()
+    };
+    (dbname.clone(), schema.clone())
+}
+
+fn sql_probe(checks: &BTreeMap<String, (String, Probe)>, name: &str) -> (String, String) {
+    match &checks
+        .get(name)
+        .unwrap_or_else(|| panic!("no check {name}"))
+        .1
+    {
+        Probe::Sql { dbname, query, .. } => (dbname.clone(), query.clone()),
+        other => panic!("{name}: {other:?}"),
+    }
+}
+
+/// The seed's layout: one database ai_memory, a schema ic_peer_K per peer, K = 3 in nyc3.
+#[test]
+fn schema_layout_pg_holds_one_database_with_a_schema_per_peer() {
+    let (_, nodes) = reference_with_layout("schema");
+    let res = &nodes[PG_NODE];
+
+    let Resource::Command(role) = find(res, "cmd:sql-role") else {
+        panic!()
+    };
+    let stdin = role.stdin.as_deref().unwrap();
+    assert_eq!(stdin.matches("CREATE DATABASE").count(), 1);
+    assert!(stdin.contains("'CREATE DATABASE %I OWNER %I', 'ai_memory', 'ai_memory'"));
+    assert!(role
+        .unless
+        .as_ref()
+        .unwrap()
+        .last()
+        .unwrap()
+        .contains("d.datname = ANY ('{ai_memory}'::text[])) = 1"));
+
+    let init = sql_lines(text_of(res, "file:init-age.sql"));
+    assert_eq!(
+        init.iter()
+            .filter(|l| l.starts_with("\\connect"))
+            .collect::<Vec<_>>(),
+        [&"\\connect ai_memory"]
+    );
+    for k in 1..=3 {
+        assert!(init.contains(
+            &format!("CREATE SCHEMA IF NOT EXISTS ic_peer_{k} AUTHORIZATION ai_memory;").as_str()
+        ));
+    }
+    assert!(!init.iter().any(|l| l.contains("ic_peer_4")));
+    for stmt in [
+        "CREATE EXTENSION IF NOT EXISTS age;",
+        "CREATE EXTENSION IF NOT EXISTS vector WITH SCHEMA public;",
+        "GRANT ALL PRIVILEGES ON DATABASE ai_memory TO ai_memory;",
+        "GRANT ALL PRIVILEGES ON SCHEMA public, ic_peer_1, ic_peer_2, ic_peer_3, ag_catalog TO ai_memory;",
+        "  ALTER SCHEMA memory_graph OWNER TO ai_memory;",
+    ] {
+        assert_eq!(
+            init.iter().filter(|l| **l == stmt).count(),
+            1,
+            "init-age.sql: {stmt}"
+        );
+    }
+    let ready = text_of(res, "file:init-ready.sql");
+    assert_eq!(ready.matches("\\connect ").count(), 1);
+    assert!(ready.contains("\\connect ai_memory\n"));
+    assert!(ready.contains("'{ic_peer_1,ic_peer_2,ic_peer_3}'::text[])) = 3"));
+
+    let hba = text_of(res, "file:pg_hba.conf");
+    assert_eq!(
+        hba.lines()
+            .filter(|l| l.starts_with("hostssl  ai_memory  ai_memory  "))
+            .count(),
+        3
+    );
+
+    let checks = checks_of(res);
+    for k in 1..=3 {
+        let (db, query) = sql_probe(&checks, &format!("signed_events.ic_peer_{k}"));
+        assert_eq!(db, "ai_memory");
+        assert!(query.contains(&format!(" FROM ic_peer_{k}.signed_events)")));
+    }
+    assert!(!checks.keys().any(|c| c.contains("ai_memory_peer")));
+    for name in [
+        "store.age_version",
+        "store.pgvector_version",
+        "store.age_graph",
+    ] {
+        assert_eq!(sql_probe(&checks, name).0, "ai_memory", "{name}");
+    }
+
+    // The peer: ai_memory, its schema first on the search path, ag_catalog, then public.
+    let peer = &nodes[PEER_NODE];
+    let vars = env_vars(text_of(peer, "file:env"));
+    assert!(vars["AI_MEMORY_STORE_URL"].contains(
+        ":5432/ai_memory?options=-csearch_path%3Dic_peer_1%2Cag_catalog%2Cpublic&sslmode=verify-full&"
+    ));
+    assert_eq!(wait_pg(peer), ("ai_memory".into(), "ic_peer_1".into()));
+}
+
+/// The reference fleet's layout: a database ai_memory_peer_K per peer, each with the objects the
+/// seed's one database has, the daemon's tables in its public schema.
+#[test]
+fn database_layout_pg_holds_a_database_per_peer() {
+    let (_, nodes) = reference_with_layout("database");
+    let res = &nodes[PG_NODE];
+    let dbs = ["ai_memory_peer_1", "ai_memory_peer_2", "ai_memory_peer_3"];
+
+    // The role and the three databases, the password on stdin; re-run while one is missing.
+    let Resource::Command(role) = find(res, "cmd:sql-role") else {
+        panic!()
+    };
+    let stdin = role.stdin.as_deref().unwrap();
+    assert_eq!(stdin.matches("CREATE DATABASE").count(), 3);
+    for db in dbs {
+        assert!(stdin.contains(&format!(
+            "SELECT format('CREATE DATABASE %I OWNER %I', '{db}', 'ai_memory')\nWHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '{db}')\\gexec\n"
+        )));
+    }
+    assert!(!stdin.contains("'ai_memory', 'ai_memory'"));
+    assert!(role.unless.as_ref().unwrap().last().unwrap().contains(
+        "d.datname = ANY ('{ai_memory_peer_1,ai_memory_peer_2,ai_memory_peer_3}'::text[])) = 3"
+    ));
+
+    // init-age.sql: in each database, in order, the seed's objects and no peer schema.
+    let init = sql_lines(text_of(res, "file:init-age.sql"));
+    let connects: Vec<&str> = init
+        .iter()
+        .filter_map(|l| l.strip_prefix("\\connect "))
+        .collect();
+    assert_eq!(connects, dbs);
+    let blocks: Vec<&[&str]> = {
+        let at: Vec<usize> = init
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.starts_with("\\connect"))
+            .map(|(i, _)| i)
+            .collect();
+        at.iter()
+            .enumerate()
+            .map(|(n, &i)| &init[i..*at.get(n + 1).unwrap_or(&init.len())])
+            .collect()
+    };
+    for (db, block) in dbs.iter().zip(&blocks) {
+        for stmt in [
+            "CREATE EXTENSION IF NOT EXISTS age;".to_string(),
+            "CREATE EXTENSION IF NOT EXISTS vector WITH SCHEMA public;".into(),
+            "LOAD 'age';".into(),
+            "    PERFORM ag_catalog.create_graph('memory_graph');".into(),
+            format!("GRANT ALL PRIVILEGES ON DATABASE {db} TO ai_memory;"),
+            "GRANT ALL PRIVILEGES ON SCHEMA public, ag_catalog TO ai_memory;".into(),
+            "GRANT ALL PRIVILEGES ON ALL FUNCTIONS IN SCHEMA ag_catalog TO ai_memory;".into(),
+            "  ALTER SCHEMA memory_graph OWNER TO ai_memory;".into(),
+        ] {
+            assert_eq!(
+                block.iter().filter(|l| **l == stmt).count(),
+                1,
+                "{db}: {stmt}"
+            );
+        }
+        assert!(!block.iter().any(|l| l.contains("CREATE SCHEMA")), "{db}");
+        // The blocks differ only in the database they name.
+        assert_eq!(
+            block.join("\n").replace(db, "DB"),
+            blocks[0].join("\n").replace(dbs[0], "DB")
+        );
+    }
+    let ready = text_of(res, "file:init-ready.sql");
+    let connects: Vec<&str> = ready
+        .lines()
+        .filter_map(|l| l.strip_prefix("\\connect "))
+        .collect();
+    assert_eq!(connects, dbs);
+    assert_eq!(ready.matches("SELECT 1 / (").count(), 3);
+    assert!(!ready.contains("ic_peer"));
+
+    // pg_hba: each peer to its own database only.
+    let hba = text_of(res, "file:pg_hba.conf");
+    let rules: Vec<(&str, &str)> = hba
+        .lines()
+        .filter(|l| l.starts_with("hostssl"))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[1], f[6])
+        })
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            ("ai_memory_peer_1", "do-1461-peer-nyc3-01"),
+            ("ai_memory_peer_2", "do-1461-peer-nyc3-02"),
+            ("ai_memory_peer_3", "do-1461-peer-nyc3-03"),
+        ]
+    );
+
+    // Checks: the chain per database in its public schema; extensions and graph in the first.
+    let checks = checks_of(res);
+    for (k, db) in dbs.iter().enumerate() {
+        let (dbname, query) = sql_probe(&checks, &format!("signed_events.{db}"));
+        assert_eq!(&dbname, db);
+        assert!(
+            query.contains(" FROM public.signed_events)"),
+            "{db}: {query}"
+        );
+        assert!(
+            res.iter()
+                .any(|r| r.id().as_str() == format!("check:signed_events.{db}")),
+            "{k}"
+        );
+    }
+    assert!(!checks.keys().any(|c| c.contains("ic_peer")));
+    for name in [
+        "store.age_version",
+        "store.pgvector_version",
+        "store.age_graph",
+    ] {
+        assert_eq!(sql_probe(&checks, name).0, "ai_memory_peer_1", "{name}");
+    }
+
+    // The peer: its own database, public first on the search path (the dimension probe reads
+    // public), ag_catalog for AGE; still verify-full and no password in the URL.
+    let peer = &nodes["do-1461-peer-nyc3-02"];
+    let vars = env_vars(text_of(peer, "file:env"));
+    let url = vars["AI_MEMORY_STORE_URL"];
+    assert!(url.starts_with("postgres://ai_memory@10.11.0.6:5432/ai_memory_peer_2?options=-csearch_path%3Dpublic%2Cag_catalog&sslmode=verify-full&sslrootcert=/etc/ai-memory/tls/ca.pem"), "{url}");
+    assert!(!url.contains(PG_PASSWORD) && !url.contains("ic_peer"));
+    assert_eq!(wait_pg(peer), ("ai_memory_peer_2".into(), "public".into()));
+}
+
+/// A mixed fleet (the lab's: nyc3 and fra1 a database per peer, sgp1 a schema per peer): every
+/// peer's store URL, wait and pg_hba rule agree with its region's pg node, which creates its
+/// database and reports its chain under the name `seeder test` reads (`signed_events.<store>`).
+#[test]
+fn a_mixed_fleet_renders_each_region_in_its_own_layout() {
+    let (fleet, nodes) = render_all(&fleet_text("fleet.lab.toml"));
+    let facts = facts(&fleet);
+    let mut seen = BTreeSet::new();
+    for peer in fleet.nodes_with_role("peer") {
+        let store = fleet.peer_store(peer).unwrap();
+        let layout = fleet.store_layout(&peer.region);
+        seen.insert(layout.to_string());
+        let pg = fleet
+            .nodes_with_role("pg")
+            .find(|n| n.region == peer.region)
+            .unwrap();
+        let pg_res = &nodes[pg.name.as_str()];
+        let res = &nodes[peer.name.as_str()];
+        let me = &facts.enrollments[&peer.name];
+        let pg_ip = facts.enrollments[&pg.name].private_ip;
+
+        let want_url = format!(
+            "postgres://ai_memory@{pg_ip}:5432/{}?options=-csearch_path%3D{}&sslmode=verify-full&sslrootcert=/etc/ai-memory/tls/ca.pem",
+            store.database,
+            store.search_path.join("%2C")
+        );
+        assert_eq!(
+            env_vars(text_of(res, "file:env"))["AI_MEMORY_STORE_URL"],
+            want_url
+        );
+        assert_eq!(wait_pg(res), (store.database.clone(), store.schema.clone()));
+        let rule = format!(
+            "hostssl  {}  ai_memory  {}/32  scram-sha-256  # {}",
+            store.database, me.private_ip, peer.name
+        );
+        assert!(
+            text_of(pg_res, "file:pg_hba.conf")
+                .lines()
+                .any(|l| l == rule),
+            "{}: {rule}",
+            pg.name
+        );
+        let Resource::Command(role) = find(pg_res, "cmd:sql-role") else {
+            panic!()
+        };
+        assert!(role
+            .stdin
+            .as_deref()
+            .unwrap()
+            .contains(&format!("WHERE datname = '{}')", store.database)));
+        assert!(text_of(pg_res, "file:init-age.sql")
+            .contains(&format!("\n\\connect {}\n", store.database)));
+        let (dbname, query) =
+            sql_probe(&checks_of(pg_res), &format!("signed_events.{}", store.name));
+        assert_eq!(dbname, store.database);
+        assert!(query.contains(&format!(" FROM {}.signed_events)", store.schema)));
+        match layout.to_string().as_str() {
+            "schema" => assert_eq!(store.name, format!("ic_peer_{}", peer.index)),
+            _ => assert_eq!(store.name, format!("ai_memory_peer_{}", peer.index)),
+        }
+    }
+    assert_eq!(seen.len(), 2, "the lab fleet runs both layouts: {seen:?}");
+}
+
+/// A region's pg node before its peers: the seed's layout still makes its one database, the
+/// database layout none, and neither renders a store check it cannot run.
+#[test]
+fn a_pg_only_region_renders_in_both_layouts() {
+    let text = fleet_text("fleet.example.toml").replacen(
+        "[regions.sgp1]\npg = 1\npeer = 3\n",
+        "[regions.sgp1]\npg = 1\n",
+        1,
+    );
+    for (layout, databases) in [("database", 0), ("schema", 1)] {
+        let (fleet, nodes) = render_all(&with_store(&text, Some(layout)));
+        validate_roles(&fleet, &roles()).unwrap();
+        let res = &nodes["do-1461-pg-sgp1-01"];
+        let Resource::Command(role) = find(res, "cmd:sql-role") else {
+            panic!()
+        };
+        assert_eq!(
+            role.stdin
+                .as_deref()
+                .unwrap()
+                .matches("CREATE DATABASE")
+                .count(),
+            databases,
+            "{layout}"
+        );
+        let checks = checks_of(res);
+        assert!(
+            !checks.keys().any(|c| c.starts_with("signed_events.")),
+            "{layout}"
+        );
+        assert_eq!(
+            checks.contains_key("store.age_graph"),
+            databases == 1,
+            "{layout}"
+        );
+        assert!(checks.contains_key("store.pg_version"), "{layout}");
+        assert_eq!(
+            text_of(res, "file:init-age.sql")
+                .matches("\\connect ")
+                .count(),
+            databases,
+            "{layout}"
+        );
+    }
+}
+
+// ---- properties of every node of both fleets ---------------------------------------------------
 
 // ---- the embedder and the operator's key ----------------------------------------------------------
 
@@ -1803,7 +2190,11 @@ fn lab_fleet_uses_distro_prefix_pins_and_has_agents() {
     assert_eq!(f["--quorum-timeout-ms"], "2000");
     assert_eq!(f["--catchup-interval-secs"], "5");
     assert_eq!(f["--quorum-peers"].split(',').count(), 8);
-    assert!(text_of(peer, "file:env").contains("search_path%3Dic_peer_2%2C"));
+    assert!(text_of(peer, "file:env")
+        .contains(":5432/ai_memory_peer_2?options=-csearch_path%3Dpublic%2Cag_catalog&"));
+    let peer = &nodes["do-1461-peer-sgp1-02"];
+    assert!(text_of(peer, "file:env")
+        .contains(":5432/ai_memory?options=-csearch_path%3Dic_peer_2%2Cag_catalog%2Cpublic&"));
     let checks = checks_of(peer);
     assert_eq!(
         checks["binary.sha256"].0,

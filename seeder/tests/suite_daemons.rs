@@ -365,7 +365,7 @@ fn mesh(ca_pem: &str, operator: &Identity, keys: &Path, peers: &[&Daemon], api_k
             .enumerate()
             .map(|(i, d)| Peer {
                 endpoint: d.endpoint.clone(),
-                index: i as u32 + 1,
+                store: format!("ic_peer_{}", i + 1),
             })
             .collect(),
         agents: vec!["suite-agent-r1-01".into()],

@@ -843,8 +843,8 @@ async fn signed_events_chain(run: &mut Run<'_>, p: &Peer) {
         );
         return;
     }
-    // The chain lives in the peer's schema on its region's pg, which only the pg node can
-    // query: its own report carries the structural check per schema.
+    // The chain lives in the peer's store (schema or database) on its region's pg, which only
+    // the pg node can query: its own report carries the structural check per store.
     let Some(pg) = mesh.evidence.region_pg.get(p.region()).cloned() else {
         run.record(
             G,
@@ -855,7 +855,7 @@ async fn signed_events_chain(run: &mut Run<'_>, p: &Peer) {
         );
         return;
     };
-    let check = format!("signed_events.ic_peer_{}", p.index);
+    let check = format!("signed_events.{}", p.store);
     run.from_evidence(G, test, &pg, &check, "ok");
 }
 

@@ -47,8 +47,9 @@ pub struct Mesh {
 #[derive(Debug, Clone)]
 pub struct Peer {
     pub endpoint: Endpoint,
-    /// 1-based position among the peers of its region: its schema is `ic_peer_<index>`.
-    pub index: u32,
+    /// The name of its store on its region's pg node (`ic_peer_K` or `ai_memory_peer_K` by the
+    /// region's store layout), which names the pg node's `signed_events.<store>` check.
+    pub store: String,
 }
 
 impl Peer {
@@ -151,7 +152,7 @@ impl Mesh {
                     base: format!("https://{ip}:{port}").parse()?,
                     connect: Some(SocketAddr::new(ip.into(), port)),
                 },
-                index: spec.index,
+                store: fleet.store_layout(&spec.region).store(spec.index).name,
             });
         }
         let mut agents: Vec<String> = fleet
