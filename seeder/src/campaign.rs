@@ -124,6 +124,9 @@ impl CampaignDir {
     pub fn llm_api_key(&self) -> PathBuf {
         self.secrets_dir().join("llm-api-key")
     }
+    pub fn agent_llm_api_key(&self) -> PathBuf {
+        self.secrets_dir().join("agent-llm-api-key")
+    }
     pub fn operator_cert(&self) -> PathBuf {
         self.root.join("operator.pem")
     }
@@ -171,37 +174,12 @@ impl CampaignDir {
     /// value becomes a `NAME=value` line of the peers' environment file, where a newline, a quote
     /// or a `$` would change what systemd reads.
     pub fn read_llm_api_key(&self) -> Result<String> {
-        let path = self.llm_api_key();
-        let shown = path.display();
-        let meta = fs::metadata(&path).with_context(|| {
-            format!("{shown}: the fleet's [embedder] or [llm] needs the operator's API key there (one line, chmod 600)")
-        })?;
-        if !meta.is_file() {
-            bail!("{shown} is not a regular file");
-        }
-        let mode = meta.permissions().mode() & 0o7777;
-        if mode != 0o600 && mode != 0o400 {
-            bail!("{shown} has mode {mode:04o}; the operator's API key must be 0600 or 0400 (chmod 600 {shown})");
-        }
-        let bytes = fs::read(&path).with_context(|| format!("reading {shown}"))?;
-        let text = String::from_utf8(bytes)
-            .map_err(|_| anyhow::anyhow!("{shown} is not text (the key is withheld)"))?;
-        let key = text.trim();
-        if key.is_empty() {
-            bail!("{shown} is empty; put the operator's API key there (one line)");
-        }
-        if key.len() > 1024 {
-            bail!("{shown} holds more than 1024 bytes; it must be one API key (withheld)");
-        }
-        if !key
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.~+/=:".contains(&b))
-        {
-            bail!(
-                "{shown} must be one line of letters, digits and - _ . ~ + / = : (it holds another character; the key is withheld)"
-            );
-        }
-        Ok(key.to_owned())
+        read_operator_key(&self.llm_api_key(), "the fleet's [embedder] or [llm]")
+    }
+
+    /// The operator's key for the agent nodes' LLM (`[agent_llm]`), by the same rules.
+    pub fn read_agent_llm_api_key(&self) -> Result<String> {
+        read_operator_key(&self.agent_llm_api_key(), "the fleet's [agent_llm]")
     }
 
     pub fn load_manifest_key(&self) -> Result<SigningKey> {
@@ -209,6 +187,40 @@ impl CampaignDir {
         SigningKey::from_pkcs8_pem(&pem)
             .map_err(|e| anyhow::anyhow!("{}: {e}", self.manifest_key().display()))
     }
+}
+
+/// An API key the operator put in the campaign directory (see [`CampaignDir::read_llm_api_key`]).
+fn read_operator_key(path: &Path, needed_by: &str) -> Result<String> {
+    let shown = path.display();
+    let meta = fs::metadata(path).with_context(|| {
+        format!("{shown}: {needed_by} needs the operator's API key there (one line, chmod 600)")
+    })?;
+    if !meta.is_file() {
+        bail!("{shown} is not a regular file");
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode != 0o600 && mode != 0o400 {
+        bail!("{shown} has mode {mode:04o}; the operator's API key must be 0600 or 0400 (chmod 600 {shown})");
+    }
+    let bytes = fs::read(path).with_context(|| format!("reading {shown}"))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| anyhow::anyhow!("{shown} is not text (the key is withheld)"))?;
+    let key = text.trim();
+    if key.is_empty() {
+        bail!("{shown} is empty; put the operator's API key there (one line)");
+    }
+    if key.len() > 1024 {
+        bail!("{shown} holds more than 1024 bytes; it must be one API key (withheld)");
+    }
+    if !key
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_.~+/=:".contains(&b))
+    {
+        bail!(
+            "{shown} must be one line of letters, digits and - _ . ~ + / = : (it holds another character; the key is withheld)"
+        );
+    }
+    Ok(key.to_owned())
 }
 
 fn read_text(path: &Path) -> Result<String> {

@@ -252,6 +252,13 @@ pub fn run(cli: Cli) -> Result<()> {
                     key.display()
                 );
             }
+            let key = CampaignDir::new(&dir).agent_llm_api_key();
+            if let (Some(var), false) = (parsed.agent_llm_key_env(), key.exists()) {
+                println!(
+                    "missing {}: the fleet's [agent_llm] needs the operator's API key for the agent nodes (delivered as {var}); write it there, one line, chmod 600, before `seeder publish`",
+                    key.display()
+                );
+            }
             Ok(())
         }
         Command::Check { fleet } => {

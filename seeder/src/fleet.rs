@@ -59,6 +59,9 @@ pub struct FleetConfig {
     /// The peers' LLM; absent: none (no LLM-backed features).
     #[serde(default)]
     pub llm: Option<LlmConfig>,
+    /// The agent nodes' LLM (the seed's: xAI grok-4.3); absent: the agents' CLI has none.
+    #[serde(default)]
+    pub agent_llm: Option<LlmConfig>,
     /// The peers' cross-encoder reranker; absent: none.
     #[serde(default)]
     pub reranker: Option<RerankerConfig>,
@@ -249,6 +252,8 @@ pub struct Fleet {
     pub embedder: Embedder,
     pub llm: Option<Llm>,
     pub reranker: Option<Reranker>,
+    /// The agent nodes' LLM, keyed by the campaign's `secrets/agent-llm-api-key`.
+    pub agent_llm: Option<Llm>,
     /// The effective store layout of every region with a pg node (`[store] layout`, or the
     /// region's own `store_layout`).
     pub store_layouts: BTreeMap<Region, StoreLayout>,
@@ -443,6 +448,9 @@ pub const SEED_KEY_ENV: &str = "OPENROUTER_API_KEY";
 pub const SEED_OLLAMA_VERSION: &str = "0.6.8";
 pub const SEED_OLLAMA_URL: &str = "http://127.0.0.1:11434";
 pub const SEED_LLM_MODEL: &str = "google/gemma-4-26b-a4b-it";
+/// The seed's agent-role LLM (reference spec §1.6 AGENT_LLM_MODEL, §3.2 agent config).
+pub const SEED_AGENT_LLM_MODEL: &str = "grok-4.3";
+pub const SEED_AGENT_KEY_ENV: &str = "XAI_API_KEY";
 pub const SEED_RERANKER_MODEL: &str = "ms-marco-MiniLM-L-6-v2";
 /// The local model: what the seeder's `minilm-*` artifacts are.
 pub const LOCAL_EMBED_MODEL: &str = "sentence-transformers/all-MiniLM-L6-v2";
@@ -492,6 +500,8 @@ impl Embedder {
 #[serde(rename_all = "snake_case")]
 pub enum LlmBackend {
     Openrouter,
+    /// xAI's API (the seed's agent nodes).
+    Xai,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -784,6 +794,7 @@ impl Fleet {
         let pins = validate_pins(&raw.pins)?;
         let embedder = validate_embedder(raw.embedder.as_ref())?;
         let llm = raw.llm.as_ref().map(validate_llm).transpose()?;
+        let agent_llm = raw.agent_llm.as_ref().map(validate_agent_llm).transpose()?;
         let reranker = raw
             .reranker
             .as_ref()
@@ -818,9 +829,16 @@ impl Fleet {
             embedder,
             llm,
             reranker,
+            agent_llm,
             store_layouts,
             index,
         })
+    }
+
+    /// The variable the agent nodes' key (`secrets/agent-llm-api-key`) reaches them as, when the
+    /// fleet gives them an LLM.
+    pub fn agent_llm_key_env(&self) -> Option<&EnvVarName> {
+        self.agent_llm.as_ref().map(|l| &l.api_key_env)
     }
 
     /// The variable the operator's API key (`secrets/llm-api-key`) reaches the peers' daemon as,
@@ -1171,6 +1189,32 @@ fn validate_llm(l: &LlmConfig) -> Result<Llm, FleetError> {
         api_key_env: EnvVarName::parse(
             "llm.api_key_env",
             l.api_key_env.as_deref().unwrap_or(SEED_KEY_ENV),
+        )?,
+    })
+}
+
+/// `[agent_llm]`: the seed's agent nodes use xAI's grok-4.3 with `XAI_API_KEY`; OpenRouter is
+/// the other backend ai-memory's CLI speaks here.
+fn validate_agent_llm(l: &LlmConfig) -> Result<Llm, FleetError> {
+    let backend = match l.backend.as_deref().unwrap_or("xai") {
+        "xai" => LlmBackend::Xai,
+        "openrouter" => LlmBackend::Openrouter,
+        other => {
+            return Err(field(
+                "agent_llm.backend",
+                format!("unknown backend {other:?} (supported: xai, openrouter)"),
+            ))
+        }
+    };
+    Ok(Llm {
+        backend,
+        model: model_name(
+            "agent_llm.model",
+            l.model.as_deref().unwrap_or(SEED_AGENT_LLM_MODEL),
+        )?,
+        api_key_env: EnvVarName::parse(
+            "agent_llm.api_key_env",
+            l.api_key_env.as_deref().unwrap_or(SEED_AGENT_KEY_ENV),
         )?,
     })
 }
@@ -1786,5 +1830,31 @@ mod tests {
         assert_eq!(parse_pin("x", "*").unwrap(), VersionPin::Any);
         assert!(parse_pin("x", "=17").is_err());
         assert!(parse_pin("x", "").is_err());
+    }
+
+    #[test]
+    fn agent_llm_takes_the_seeds_defaults_and_names_bad_fields() {
+        let base = include_str!("../../roles/fleet.lab.toml");
+        let f = Fleet::parse(&format!("{base}\n[agent_llm]\n")).unwrap();
+        let l = f.agent_llm.as_ref().unwrap();
+        assert_eq!(l.backend, LlmBackend::Xai);
+        assert_eq!(l.model, "grok-4.3");
+        assert_eq!(
+            f.agent_llm_key_env().map(EnvVarName::as_str),
+            Some("XAI_API_KEY")
+        );
+        assert_eq!(Fleet::parse(base).unwrap().agent_llm_key_env(), None);
+        for (extra, needle) in [
+            ("backend = \"anthropic\"", "agent_llm.backend"),
+            ("model = \"grok 4\"", "agent_llm.model"),
+            ("api_key_env = \"xai-key\"", "agent_llm.api_key_env"),
+            ("api_key_env = \"PGPASSWORD\"", "agent_llm.api_key_env"),
+            ("key = \"inline\"", "key"),
+        ] {
+            let err = Fleet::parse(&format!("{base}\n[agent_llm]\n{extra}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{extra}: {err}");
+        }
     }
 }

@@ -385,6 +385,7 @@ impl<'a> Renderer<'a> {
                 "llm": f.llm,
                 "reranker": f.reranker,
                 "llm_key_env": f.llm_key_env(),
+                "agent_llm": f.agent_llm,
             },
             "region": {
                 "name": node.region.as_str(),

@@ -629,8 +629,9 @@ impl Seeder {
     }
 }
 
-/// The fleet secrets the roles render with (`secrets.*`): the generated ones, and the operator's
-/// LLM/embedding key when the fleet's embedder or LLM needs it (and only then, so a role that
+/// The fleet secrets the roles render with (`secrets.*`): the generated ones, the operator's
+/// LLM/embedding key when the fleet's embedder or LLM needs it, and the agents' LLM key when the
+/// fleet has `[agent_llm]` (and only then, so a role that
 /// names it for a fleet without one fails to render instead of delivering nothing).
 pub fn load_secrets(dir: &CampaignDir, fleet: &Fleet) -> Result<BTreeMap<String, String>> {
     let mut secrets = BTreeMap::new();
@@ -638,6 +639,9 @@ pub fn load_secrets(dir: &CampaignDir, fleet: &Fleet) -> Result<BTreeMap<String,
     secrets.insert("api_key".into(), read_secret(&dir.api_key())?);
     if fleet.llm_key_env().is_some() {
         secrets.insert("llm_api_key".into(), dir.read_llm_api_key()?);
+    }
+    if fleet.agent_llm_key_env().is_some() {
+        secrets.insert("agent_llm_api_key".into(), dir.read_agent_llm_api_key()?);
     }
     Ok(secrets)
 }
@@ -691,6 +695,11 @@ pub fn validate_roles(fleet: &Fleet, roles: &RoleTree) -> Result<()> {
             fleet
                 .llm_key_env()
                 .map(|_| ("llm_api_key".to_string(), "x".to_string())),
+        )
+        .chain(
+            fleet
+                .agent_llm_key_env()
+                .map(|_| ("agent_llm_api_key".to_string(), "x".to_string())),
         )
         .collect(),
         artifacts: BTreeMap::new(),

@@ -108,6 +108,36 @@ fn publish_refuses_a_missing_empty_or_loose_key_and_never_prints_it() {
     }
 }
 
+/// `[agent_llm]` needs the agents' key (`secrets/agent-llm-api-key`) by the same rules: publish
+/// refuses a missing or loose file naming it, never the key; `init` says where it goes.
+#[test]
+fn the_agents_key_is_refused_and_named_like_the_peers() {
+    const AGENT_KEY: &str = "xai-FakeAgentKey-0a1b2c3d4e5f60718293a4b5c6d7e8f9";
+    let fleet = format!("{}\n[agent_llm]\n", fleet_toml("k2"));
+    let c = Campaign::with("k2", &fleet, PEER_ROLE);
+    let path = c.dir.join("secrets/agent-llm-api-key");
+    let shown = path.display().to_string();
+    let out = c.seeder(&["init", "--fleet", c.fleet.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(&format!("missing {shown}")), "{stdout}");
+    assert!(stdout.contains("XAI_API_KEY"), "{stdout}");
+
+    let (ok, out) = publish(&c);
+    assert!(
+        !ok && out.contains(&shown) && out.contains("[agent_llm]"),
+        "{out}"
+    );
+    std::fs::write(&path, format!("{AGENT_KEY}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (ok, out) = publish(&c);
+    assert!(!ok && out.contains(&shown) && out.contains("0644"), "{out}");
+    assert!(!out.contains("FakeAgentKey"), "the key leaked: {out}");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (ok, out) = publish(&c);
+    assert!(ok, "{out}");
+    assert!(!out.contains("FakeAgentKey"), "{out}");
+}
+
 /// `seeder init` says where the key goes when the fleet needs one, and only then.
 #[test]
 fn init_names_the_missing_key_file_only_when_the_fleet_needs_it() {

@@ -28,6 +28,8 @@ const PG_PASSWORD: &str = "GoldenPgPassw0rdGoldenPgPassw0rdGoldenPgPassw0rd";
 const API_KEY: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";
 /// The operator's LLM/embedding key of the fixture (fake; the shape of an OpenRouter key).
 const LLM_KEY: &str = "sk-or-v1-GoldenFakeLlmKey-0f1e2d3c4b5a69788796a5b4c3d2e1f0-0f1e2d3c4b5a6978";
+/// The agents' key of the fixture (`secrets/agent-llm-api-key`).
+const AGENT_LLM_KEY: &str = "xai-GoldenFakeAgentKey-a1b2c3d4e5f60718293a4b5c6d7e8f90";
 /// The fixture's pin of ollama-linux-amd64.tgz (fake: nothing here downloads the release).
 const OLLAMA_SHA256: &str = "5a0e7ab1c2d3e4f5061728394a5b6c7d8e9fa0b1c2d3e4f5061728394a5b6c7d";
 
@@ -119,6 +121,11 @@ fn facts(fleet: &Fleet) -> FleetFacts {
             fleet
                 .llm_key_env()
                 .map(|_| ("llm_api_key".to_string(), LLM_KEY.to_string())),
+        )
+        .chain(
+            fleet
+                .agent_llm_key_env()
+                .map(|_| ("agent_llm_api_key".to_string(), AGENT_LLM_KEY.to_string())),
         )
         .collect(),
         artifacts: [
@@ -2182,8 +2189,9 @@ fn lab_fleet_uses_distro_prefix_pins_and_has_agents() {
         panic!()
     };
     assert_eq!(c.purpose, CertificatePurpose::Client);
+    // No [agent_llm] in the lab fleet: the agents' CLI gets no LLM (the `llm key` scenario adds one).
     let config: toml::Table = toml::from_str(text_of(agent, "file:config")).unwrap();
-    assert_eq!(config["llm"]["backend"].as_str(), Some("xai"));
+    assert!(config.get("llm").is_none(), "{config:?}");
 
     let peer = &nodes["do-1461-peer-fra1-02"];
     let f = flags(&exec_start(text_of(peer, "service:ai-memory")));
@@ -2221,4 +2229,52 @@ fn roles_name_only_the_fleet_wide_keys_they_need() {
     assert_eq!(wide("peer"), set(&["allowlist", "mesh", "peers", "region"]));
     assert_eq!(wide("agent"), set(&[]));
     assert_eq!(wide("ctrl"), set(&[]));
+}
+
+// ---- the agents' LLM key ------------------------------------------------------------------------
+
+/// `[agent_llm]` gives agent nodes the seed's §3.2 `[llm]` (xAI grok-4.3 by XAI_API_KEY) and the
+/// key as the one line of a 0400 environment file; without it an agent has neither. The key is
+/// in no other resource of any node.
+#[test]
+fn agents_get_their_llm_key_only_with_agent_llm() {
+    let lab = fleet_text("fleet.lab.toml");
+    let (_, without) = render_all(&lab);
+    let agent = "do-1461-agent-nyc3-01";
+    let res = &without[agent];
+    assert!(res.iter().all(|r| r.id().as_str() != "file:env"));
+    assert!(!text_of(res, "file:config").contains("[llm]"));
+
+    let (_, with) = render_all(&format!("{lab}\n[agent_llm]\n"));
+    let res = &with[agent];
+    let Resource::File(env) = find(res, "file:env") else {
+        panic!("file:env is not a file")
+    };
+    assert_eq!(env.path.as_str(), "/etc/ai-memory/ai-memory.env");
+    assert_eq!(env.mode.to_string(), "0400");
+    assert!(env.secret);
+    assert_eq!(
+        text_of(res, "file:env"),
+        format!("XAI_API_KEY={AGENT_LLM_KEY}\n")
+    );
+    let config = text_of(res, "file:config");
+    assert!(
+        config.contains(
+            "[llm]\nbackend = \"xai\"\nmodel = \"grok-4.3\"\napi_key_env = \"XAI_API_KEY\""
+        ),
+        "{config}"
+    );
+    for (node, res) in &with {
+        for r in res {
+            let text = serde_json::to_string(r).unwrap();
+            if text.contains(AGENT_LLM_KEY) {
+                assert_eq!(
+                    (node.starts_with("do-1461-agent-"), r.id().as_str()),
+                    (true, "file:env"),
+                    "the agents' key leaked into {node} {}",
+                    r.id()
+                );
+            }
+        }
+    }
 }

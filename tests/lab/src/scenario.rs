@@ -288,39 +288,89 @@ fn parse_rfc3339(s: &str) -> Option<f64> {
 
 // ---- the operator's LLM key ---------------------------------------------------------------
 
-/// The operator's LLM key reaches the peers: a stand-in key (nothing here can reach OpenRouter)
-/// in the campaign's `secrets/llm-api-key` and the seed's `[llm]` added to the fleet, published;
-/// every peer applies it with the daemon healthy, its key in the 0400 environment file and
-/// nowhere in config.toml, and the report green (the LLM client initialises offline; calls would
-/// need the network). The `secrets` scan that follows looks for this key too.
+/// The operator's LLM keys reach their nodes: stand-in keys (nothing here can reach OpenRouter
+/// or xAI) in the campaign's `secrets/llm-api-key` and `secrets/agent-llm-api-key`, and the
+/// seed's `[llm]` and `[agent_llm]` added to the fleet, published; every peer applies it with the
+/// daemon healthy, its key in the 0400 environment file and nowhere in config.toml, every agent
+/// has its own key in its 0400 environment file, and the report is green (the LLM client
+/// initialises offline; calls would need the network). The `secrets` scan that follows looks
+/// for both keys too.
 pub fn llm_key(f: &Fleet, rec: &mut Record) -> Result<()> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     const S: &str = "llm key";
     let peers: Vec<String> = f.with_role("peer").iter().map(|n| n.name.clone()).collect();
+    let agents: Vec<String> = f
+        .with_role("agent")
+        .iter()
+        .map(|n| n.name.clone())
+        .collect();
     let before = generations(&f.status()?);
-    let key = format!("sk-or-v1-lab-{}", hex::encode(rand::random::<[u8; 24]>()));
-    let path = f.campaign_dir.join("secrets/llm-api-key");
-    std::fs::write(&path, format!("{key}\n"))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let stand_in = |prefix: &str, file: &str| -> Result<String> {
+        let key = format!("{prefix}{}", hex::encode(rand::random::<[u8; 24]>()));
+        let path = f.campaign_dir.join(file);
+        std::fs::write(&path, format!("{key}\n"))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(key)
+    };
+    let key = stand_in("sk-or-v1-lab-", "secrets/llm-api-key")?;
+    let agent_key = stand_in("xai-lab-", "secrets/agent-llm-api-key")?;
     let mut text = std::fs::read_to_string(&f.fleet_file)?;
-    anyhow::ensure!(!text.contains("[llm]"), "the lab fleet already has [llm]");
+    anyhow::ensure!(
+        !text.contains("[llm]") && !text.contains("[agent_llm]"),
+        "the lab fleet already has [llm] or [agent_llm]"
+    );
     text.push_str(
-        "\n# Added by the `llm key` scenario: the seed's LLM, with a stand-in key.\n[llm]\nbackend = \"openrouter\"\nmodel = \"google/gemma-4-26b-a4b-it\"\napi_key_env = \"OPENROUTER_API_KEY\"\n",
+        "\n# Added by the `llm key` scenario: the seed's LLMs, with stand-in keys.\n[llm]\nbackend = \"openrouter\"\nmodel = \"google/gemma-4-26b-a4b-it\"\napi_key_env = \"OPENROUTER_API_KEY\"\n\n[agent_llm]\nbackend = \"xai\"\nmodel = \"grok-4.3\"\napi_key_env = \"XAI_API_KEY\"\n",
     );
     std::fs::write(&f.fleet_file, text)?;
     let started = Instant::now();
     let out = f.publish()?;
     rec.note(format!(
-        "llm key: [llm] + secrets/llm-api-key; {}",
+        "llm key: [llm] + [agent_llm] + their keys; {}",
         one_line(&out, 100)
     ));
-    let when = wait_applied(f, &peers, &before, started, Duration::from_secs(90));
+    let targets: Vec<String> = peers.iter().chain(&agents).cloned().collect();
+    let when = wait_applied(f, &targets, &before, started, Duration::from_secs(90));
     rec.check(
         S,
-        "every peer applied the generation with the key",
-        format!("{} peers", peers.len()),
-        format!("{}/{} peers", when.len(), peers.len()),
-        when.len() == peers.len(),
+        "every peer and agent applied the generation with the keys",
+        format!("{} nodes", targets.len()),
+        format!("{}/{} nodes", when.len(), targets.len()),
+        when.len() == targets.len(),
+    );
+    let mut bad = Vec::new();
+    for n in f.with_role("agent") {
+        let env = n.root.join("etc/ai-memory/ai-memory.env");
+        let text = std::fs::read_to_string(&env).unwrap_or_default();
+        let mode = std::fs::metadata(&env)
+            .map(|m| m.mode() & 0o777)
+            .unwrap_or(0);
+        if text != format!("XAI_API_KEY={agent_key}\n") || mode != 0o400 {
+            bad.push(format!(
+                "{}: ai-memory.env mode {mode:o}, XAI_API_KEY line with the key: {}",
+                n.name,
+                text.contains(&agent_key)
+            ));
+        }
+        let config = std::fs::read_to_string(n.root.join("root/.config/ai-memory/config.toml"))
+            .unwrap_or_default();
+        if !config.contains("api_key_env = \"XAI_API_KEY\"") || config.contains(&agent_key) {
+            bad.push(format!(
+                "{}: config.toml does not name XAI_API_KEY, or holds the key",
+                n.name
+            ));
+        }
+    }
+    rec.check(
+        S,
+        "agents: key in their 0400 environment file only",
+        "XAI_API_KEY=<key>, 0400; config.toml names the variable",
+        if bad.is_empty() {
+            format!("{} agents", agents.len())
+        } else {
+            bad.join("; ")
+        },
+        bad.is_empty() && !agents.is_empty(),
     );
     let mut bad = Vec::new();
     for n in f.with_role("peer") {
@@ -374,7 +424,13 @@ pub fn llm_key(f: &Fleet, rec: &mut Record) -> Result<()> {
     } else {
         fails_of(&out)
     };
-    rec.check(S, "report green with [llm]", "FAIL=0", got, green);
+    rec.check(
+        S,
+        "report green with [llm] and [agent_llm]",
+        "FAIL=0",
+        got,
+        green,
+    );
     Ok(())
 }
 
@@ -387,6 +443,7 @@ fn secret_values(f: &Fleet) -> Vec<(String, String)> {
         ("fleet PG password", "secrets/pg-password"),
         ("API key", "secrets/api-key"),
         ("LLM API key", "secrets/llm-api-key"),
+        ("agents' LLM key", "secrets/agent-llm-api-key"),
     ] {
         if let Ok(v) = std::fs::read_to_string(f.campaign_dir.join(file)) {
             let v = v.trim().to_owned();
@@ -437,7 +494,7 @@ pub fn secrets(f: &Fleet, rec: &mut Record) -> Result<()> {
     rec.check(
         S,
         "campaign has secrets to look for",
-        "pg password + API key (+ LLM API key after `llm key`)",
+        "pg password + API key (+ the LLM keys after `llm key`)",
         labels.join(" + "),
         labels.starts_with(&["fleet PG password", "API key"]),
     );
@@ -689,8 +746,62 @@ fn wait_reports(f: &Fleet, deadline: Duration) -> bool {
     .is_some()
 }
 
+/// A peer's store (`<layout> <database>.<schema>`) and, if it could be read, how many of its
+/// memories have a stored embedding, of how many.
+type StoreCounts = (String, Option<(u64, u64)>);
+
+/// Per peer: [`StoreCounts`], read on the region's pg node as postgres over the local socket.
+fn embedded_counts(f: &Fleet) -> Result<BTreeMap<String, StoreCounts>> {
+    let spec = hiveseed_seeder::fleet::Fleet::load(&f.fleet_file)?;
+    let mut out = BTreeMap::new();
+    for peer in spec.nodes_with_role("peer") {
+        let Some(store) = spec.peer_store(peer) else {
+            continue;
+        };
+        let Some(pg) = spec.nodes_with_role("pg").find(|n| n.region == peer.region) else {
+            continue;
+        };
+        let major = spec.pins.postgres.major;
+        let node = f.lab.node(&pg.name.as_str().parse()?)?;
+        let query = format!(
+            "SELECT count(*) FILTER (WHERE embedding IS NOT NULL) || ' ' || count(*) FROM {}.memories",
+            store.schema
+        );
+        let psql = format!("/usr/lib/postgresql/{major}/bin/psql");
+        let counts = node
+            .command([
+                psql.as_str(),
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-h",
+                "/var/run/postgresql",
+                "-p",
+                "5432",
+                "-d",
+                store.database.as_str(),
+                "-c",
+                query.as_str(),
+            ])
+            .user("postgres")
+            .run()
+            .ok()
+            .and_then(|o| {
+                let text = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+                let (a, b) = text.split_once(' ')?;
+                Some((a.parse().ok()?, b.parse().ok()?))
+            });
+        let label = format!("{} {}.{}", store.layout, store.database, store.schema);
+        out.insert(peer.name.to_string(), (label, counts));
+    }
+    Ok(out)
+}
+
 pub fn redeploy(f: &Fleet, rec: &mut Record) -> Result<()> {
     const S: &str = "redeploy";
+    // Stored embeddings before the daemons restart (what the suite and the standards wrote).
+    let embedded_before = embedded_counts(f)?;
     let peers: Vec<String> = f.with_role("peer").iter().map(|n| n.name.clone()).collect();
     let pgs: Vec<String> = f.with_role("pg").iter().map(|n| n.name.clone()).collect();
     let before = generations(&f.status()?);
@@ -731,6 +842,44 @@ pub fn redeploy(f: &Fleet, rec: &mut Record) -> Result<()> {
     );
     rec.note(format!(
         "redeploy: publish -> every peer applied the new generation (ai-memory restarted, healthy): {slowest:.1}s (target <= 5 s)"
+    ));
+    // A database per peer keeps its embeddings across a daemon restart; ai-memory 0.7.0 NULLs
+    // those of a per-peer schema at every boot (its dimension probe reads only `public`).
+    let embedded_after = embedded_counts(f)?;
+    let mut kept = Vec::new();
+    let mut lost = Vec::new();
+    let mut seen = Vec::new();
+    for (peer, (label, before)) in &embedded_before {
+        let after = embedded_after.get(peer).and_then(|(_, a)| *a);
+        let line = format!(
+            "{peer} ({label}): {} -> {}",
+            before.map_or("?".into(), |(e, t)| format!("{e}/{t}")),
+            after.map_or("?".into(), |(e, t)| format!("{e}/{t}"))
+        );
+        seen.push(line.clone());
+        if label.starts_with("database") {
+            match (before, after) {
+                (Some((e, _)), Some((a, _))) if *e > 0 && a >= *e => kept.push(peer.clone()),
+                _ => lost.push(line),
+            }
+        }
+    }
+    rec.check(
+        S,
+        "database layout: embeddings survive the restart",
+        "every database-layout peer keeps its stored embeddings",
+        if lost.is_empty() {
+            format!("{} peers kept theirs", kept.len())
+        } else {
+            lost.join("; ")
+        },
+        lost.is_empty() && !kept.is_empty(),
+    );
+    // The seed's layout, for contrast: a figure, not a pass/fail line (it is ai-memory's
+    // behaviour, not ours).
+    rec.note(format!(
+        "redeploy: stored embeddings before -> after the restart: {}",
+        seen.join("; ")
     ));
     let after = generations(&f.status()?);
     let untouched: Vec<String> = f
