@@ -117,6 +117,10 @@ pub enum Command {
     Report {
         #[arg(long)]
         dir: PathBuf,
+        /// Only what the nodes reported: skip the fleet probes (federation.write and
+        /// federation.convergence write a memory on the first peer and read it on the others).
+        #[arg(long)]
+        node_checks_only: bool,
     },
     /// The full-spectrum fleet suite (reference spec §8): reports/test-<ts>.json and a table;
     /// exit 0 iff no check fails.
@@ -334,9 +338,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Wait { dir, timeout } => {
             wait(&CampaignDir::new(dir), Duration::from_secs(timeout))
         }
-        Command::Report { dir } => {
+        Command::Report {
+            dir,
+            node_checks_only,
+        } => {
             let dir = CampaignDir::new(dir);
-            let passed = write_report(&dir)?;
+            let passed = write_report(&dir, !node_checks_only)?;
             if !passed {
                 std::process::exit(1);
             }
@@ -697,13 +704,18 @@ fn wait(dir: &CampaignDir, timeout: Duration) -> Result<()> {
 }
 
 /// Writes reports/verify-<ts>.json, prints the table, returns whether every check passed.
-pub fn write_report(dir: &CampaignDir) -> Result<bool> {
+pub fn write_report(dir: &CampaignDir, fleet_probes: bool) -> Result<bool> {
     let store = open_store(dir)?;
     let fleet = current_fleet(dir, &store)?;
     let ts = time::OffsetDateTime::now_utc().format(&time::macros::format_description!(
         "[year][month][day]T[hour][minute][second]Z"
     ))?;
-    let r = report::validation_report(&store, &fleet, unix_now(), ts.clone(), vec![])?;
+    let probes = if fleet_probes {
+        crate::suite::fleet_probes(dir)?
+    } else {
+        Vec::new()
+    };
+    let r = report::validation_report(&store, &fleet, unix_now(), ts.clone(), probes)?;
     std::fs::create_dir_all(dir.reports_dir())?;
     let path = dir.reports_dir().join(format!("verify-{ts}.json"));
     write_atomic(&path, serde_json::to_string_pretty(&r)?.as_bytes(), 0o644)?;

@@ -567,6 +567,27 @@ fn suite_probes_pass_on_a_batman_pair_and_fail_on_misconfigured_daemons() {
             .unwrap_or_else(|| panic!("no check {name}:\n{}", table(&checks)));
         assert_eq!(c.status, CheckStatus::Pass, "{name}: {c:?}");
     }
+    // `seeder report`'s fleet rows from the same probe: the write on P1, convergence per peer.
+    let rows: Vec<(String, String, CheckStatus)> = suite::fleet_rows(&good, &checks)
+        .into_iter()
+        .map(|r| (r.node.to_string(), r.check, r.status))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            (
+                "node1".to_string(),
+                "federation.write".to_string(),
+                CheckStatus::Pass
+            ),
+            (
+                "node2".to_string(),
+                "federation.convergence".to_string(),
+                CheckStatus::Pass
+            ),
+        ]
+    );
+
     // Without an LLM key ai_nhi is a SKIP, and a SKIP is never a PASS; node-report evidence
     // that does not exist here fails with the reason.
     assert_eq!(t["llm_decision"].status, CheckStatus::Skip);

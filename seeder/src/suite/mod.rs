@@ -12,7 +12,8 @@ pub mod mesh;
 pub mod net;
 pub mod probes;
 
-use hiveseed_proto::status::CheckStatus;
+use hiveseed_proto::status::{CheckRecord, CheckStatus};
+use hiveseed_proto::NodeName;
 use serde::{Deserialize, Serialize};
 
 pub use mesh::Mesh;
@@ -87,6 +88,67 @@ pub async fn run(mesh: &Mesh, groups: &[Group]) -> Vec<Check> {
 
 /// `seeder test --dir`: runs against the campaign's fleet, writes `reports/test-<ts>.json`,
 /// prints the table; whether nothing failed.
+/// `seeder report`'s fleet rows (reference spec §7): the seed's `federation.write` on P1 (the
+/// first peer by name, attested, collective, namespace `_verify`) and `federation.convergence`
+/// on every other peer (the seed read it on P2 only, the same region; here every region), from
+/// the `federation` group's probe; the memory is deleted afterwards.
+pub fn fleet_probes(dir: &crate::campaign::CampaignDir) -> anyhow::Result<Vec<CheckRecord>> {
+    let now = (crate::state::system_clock())();
+    let mesh = Mesh::from_campaign(dir, now)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let checks = rt.block_on(run(&mesh, &[Group::Federation]));
+    Ok(fleet_rows(&mesh, &checks))
+}
+
+/// The federation group's checks as report rows; enrollment and cleanup rows fold into the
+/// write row (a failed enrollment shows there).
+pub fn fleet_rows(mesh: &Mesh, checks: &[Check]) -> Vec<CheckRecord> {
+    let Some(p1) = mesh.p1() else {
+        return Vec::new();
+    };
+    let p1_name: NodeName = match p1.name().parse() {
+        Ok(n) => n,
+        Err(_) => return Vec::new(),
+    };
+    let mut rows = Vec::new();
+    for c in checks {
+        let (node, check) = if c.test == "write" {
+            (p1_name.clone(), "federation.write")
+        } else if let Some(peer) = c
+            .test
+            .strip_prefix("converge_same_region[")
+            .or_else(|| c.test.strip_prefix("converge_cross_region["))
+            .and_then(|r| r.strip_suffix(']'))
+        {
+            match peer.parse() {
+                Ok(n) => (n, "federation.convergence"),
+                Err(_) => continue,
+            }
+        } else {
+            continue;
+        };
+        rows.push(CheckRecord {
+            node,
+            check: check.into(),
+            expected: c.expected.clone(),
+            got: c.got.clone(),
+            status: c.status,
+        });
+    }
+    if mesh.peers.len() < 2 {
+        rows.push(CheckRecord {
+            node: p1_name,
+            check: "federation.convergence".into(),
+            expected: "a second peer".into(),
+            got: format!("{} peer(s) enrolled", mesh.peers.len()),
+            status: CheckStatus::Fail,
+        });
+    }
+    rows
+}
+
 pub fn run_campaign(dir: &crate::campaign::CampaignDir, groups: &[Group]) -> anyhow::Result<bool> {
     use anyhow::Context;
     let now = (crate::state::system_clock())();

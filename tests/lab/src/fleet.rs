@@ -552,9 +552,16 @@ impl Fleet {
     }
 
     /// `seeder report`: whether every check passed, and its output.
-    pub fn report(&self) -> Result<(bool, String)> {
+    /// `seeder report`: with `fleet_probes`, also the federation write and convergence rows
+    /// (a memory written and deleted), else only what the nodes reported.
+    pub fn report(&self, fleet_probes: bool) -> Result<(bool, String)> {
+        let args: &[&str] = if fleet_probes {
+            &["report"]
+        } else {
+            &["report", "--node-checks-only"]
+        };
         let out = self
-            .seeder_cmd(&["report"])
+            .seeder_cmd(args)
             .output()
             .map_err(io("seeder report"))?;
         Ok((

@@ -143,20 +143,30 @@ fn generations(status: &serde_json::Value) -> BTreeMap<String, (u64, u64, String
 }
 
 /// Polls the validation report until it is all PASS; returns the last output.
+/// Polls the nodes' checks until all pass, then takes the full report (with the fleet probes)
+/// until that passes too, within `deadline`; returns the last report.
 pub fn report_green(f: &Fleet, deadline: Duration) -> (bool, String) {
     let mut last = String::new();
-    let ok = poll(deadline, || match f.report() {
-        Ok((true, out)) => {
-            last = out;
-            Some(())
-        }
-        Ok((false, out)) => {
-            last = out;
-            None
-        }
-        Err(e) => {
-            last = format!("{e:#}");
-            None
+    let ok = poll(deadline, || {
+        match f.report(false).and_then(|(green, out)| {
+            if green {
+                f.report(true)
+            } else {
+                Ok((false, out))
+            }
+        }) {
+            Ok((true, out)) => {
+                last = out;
+                Some(())
+            }
+            Ok((false, out)) => {
+                last = out;
+                None
+            }
+            Err(e) => {
+                last = format!("{e:#}");
+                None
+            }
         }
     })
     .is_some();
