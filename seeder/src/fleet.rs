@@ -1247,12 +1247,13 @@ fn validate_reranker(
     })
 }
 
-/// Fleet texts with a chosen store layout, whatever the fleet files themselves say.
-#[cfg(test)]
-pub(crate) mod fixtures {
+/// Fleet texts with a chosen store layout, whatever the fleet files themselves say (for tests,
+/// here and in `seeder/tests`).
+#[doc(hidden)]
+pub mod fixtures {
     /// `text` with its `[store]` table replaced by one naming `layout` (`None`: no table) and no
     /// region overriding it.
-    pub(crate) fn with_store(text: &str, layout: Option<&str>) -> String {
+    pub fn with_store(text: &str, layout: Option<&str>) -> String {
         let mut out = String::new();
         let mut in_store = false;
         for line in text.lines() {
@@ -1273,7 +1274,7 @@ pub(crate) mod fixtures {
     }
 
     /// `text` with `[regions.<region>]` overriding the store layout.
-    pub(crate) fn with_region_layout(text: &str, region: &str, layout: &str) -> String {
+    pub fn with_region_layout(text: &str, region: &str, layout: &str) -> String {
         let header = format!("[regions.{region}]\n");
         assert!(text.contains(&header), "no {header}");
         text.replacen(

@@ -16,6 +16,7 @@ use hiveseed_proto::manifest::{
     CertificatePurpose, FileContent, Probe, Resource, VersionPin, WaitTarget, MANIFEST_VERSION,
 };
 use hiveseed_proto::{Generation, Manifest, Sha256};
+use hiveseed_seeder::fleet::fixtures::with_store;
 use hiveseed_seeder::fleet::{Fleet, NodeSpec};
 use hiveseed_seeder::render::{
     read_role_tree, AllowEntry, ArtifactView, FleetFacts, OperatorAgent, Renderer, RoleTree,
@@ -234,28 +235,6 @@ fn ollama_llm_choice() -> String {
     reference_with(&format!(
         "[embedder]\nkind = \"ollama\"\nversion = \"0.6.8\"\nsha256 = \"{OLLAMA_SHA256}\"\n\n[llm]\n"
     ))
-}
-
-/// `text` with its `[store]` table replaced by one naming `layout` (`None`: no table) and no
-/// region overriding it.
-fn with_store(text: &str, layout: Option<&str>) -> String {
-    let mut out = String::new();
-    let mut in_store = false;
-    for line in text.lines() {
-        if line.starts_with('[') {
-            in_store = line == "[store]";
-            if line.starts_with("[regions.") && !out.contains("\n[regions.") {
-                if let Some(l) = layout {
-                    out.push_str(&format!("[store]\nlayout = \"{l}\"\n\n"));
-                }
-            }
-        }
-        if !in_store && !line.starts_with("store_layout") {
-            out.push_str(line);
-            out.push('\n');
-        }
-    }
-    out
 }
 
 /// The reference fleet with every region in one store layout.
