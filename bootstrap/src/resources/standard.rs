@@ -107,6 +107,11 @@ fn fail(s: &NamespaceStandard, reason: impl Into<String>) -> ResourceError {
     }
 }
 
+/// A step the daemon refused: what, its status and (the start of) its answer.
+fn refused(s: &NamespaceStandard, what: &str, status: u16, body: &str) -> ResourceError {
+    fail(s, format!("{what} answered {status}: {}", quote(body)))
+}
+
 /// Registers and binds the owner, has the seeder sign the memory, writes it (or finds it) and
 /// sets the namespace's standard to it.
 pub async fn ensure(
@@ -132,10 +137,7 @@ pub async fn ensure(
         .map_err(|e| fail(s, e))?;
     // Registered before (this node's earlier run, or a federated registration) is fine.
     if !(200..300).contains(&status) && status != 409 {
-        return Err(fail(
-            s,
-            format!("registering {owner} answered {status}: {}", quote(&body)),
-        ));
+        return Err(refused(s, &format!("registering {owner}"), status, &body));
     }
 
     let pubkey = URL_SAFE_NO_PAD.encode(s.owner.public_key.to_bytes());
@@ -149,12 +151,11 @@ pub async fn ensure(
         .await
         .map_err(|e| fail(s, e))?;
     if !(200..300).contains(&status) {
-        return Err(fail(
+        return Err(refused(
             s,
-            format!(
-                "binding {owner}'s public key answered {status}: {}",
-                quote(&body)
-            ),
+            &format!("binding {owner}'s public key"),
+            status,
+            &body,
         ));
     }
 
@@ -199,15 +200,7 @@ pub async fn ensure(
     let field = match status {
         200..=299 => "id",
         409 => "existing_id",
-        _ => {
-            return Err(fail(
-                s,
-                format!(
-                    "writing the standard memory answered {status}: {}",
-                    quote(&body)
-                ),
-            ))
-        }
+        _ => return Err(refused(s, "writing the standard memory", status, &body)),
     };
     let memory_id = serde_json::from_str::<Value>(&body)
         .ok()
@@ -232,10 +225,7 @@ pub async fn ensure(
         .await
         .map_err(|e| fail(s, e))?;
     if !(200..300).contains(&status) {
-        return Err(fail(
-            s,
-            format!("setting the standard answered {status}: {}", quote(&body)),
-        ));
+        return Err(refused(s, "setting the standard", status, &body));
     }
     tracing::info!(namespace = %s.namespace, memory = %memory_id, "namespace standard set");
     Ok(())

@@ -173,6 +173,19 @@ pub fn report_green(f: &Fleet, deadline: Duration) -> (bool, String) {
     (ok, last)
 }
 
+/// A report's TOTAL line when it is green, else its failing lines.
+fn report_summary(green: bool, report: &str) -> String {
+    if green {
+        report
+            .lines()
+            .find(|l| l.starts_with("TOTAL="))
+            .unwrap_or("")
+            .to_owned()
+    } else {
+        fails_of(report)
+    }
+}
+
 fn fails_of(report: &str) -> String {
     report
         .lines()
@@ -239,16 +252,11 @@ pub fn bring_up(cfg: &UpConfig, rec: &mut Record, timeout: Duration) -> Result<F
     }
     let (ok, out) = report_green(&f, Duration::from_secs(60));
     let green = f.boot_started.elapsed();
-    let total = out
-        .lines()
-        .find(|l| l.starts_with("TOTAL="))
-        .unwrap_or("")
-        .to_owned();
     rec.check(
         S,
         "validation report all PASS",
         "FAIL=0",
-        if ok { total } else { fails_of(&out) },
+        report_summary(ok, &out),
         ok,
     );
     rec.note(format!(
@@ -348,92 +356,77 @@ pub fn llm_key(f: &Fleet, rec: &mut Record) -> Result<()> {
         format!("{}/{} nodes", when.len(), targets.len()),
         when.len() == targets.len(),
     );
-    let mut bad = Vec::new();
-    for n in f.with_role("agent") {
-        let env = n.root.join("etc/ai-memory/ai-memory.env");
-        let text = std::fs::read_to_string(&env).unwrap_or_default();
-        let mode = std::fs::metadata(&env)
-            .map(|m| m.mode() & 0o777)
-            .unwrap_or(0);
-        if text != format!("XAI_API_KEY={agent_key}\n") || mode != 0o400 {
-            bad.push(format!(
-                "{}: ai-memory.env mode {mode:o}, XAI_API_KEY line with the key: {}",
-                n.name,
-                text.contains(&agent_key)
-            ));
+    // Each node: `<var>=<key>` a line of its 0400 ai-memory.env; its config.toml names `<var>`
+    // and does not hold the key.
+    let delivered = |role: &str, config: &str, var: &str, key: &str| -> Vec<String> {
+        let mut bad = Vec::new();
+        for n in f.with_role(role) {
+            let env = n.root.join("etc/ai-memory/ai-memory.env");
+            let text = std::fs::read_to_string(&env).unwrap_or_default();
+            let mode = std::fs::metadata(&env)
+                .map(|m| m.mode() & 0o777)
+                .unwrap_or(0);
+            if !text.lines().any(|l| l == format!("{var}={key}")) {
+                bad.push(format!("{}: no {var} line with the key", n.name));
+            }
+            if mode != 0o400 {
+                bad.push(format!("{}: ai-memory.env is {mode:o}", n.name));
+            }
+            let config = std::fs::read_to_string(n.root.join(config)).unwrap_or_default();
+            if !config.contains(&format!("api_key_env = \"{var}\"")) || config.contains(key) {
+                bad.push(format!(
+                    "{}: config.toml does not name {var}, or holds the key",
+                    n.name
+                ));
+            }
         }
-        let config = std::fs::read_to_string(n.root.join("root/.config/ai-memory/config.toml"))
-            .unwrap_or_default();
-        if !config.contains("api_key_env = \"XAI_API_KEY\"") || config.contains(&agent_key) {
-            bad.push(format!(
-                "{}: config.toml does not name XAI_API_KEY, or holds the key",
-                n.name
-            ));
-        }
-    }
+        bad
+    };
+    let outcome = |bad: Vec<String>, n: usize, what: &str| {
+        let ok = bad.is_empty() && n > 0;
+        let got = if bad.is_empty() {
+            format!("{n} {what}")
+        } else {
+            bad.join("; ")
+        };
+        (got, ok)
+    };
+    let (got, ok) = outcome(
+        delivered(
+            "agent",
+            "root/.config/ai-memory/config.toml",
+            "XAI_API_KEY",
+            &agent_key,
+        ),
+        agents.len(),
+        "agents",
+    );
     rec.check(
         S,
         "agents: key in their 0400 environment file only",
         "XAI_API_KEY=<key>, 0400; config.toml names the variable",
-        if bad.is_empty() {
-            format!("{} agents", agents.len())
-        } else {
-            bad.join("; ")
-        },
-        bad.is_empty() && !agents.is_empty(),
+        got,
+        ok,
     );
-    let mut bad = Vec::new();
-    for n in f.with_role("peer") {
-        let env = n.root.join("etc/ai-memory/ai-memory.env");
-        let config = n
-            .root
-            .join("var/lib/ai-memory/.config/ai-memory/config.toml");
-        let env_text = std::fs::read_to_string(&env).unwrap_or_default();
-        let mode = std::fs::metadata(&env)
-            .map(|m| m.mode() & 0o777)
-            .unwrap_or(0);
-        if !env_text
-            .lines()
-            .any(|l| l == format!("OPENROUTER_API_KEY={key}"))
-        {
-            bad.push(format!(
-                "{}: no OPENROUTER_API_KEY line with the key",
-                n.name
-            ));
-        }
-        if mode != 0o400 {
-            bad.push(format!("{}: ai-memory.env is {mode:o}", n.name));
-        }
-        let config_text = std::fs::read_to_string(&config).unwrap_or_default();
-        if !config_text.contains("api_key_env = \"OPENROUTER_API_KEY\"")
-            || config_text.contains(&key)
-        {
-            bad.push(format!(
-                "{}: config.toml does not name the variable, or holds the key",
-                n.name
-            ));
-        }
-    }
+    let (got, ok) = outcome(
+        delivered(
+            "peer",
+            "var/lib/ai-memory/.config/ai-memory/config.toml",
+            "OPENROUTER_API_KEY",
+            &key,
+        ),
+        peers.len(),
+        "peers",
+    );
     rec.check(
         S,
         "key in each peer's 0400 environment file only",
         "OPENROUTER_API_KEY=<key>, 0400; config.toml names the variable",
-        if bad.is_empty() {
-            format!("{} peers", peers.len())
-        } else {
-            bad.join("; ")
-        },
-        bad.is_empty(),
+        got,
+        ok,
     );
     let (green, out) = report_green(f, Duration::from_secs(60));
-    let got = if green {
-        out.lines()
-            .find(|l| l.starts_with("TOTAL="))
-            .unwrap_or("")
-            .to_owned()
-    } else {
-        fails_of(&out)
-    };
+    let got = report_summary(green, &out);
     rec.check(
         S,
         "report green with [llm] and [agent_llm]",
