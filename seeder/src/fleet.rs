@@ -1173,48 +1173,61 @@ fn ollama_port(s: &str) -> Result<u16, FleetError> {
     }
 }
 
+/// `[llm]`: the peers' LLM; the seed's is OpenRouter's gemma-4-26b-a4b-it.
 fn validate_llm(l: &LlmConfig) -> Result<Llm, FleetError> {
-    let backend = match l.backend.as_deref().unwrap_or("openrouter") {
-        "openrouter" => LlmBackend::Openrouter,
-        other => {
-            return Err(field(
-                "llm.backend",
-                format!("unknown backend {other:?} (supported: openrouter)"),
-            ))
-        }
-    };
-    Ok(Llm {
-        backend,
-        model: model_name("llm.model", l.model.as_deref().unwrap_or(SEED_LLM_MODEL))?,
-        api_key_env: EnvVarName::parse(
-            "llm.api_key_env",
-            l.api_key_env.as_deref().unwrap_or(SEED_KEY_ENV),
-        )?,
-    })
+    validate_llm_section(
+        "llm",
+        l,
+        &[("openrouter", LlmBackend::Openrouter)],
+        SEED_LLM_MODEL,
+        SEED_KEY_ENV,
+    )
 }
 
 /// `[agent_llm]`: the seed's agent nodes use xAI's grok-4.3 with `XAI_API_KEY`; OpenRouter is
 /// the other backend ai-memory's CLI speaks here.
 fn validate_agent_llm(l: &LlmConfig) -> Result<Llm, FleetError> {
-    let backend = match l.backend.as_deref().unwrap_or("xai") {
-        "xai" => LlmBackend::Xai,
-        "openrouter" => LlmBackend::Openrouter,
-        other => {
-            return Err(field(
-                "agent_llm.backend",
-                format!("unknown backend {other:?} (supported: xai, openrouter)"),
-            ))
-        }
+    validate_llm_section(
+        "agent_llm",
+        l,
+        &[
+            ("xai", LlmBackend::Xai),
+            ("openrouter", LlmBackend::Openrouter),
+        ],
+        SEED_AGENT_LLM_MODEL,
+        SEED_AGENT_KEY_ENV,
+    )
+}
+
+/// An LLM section: `backends` in order (the first is the default), then the model and key
+/// variable, each defaulting to the seed's; refusals name `<section>.<field>`.
+fn validate_llm_section(
+    section: &str,
+    l: &LlmConfig,
+    backends: &[(&str, LlmBackend)],
+    default_model: &str,
+    default_key_env: &str,
+) -> Result<Llm, FleetError> {
+    let name = l.backend.as_deref().unwrap_or(backends[0].0);
+    let Some(&(_, backend)) = backends.iter().find(|(n, _)| *n == name) else {
+        let supported: Vec<&str> = backends.iter().map(|(n, _)| *n).collect();
+        return Err(field(
+            format!("{section}.backend"),
+            format!(
+                "unknown backend {name:?} (supported: {})",
+                supported.join(", ")
+            ),
+        ));
     };
     Ok(Llm {
         backend,
         model: model_name(
-            "agent_llm.model",
-            l.model.as_deref().unwrap_or(SEED_AGENT_LLM_MODEL),
+            &format!("{section}.model"),
+            l.model.as_deref().unwrap_or(default_model),
         )?,
         api_key_env: EnvVarName::parse(
-            "agent_llm.api_key_env",
-            l.api_key_env.as_deref().unwrap_or(SEED_AGENT_KEY_ENV),
+            &format!("{section}.api_key_env"),
+            l.api_key_env.as_deref().unwrap_or(default_key_env),
         )?,
     })
 }
