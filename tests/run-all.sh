@@ -12,6 +12,14 @@ cd "$(dirname "$0")/.."
 
 log() { printf '\n== %s\n' "$*"; }
 
+# Every test runs against its real dependency here: a HIVESEED_SKIP_* variable is refused
+# (tests/deps), and so is a golden rewrite, which would pass without comparing.
+skips=$(env | grep -oE '^(HIVESEED_SKIP_[A-Z_]*|HIVESEED_UPDATE_GOLDEN)=' || true)
+if [ -n "$skips" ]; then
+  echo "refused: $(echo $skips | tr -d =) set; tests/run-all.sh runs every test (unset it)" >&2
+  exit 1
+fi
+
 if [ "$(id -u)" -ne 0 ]; then
   echo "run as root: the lab tests mount overlays and chroot into node roots" >&2
   exit 1
@@ -27,8 +35,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-if ! command -v terraform >/dev/null && [ "${HIVESEED_SKIP_TERRAFORM:-}" != 1 ]; then
-  echo "terraform is not on PATH (HashiCorp's packages are not in Debian): install it, or set HIVESEED_SKIP_TERRAFORM=1" >&2
+if ! command -v terraform >/dev/null; then
+  echo "terraform is not on PATH (HashiCorp's packages are not in Debian): install it" >&2
   exit 1
 fi
 
@@ -54,7 +62,15 @@ export HIVESEED_AI_MEMORY_BIN="${HIVESEED_CACHE:-/var/cache/hiveseed}/ai-memory-
 
 log "workspace tests"
 export TF_CLI_CONFIG_FILE=/dev/null
+# Tests write only under temp dirs: the work tree must be as it was before them.
+before=$(git status --porcelain --untracked-files=all 2>/dev/null || true)
 cargo test --workspace --locked
+after=$(git status --porcelain --untracked-files=all 2>/dev/null || true)
+if [ "$before" != "$after" ]; then
+  echo "the workspace tests changed the work tree (tests write only under temp dirs):" >&2
+  diff <(echo "$before") <(echo "$after") >&2 || true
+  exit 1
+fi
 
 log "lab scenarios (the acceptance gate)"
 LAB_DIR=${HIVESEED_LAB_DIR:-/var/tmp/hiveseed-lab}

@@ -481,15 +481,7 @@ fn unix_now() -> i64 {
 
 // ---- a real ai-memory 0.7.0 accepts it ---------------------------------------------------------
 
-const AI_MEMORY: &str = "/var/cache/hiveseed/ai-memory-0.7.0-sal/bin/ai-memory";
 const API_KEY: &str = "e2e-zero-touch-api-key";
-
-fn ai_memory_bin() -> Option<PathBuf> {
-    let p = std::env::var_os("HIVESEED_AI_MEMORY_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(AI_MEMORY));
-    p.is_file().then_some(p)
-}
 
 fn free_port(ip: &str) -> u16 {
     std::net::TcpListener::bind(format!("{ip}:0"))
@@ -595,10 +587,7 @@ async fn push(base: &str, peer_id: &str, key: &SigningKey, cred: Option<&str>) -
 /// directory and credential file gets its quorum write acknowledged by that receiver.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ai_memory_accepts_what_the_agent_and_seeder_produced() {
-    let Some(bin) = ai_memory_bin() else {
-        eprintln!(
-            "skipping: no ai-memory 0.7.0 binary at {AI_MEMORY} (set HIVESEED_AI_MEMORY_BIN)"
-        );
+    let Some(bin) = hiveseed_test_deps::ai_memory() else {
         return;
     };
     let fx = Fixture::new().await;

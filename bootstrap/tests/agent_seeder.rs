@@ -568,7 +568,11 @@ async fn refused_manifests_change_nothing_and_identity_renews() {
     .unwrap()
     .manifest;
     let before = tree(&node.root);
-    let applied = agent.state.applied_state();
+    let applied = agent.state.applied_state().unwrap();
+    assert!(
+        applied.is_some(),
+        "converged without recording the applied generation"
+    );
 
     let key = ed25519_dalek::SigningKey::from_pkcs8_pem(
         &std::fs::read_to_string(dir.manifest_key()).unwrap(),
@@ -611,11 +615,51 @@ async fn refused_manifests_change_nothing_and_identity_renews() {
         assert!(!agent.converge(&env).await, "{what} was accepted");
         assert_eq!(tree(&node.root), before, "{what} changed the node");
         assert_eq!(
-            agent.state.applied_state(),
+            agent.state.applied_state().unwrap(),
             applied,
             "{what} changed the applied generation"
         );
     }
+
+    // The applied-generation ledger guards against rollback after a restart: a ledger that
+    // cannot be written fails the apply, and a corrupt one stops the agent instead of reading
+    // as "never applied" (which would accept the rolled-back generation above).
+    let ledger = agent.state.applied();
+    let kept = std::fs::read(&ledger).unwrap();
+    std::fs::remove_file(&ledger).unwrap();
+    std::fs::create_dir(&ledger).unwrap();
+    assert!(
+        !agent.converge(&first).await,
+        "an apply whose ledger write failed counted as converged"
+    );
+    let last: hiveseed_proto::StatusReport =
+        serde_json::from_slice(&std::fs::read(agent.state.last_report()).unwrap()).unwrap();
+    match &last.phase {
+        hiveseed_proto::status::Phase::Failed { kind, message, .. } => {
+            assert_eq!(*kind, hiveseed_proto::status::FailureKind::Internal);
+            assert!(
+                message.contains("recording the applied generation"),
+                "{message}"
+            );
+        }
+        other => panic!("reported {other:?} after the ledger write failed"),
+    }
+    std::fs::remove_dir(&ledger).unwrap();
+    for corrupt in [
+        &b""[..],
+        b"{\"generation\":",
+        b"null",
+        &kept[..kept.len() - 1],
+    ] {
+        std::fs::write(&ledger, corrupt).unwrap();
+        let err = hiveseed_bootstrap::agent::Agent::new(cfg.clone())
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("an agent started on the corrupt ledger {corrupt:?}"));
+        assert!(format!("{err:#}").contains("is corrupt"), "{err:#}");
+    }
+    std::fs::write(&ledger, &kept).unwrap();
+    assert_eq!(agent.state.applied_state().unwrap(), applied);
 
     // A seeder whose certificate does not chain to the CA in join.toml is never trusted.
     let rogue_ca = rcgen::CertificateParams::new(vec!["127.0.9.1".into()])

@@ -5,12 +5,12 @@
 //! namespace afterwards; a memory signed with another key is refused and nothing is set. The
 //! role's governance table is the pinned binary's `namespace batman-policy`.
 //!
-//! Needs the ai-memory binary (`HIVESEED_AI_MEMORY_BIN`, default the lab cache's); set
-//! HIVESEED_SKIP_AI_MEMORY=1 to skip where it is not built.
+//! Needs the ai-memory binary (`HIVESEED_AI_MEMORY_BIN`, default the lab cache's): without it
+//! the test fails (tests/deps).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -25,24 +25,11 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use sha2::Digest;
 
-const AI_MEMORY_DEFAULT: &str = "/var/cache/hiveseed/ai-memory-0.7.0-sal/bin/ai-memory";
 /// This file's loopback address (the lab owns 127.0.1-3.x, 127.1.x.x and 127.0.9.1).
 const DAEMON_IP: &str = "127.0.73.1";
 const API_KEY: &str = "73737373737373737373737373737373";
 const OWNER: &str = "ai:std-operator@std";
 const NAMESPACE: &str = "std";
-
-fn binary() -> Option<PathBuf> {
-    let bin = std::env::var("HIVESEED_AI_MEMORY_BIN").unwrap_or_else(|_| AI_MEMORY_DEFAULT.into());
-    if Path::new(&bin).exists() {
-        return Some(bin.into());
-    }
-    if std::env::var("HIVESEED_SKIP_AI_MEMORY").as_deref() == Ok("1") {
-        eprintln!("SKIP: {bin} is missing and HIVESEED_SKIP_AI_MEMORY=1");
-        return None;
-    }
-    panic!("{bin} is missing: build it with `target/release/lab cache --only ai-memory`, or set HIVESEED_SKIP_AI_MEMORY=1");
-}
 
 /// The seeder's signing code (`POST /v1/attest` answers with exactly this) behind the agent's
 /// collaborator trait, with the key the test chooses.
@@ -132,16 +119,21 @@ fn standard(port: u16, owner_key: &SigningKey, ns: &str) -> NamespaceStandard {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_standard_is_set_once_in_force_and_owner_only() {
-    let Some(bin) = binary() else { return };
+    let Some(bin) = hiveseed_test_deps::ai_memory() else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("node");
     let home = tmp.path().join("home");
 
-    // The role's table is the pinned binary's canonical Batman policy.
+    // The role's table is the pinned binary's canonical Batman policy. Any ai-memory command
+    // opens ./ai-memory.db, so it runs in the temp dir, never in the source tree.
+    std::fs::create_dir_all(&home).unwrap();
     let out = Command::new(&bin)
         .args(["namespace", "batman-policy", "--json"])
         .env_clear()
         .env("HOME", &home)
+        .current_dir(&home)
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");

@@ -257,29 +257,21 @@ impl Drop for Pg {
     }
 }
 
-fn which(prog: &str) -> Option<std::path::PathBuf> {
-    std::env::var("PATH")
-        .ok()?
-        .split(':')
-        .map(|d| std::path::Path::new(d).join(prog))
-        .find(|p| p.exists())
-}
-
-async fn start_pg(ca: &TestCa) -> Option<Pg> {
+/// A throwaway cluster on an ephemeral port: TLS on with a certificate from `ca` for 127.0.0.1,
+/// scram-sha-256 for everything. Any failure to start it fails the test.
+async fn start_pg(bins: &hiveseed_test_deps::Postgres, ca: &TestCa) -> Pg {
     use std::os::unix::process::CommandExt;
-    let initdb = which("initdb")?;
-    let postgres = which("postgres")?;
-    let pw = nix_user("postgres")?;
+    let pw = bins.user;
     let dir = tempfile::tempdir().unwrap();
     let chown = |p: &std::path::Path| std::os::unix::fs::chown(p, Some(pw.0), Some(pw.1)).unwrap();
     chown(dir.path());
     let data = dir.path().join("data");
     std::fs::write(dir.path().join("pw"), "s3cret-pg\n").unwrap();
     chown(&dir.path().join("pw"));
-    let ok = std::process::Command::new(&initdb)
+    let ok = std::process::Command::new(&bins.initdb)
         .args([
             "-D",
-            data.to_str()?,
+            data.to_str().unwrap(),
             "-U",
             "postgres",
             "-A",
@@ -291,11 +283,9 @@ async fn start_pg(ca: &TestCa) -> Option<Pg> {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()
-        .ok()?
+        .unwrap()
         .success();
-    if !ok {
-        return None;
-    }
+    assert!(ok, "{} failed", bins.initdb.display());
     let (cert, key) = ca.issue(&["127.0.0.1"], false);
     for (name, text, mode) in [("server.crt", cert, 0o644), ("server.key", key, 0o600)] {
         let p = data.join(name);
@@ -307,8 +297,8 @@ async fn start_pg(ca: &TestCa) -> Option<Pg> {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let child = std::process::Command::new(&postgres)
-        .args(["-D", data.to_str()?, "-p", &port.to_string()])
+    let child = std::process::Command::new(&bins.postgres)
+        .args(["-D", data.to_str().unwrap(), "-p", &port.to_string()])
         .args(["-c", "listen_addresses=127.0.0.1", "-c", "ssl=on"])
         .arg("-c")
         .arg(format!("unix_socket_directories={}", dir.path().display()))
@@ -317,7 +307,7 @@ async fn start_pg(ca: &TestCa) -> Option<Pg> {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
-        .ok()?;
+        .unwrap();
     let socket = dir.path().to_owned();
     let pg = Pg {
         _dir: dir,
@@ -335,22 +325,16 @@ async fn start_pg(ca: &TestCa) -> Option<Pg> {
         },
     )
     .await;
-    Some(pg)
-}
-
-fn nix_user(name: &str) -> Option<(u32, u32)> {
-    let text = std::fs::read_to_string("/etc/passwd").ok()?;
-    let e = hiveseed_bootstrap::host::parse_passwd(&text, name)?;
-    Some((e.uid, e.gid))
+    pg
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_wait_verifies_the_server_name_the_password_and_the_schema() {
     let ca = TestCa::new();
-    let Some(pg) = start_pg(&ca).await else {
-        eprintln!("SKIP: no initdb/postgres/postgres user on this machine");
+    let Some(bins) = hiveseed_test_deps::postgres() else {
         return;
     };
+    let pg = start_pg(&bins, &ca).await;
     let root = temp_root();
     let tls = root.path().join("etc/tls");
     std::fs::create_dir_all(&tls).unwrap();
@@ -392,7 +376,7 @@ async fn postgres_wait_verifies_the_server_name_the_password_and_the_schema() {
     assert!(err.contains("schema ic_peer_1 does not exist"), "{err}");
     assert!(!err.contains("s3cret"), "{err}");
 
-    let status = std::process::Command::new(which("psql").unwrap())
+    let status = std::process::Command::new(&bins.psql)
         .args([
             "-h",
             pg.socket.to_str().unwrap(),

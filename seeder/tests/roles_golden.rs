@@ -343,6 +343,8 @@ fn check_golden(dir: &str, res: &[Resource]) {
     let node = dir;
     let dir = golden_dir().join(dir);
     let want = golden_files(res);
+    hiveseed_test_deps::refuse_under_ci(&hiveseed_test_deps::ProcessEnv, "HIVESEED_UPDATE_GOLDEN")
+        .unwrap_or_else(|e| panic!("{e}"));
     if std::env::var_os("HIVESEED_UPDATE_GOLDEN").is_some() {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();

@@ -4,8 +4,8 @@
 //! (no allowlist, no API key, attestation and federation signatures off) must make each negative
 //! probe FAIL.
 //!
-//! Needs the ai-memory binary (`ai_memory_bin` below); set HIVESEED_SKIP_AI_MEMORY=1 to skip where it is not
-//! built.
+//! Needs the ai-memory binary (`HIVESEED_AI_MEMORY_BIN`, default the lab cache's): without it
+//! the test fails (tests/deps).
 
 #![allow(clippy::unwrap_used)]
 
@@ -25,34 +25,11 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use sha2::Digest;
 
-/// Where `lab cache` builds it by default; `HIVESEED_AI_MEMORY_BIN` overrides (tests/run-all.sh
-/// sets it from the cache it built).
-const AI_MEMORY_DEFAULT: &str = "/var/cache/hiveseed/ai-memory-0.7.0-sal/bin/ai-memory";
-
-fn ai_memory_bin() -> String {
-    std::env::var("HIVESEED_AI_MEMORY_BIN").unwrap_or_else(|_| AI_MEMORY_DEFAULT.to_owned())
-}
 const CAMPAIGN: &str = "suite";
 const API_KEY: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 const ADMIN: &str = "ai:suite-operator@suite";
 const ISSUER: &str = "suite-ca";
 const DOMAIN: &str = "suite.fleet";
-
-fn binary() -> Option<PathBuf> {
-    let bin = ai_memory_bin();
-    if Path::new(&bin).exists() {
-        return Some(PathBuf::from(bin));
-    }
-    if std::env::var("HIVESEED_SKIP_AI_MEMORY").as_deref() == Ok("1") {
-        eprintln!("SKIP: {bin} is missing and HIVESEED_SKIP_AI_MEMORY=1");
-        return None;
-    }
-    panic!(
-        "{bin} is missing: build it with `target/release/lab cache --only ai-memory` (or cargo \
-         install ai-memory@0.7.0 --locked --features sal,sal-postgres,sqlite-bundled), or set \
-         HIVESEED_SKIP_AI_MEMORY=1 to skip this test"
-    );
-}
 
 struct Pki {
     ca: CampaignCa,
@@ -399,7 +376,9 @@ fn table(checks: &[Check]) -> String {
 
 #[test]
 fn suite_probes_pass_on_a_batman_pair_and_fail_on_misconfigured_daemons() {
-    let Some(bin) = binary() else { return };
+    let Some(bin) = hiveseed_test_deps::ai_memory() else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let pki_dir = root.join("pki");

@@ -19,7 +19,6 @@ use rand::rngs::OsRng;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 use serde_json::{json, Value};
 
-const SKIP_ENV: &str = "HIVESEED_SKIP_TERRAFORM";
 const SEEDER_URL: &str = "https://seeder.do-1461.example:8443";
 const JOIN_PATH: &str = "/etc/hiveseed/join.toml";
 const CA_PATH: &str = "/etc/hiveseed/ca.pem";
@@ -34,24 +33,9 @@ fn terraform_src() -> PathBuf {
 struct Terraform;
 
 impl Terraform {
-    /// `None` when the tests are skipped on purpose; panics when terraform is missing otherwise.
+    /// `None` only when skipped on purpose off CI; a missing terraform fails the test (tests/deps).
     fn get() -> Option<Self> {
-        if std::env::var(SKIP_ENV).as_deref() == Ok("1") {
-            eprintln!("skipped: {SKIP_ENV}=1, terraform tests not run");
-            return None;
-        }
-        match Command::new("terraform").arg("version").output() {
-            Ok(out) if out.status.success() => Some(Self),
-            Ok(out) => panic!(
-                "`terraform version` failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            ),
-            Err(e) => panic!(
-                "terraform is not on PATH ({e}): install Terraform >= 1.5, \
-                 or set {SKIP_ENV}=1 to skip the terraform tests"
-            ),
-        }
+        hiveseed_test_deps::terraform().map(|_| Self)
     }
 
     fn run(&self, dir: &Path, args: &[&str]) -> Output {
