@@ -104,26 +104,32 @@ impl StateDir {
     }
 
     pub fn write(&self, path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let tmp = path.with_extension("tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path).with_context(|| format!("renaming {}", path.display()))?;
-        Ok(())
+        crate::state_file::write(path, bytes, mode)
+            .with_context(|| format!("writing {}", path.display()))
     }
 
-    pub fn applied_state(&self) -> Option<Applied> {
-        std::fs::read(self.applied())
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
+    /// The applied-generation ledger: `None` only when no manifest was ever applied (no file).
+    /// An unreadable or corrupt ledger is an error, never "never applied": that would let an
+    /// older generation be applied again (rollback).
+    pub fn applied_state(&self) -> Result<Option<Applied>> {
+        let path = self.applied();
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("reading the applied-generation ledger {}", path.display())
+                })
+            }
+        };
+        serde_json::from_slice::<Applied>(&bytes)
+            .map(Some)
+            .with_context(|| {
+                format!(
+                    "the applied-generation ledger {} is corrupt; refusing to run without it                      (it guards against applying an older generation): restore it, or remove                      it on purpose to accept any generation",
+                    path.display()
+                )
+            })
     }
 
     pub fn saved_manifest(&self) -> Option<SignedEnvelope<Manifest>> {
@@ -252,7 +258,7 @@ impl Agent {
         let supervisor = (manager == ServiceManager::Supervisor)
             .then(|| Supervisor::new(host.clone(), SupervisorSettings::default()));
         let spool = Spool::open(&state.spool())?;
-        let applied = state.applied_state();
+        let applied = state.applied_state()?;
         Ok(Self {
             config,
             join,
@@ -555,13 +561,22 @@ impl Agent {
         self.supervisor = supervisor;
         match result {
             Ok(summary) => {
-                self.applied = Some(Applied {
+                let applied = Applied {
                     generation: manifest.generation,
                     digest: manifest.digest,
-                });
-                if let Ok(json) = serde_json::to_vec(&self.applied) {
-                    let _ = self.state.write(&self.state.applied(), &json, 0o600);
+                };
+                // The ledger is what refuses an older generation after a restart: without it
+                // durably written, this apply does not count.
+                if let Err(e) = serde_json::to_vec(&applied)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|json| self.state.write(&self.state.applied(), &json, 0o600))
+                {
+                    let message = format!("recording the applied generation: {e:#}");
+                    self.fail(FailureKind::Internal, true, message, summary.reports)
+                        .await;
+                    return false;
                 }
+                self.applied = Some(applied);
                 self.last_checks = self.checks(&manifest).await;
                 self.report(Phase::Converged, summary.reports).await;
                 true

@@ -203,7 +203,7 @@ async fn dry_run(cfg: AgentConfig) -> Result<()> {
         &agent.join.campaign,
         &agent.join.node,
         agent::unix_now(),
-        agent.state.applied_state(),
+        agent.state.applied_state()?,
     )?;
     let env = ObserveEnv {
         host: agent.host.as_ref(),
@@ -245,7 +245,7 @@ fn status(cfg: &AgentConfig) -> Result<()> {
             "no"
         }
     );
-    match state.applied_state() {
+    match state.applied_state()? {
         Some(a) => println!("applied     generation {} ({})", a.generation, a.digest),
         None => println!("applied     nothing yet"),
     }

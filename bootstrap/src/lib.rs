@@ -12,6 +12,7 @@ pub mod host;
 pub mod plan;
 pub mod resources;
 pub mod spool;
+pub mod state_file;
 pub mod supervisor;
 pub mod unit;
 

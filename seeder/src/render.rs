@@ -711,6 +711,37 @@ mode = "0700"
         );
     }
 
+    /// A render error names the resource and what is wrong, never the context's values: with
+    /// minijinja's `debug` feature, `{e:#}` appends every referenced variable (the `secrets` map
+    /// among them), so the feature stays off in every build.
+    #[test]
+    fn render_errors_never_carry_the_secrets() {
+        let fleet = Fleet::parse(EXAMPLE).unwrap();
+        let node = fleet
+            .node(&"do-1461-peer-nyc3-01".parse().unwrap())
+            .unwrap();
+        for text in [
+            "{{ secrets.pg_password }}{{ secrets.pg_password | nosuchfilter }}",
+            "{{ secrets.pg_password ~ nosuch }}",
+            "{% if secrets.pg_password %}{{ nosuch.field }}{% endif %}",
+        ] {
+            let role = format!(
+                "[[resource]]\nkind = \"file\"\nid = \"file:leak\"\npath = \"/etc/x\"\nmode = \"0600\"\ncontent = {{ type = \"text\", text = {} }}\n",
+                toml::Value::String(text.into())
+            );
+            let err = Renderer::new(&fleet, &roles(&role))
+                .resources(node, &facts(&fleet))
+                .unwrap_err();
+            for shown in [err.to_string(), format!("{err:?}"), format!("{err:#}")] {
+                assert!(shown.contains("file:leak"), "{shown}");
+                assert!(
+                    !shown.contains("s3cret"),
+                    "a render error shows a secret: {shown}"
+                );
+            }
+        }
+    }
+
     /// Edges to a resource whose `when` is false go with it; any other edge must name an earlier
     /// rendered resource, or the role does not render.
     #[test]
