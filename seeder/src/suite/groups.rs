@@ -6,7 +6,7 @@ use std::time::Instant;
 use reqwest::Method;
 
 use super::mesh::Peer;
-use super::net::{self, Request};
+use super::net::{self, Refusal, Request};
 use super::probes::{letters, nonce, Run};
 
 const HEALTH: &str = "/api/v1/health";
@@ -196,28 +196,7 @@ pub async fn crypto(run: &mut Run<'_>) {
         let ep = &p.endpoint;
         let n = |t: &str| format!("{t}[{}]", p.name());
         let h = run.aid("test-harness");
-        run.expect_tls_refusal(G, n("no_client_cert"), ep, &mesh.ca_pem, None, HEALTH)
-            .await;
-        match net::Identity::rogue() {
-            Ok(rogue) => {
-                run.expect_tls_refusal(
-                    G,
-                    n("rogue_client_cert"),
-                    ep,
-                    &mesh.ca_pem,
-                    Some(&rogue),
-                    HEALTH,
-                )
-                .await
-            }
-            Err(e) => run.record(
-                G,
-                n("rogue_client_cert"),
-                "000",
-                format!("rcgen: {e:#}"),
-                false,
-            ),
-        }
+        client_cert_refusals(run, G, ep, n("no_client_cert"), n("rogue_client_cert")).await;
         let foreign = match &mesh.untrusted_ca_pem {
             Some(pem) => Ok(pem.clone()),
             None => net::foreign_ca_pem(),
@@ -231,13 +210,14 @@ pub async fn crypto(run: &mut Run<'_>) {
                     &foreign,
                     Some(&mesh.operator),
                     HEALTH,
+                    Refusal::ServerCertificate,
                 )
                 .await
             }
             Err(e) => run.record(
                 G,
                 n("wrong_server_ca"),
-                "000",
+                Refusal::ServerCertificate.expected(),
                 format!("rcgen: {e:#}"),
                 false,
             ),
@@ -254,6 +234,41 @@ pub async fn crypto(run: &mut Run<'_>) {
         let a = run.call(ep, Method::GET, STATS, Some(&h), None).await;
         let ok = a.status() == Some(403);
         run.record(G, n("admin_gated"), "403", a.summary(), ok);
+    }
+}
+
+/// The peer refuses a client without a certificate and one with a self-signed certificate.
+async fn client_cert_refusals(
+    run: &mut Run<'_>,
+    g: &str,
+    ep: &net::Endpoint,
+    no_cert_test: String,
+    rogue_test: String,
+) {
+    let mesh = run.mesh;
+    let refusal = Refusal::ClientCertificate;
+    run.expect_tls_refusal(g, no_cert_test, ep, &mesh.ca_pem, None, HEALTH, refusal)
+        .await;
+    match net::Identity::rogue() {
+        Ok(rogue) => {
+            run.expect_tls_refusal(
+                g,
+                rogue_test,
+                ep,
+                &mesh.ca_pem,
+                Some(&rogue),
+                HEALTH,
+                refusal,
+            )
+            .await
+        }
+        Err(e) => run.record(
+            g,
+            rogue_test,
+            refusal.expected(),
+            format!("rcgen: {e:#}"),
+            false,
+        ),
     }
 }
 
@@ -966,35 +981,14 @@ pub async fn encrypted_legs(run: &mut Run<'_>) {
         let ok = a.status() == Some(200);
         let got = if ok { "200".into() } else { a.summary() };
         run.record(G, format!("leg1.mtls+key_priv_200[{n}]"), "200", got, ok);
-        run.expect_tls_refusal(
+        client_cert_refusals(
+            run,
             G,
-            format!("leg1.no_client_cert_refused[{n}]"),
             ep,
-            &mesh.ca_pem,
-            None,
-            HEALTH,
+            format!("leg1.no_client_cert_refused[{n}]"),
+            format!("leg1.rogue_client_cert_refused[{n}]"),
         )
         .await;
-        match net::Identity::rogue() {
-            Ok(rogue) => {
-                run.expect_tls_refusal(
-                    G,
-                    format!("leg1.rogue_client_cert_refused[{n}]"),
-                    ep,
-                    &mesh.ca_pem,
-                    Some(&rogue),
-                    HEALTH,
-                )
-                .await
-            }
-            Err(e) => run.record(
-                G,
-                format!("leg1.rogue_client_cert_refused[{n}]"),
-                "000",
-                format!("rcgen: {e:#}"),
-                false,
-            ),
-        }
         let a = run
             .call_as(
                 ep,
@@ -1055,6 +1049,7 @@ pub async fn encrypted_legs(run: &mut Run<'_>) {
             &mesh.ca_pem,
             None,
             SINCE,
+            Refusal::ClientCertificate,
         )
         .await;
     }

@@ -10,7 +10,7 @@ use reqwest::Method;
 use serde::{Deserialize, Serialize};
 
 use super::mesh::{Finding, Mesh, Peer};
-use super::net::{self, Answer, Endpoint, Identity, Posture, Request};
+use super::net::{self, Answer, Endpoint, Identity, Posture, Refusal, Request};
 use crate::attest::{rfc3339_now, AttestedWrite};
 
 /// One report line, in the seed's format.
@@ -242,8 +242,11 @@ impl<'m> Run<'m> {
         }
     }
 
-    /// Records whether a request was refused below HTTP (`000`). A peer that does not even
-    /// accept TCP proves nothing and fails.
+    /// Records whether one connection with this posture was refused the way `refusal` says:
+    /// by the server's alert or close before any HTTP answer, or by our verifier's refusal of the
+    /// server's certificate. A local client error, an unreachable peer, a timeout or an HTTP
+    /// answer fails, and GOT says which.
+    #[allow(clippy::too_many_arguments)]
     pub async fn expect_tls_refusal(
         &mut self,
         group: &str,
@@ -252,25 +255,25 @@ impl<'m> Run<'m> {
         roots_pem: &str,
         identity: Option<&Identity>,
         path: &str,
+        refusal: Refusal,
     ) {
-        if let Err(e) = net::tcp_reachable(ep).await {
-            self.record(group, test, "000", format!("peer unreachable: {e}"), false);
-            return;
-        }
-        let a = self
-            .call_as(
-                ep,
+        let o = net::tls_attempt(
+            ep,
+            &Posture {
                 roots_pem,
                 identity,
-                Request {
-                    method: Method::GET,
-                    path,
-                    ..Default::default()
-                },
-            )
-            .await;
-        let pass = matches!(a, Answer::Transport(_));
-        self.record(group, test, "000", a.summary(), pass);
+            },
+            path,
+            net::REQUEST_TIMEOUT,
+        )
+        .await;
+        self.record(
+            group,
+            test,
+            refusal.expected(),
+            o.summary(),
+            refusal.seen_in(&o),
+        );
     }
 
     /// Registers `agent` on the peer and binds its harness public key (admin-gated, as the
