@@ -722,63 +722,106 @@ pub async fn nsa_gaps(run: &mut Run<'_>) {
             a.error_tag().unwrap_or_else(|| a.summary()),
             ok,
         );
-
-        let push = br#"{"memories":[]}"#.to_vec();
-        let send_push = |extra: Vec<(&'static str, String)>| {
-            let mut headers = vec![("x-api-key", mesh.api_key.clone())];
-            headers.extend(extra);
-            Request {
-                method: Method::POST,
-                path: "/api/v1/sync/push",
-                headers,
-                body: Some(push.clone()),
-            }
-        };
-        let client = run.client(ep);
-        let (a, r1, r2) = match client {
-            Ok(c) => {
-                let a = net::send(&c, ep, send_push(vec![])).await;
-                let sig = vec![
-                    ("x-memory-sig", "AAAA".to_string()),
-                    (
-                        "x-memory-nonce",
-                        format!("nonce-{}-{}", run.stamp, nonce(8)),
-                    ),
-                ];
-                let r1 = net::send(&c, ep, send_push(sig.clone())).await;
-                let r2 = net::send(&c, ep, send_push(sig)).await;
-                (a, r1, r2)
-            }
-            Err(e) => {
-                let t = net::Answer::Transport(e);
-                (t.clone(), t.clone(), t)
-            }
-        };
-        let tagged = |a: &net::Answer| match a.error_tag() {
-            Some(t) => format!("{} {t}", a.code()),
-            None => a.summary(),
-        };
-        let ok = a.status() == Some(401);
-        run.record(
-            G,
-            format!("sync_push_missing_sig_401[{name}]"),
-            "401",
-            tagged(&a),
-            ok,
-        );
-        let ok = r1.status() == Some(401) && r2.status() == Some(401);
-        run.record(
-            G,
-            format!("sync_push_replay_refused[{name}]"),
-            "401/401",
-            format!("{} / {}", tagged(&r1), tagged(&r2)),
-            ok,
-        );
+        sync_push_gates(run, p).await;
 
         signed_events_chain(run, p).await;
         provenance_envelope(run, p).await;
         standard_owner_only(run, p).await;
     }
+}
+
+/// `POST /api/v1/sync/push` gates (ai-memory 0.7.0 `src/handlers/federation_signing_check.rs`
+/// `verify_signature_or_reject`, lines 721-900):
+/// - unsigned: 401;
+/// - signed by the harness's federation identity (a credential from the campaign's issuer) with
+///   a nonce, sent twice: the first is accepted, the second refused as a replay
+///   (`x_memory_nonce_replay`, the peer's nonce cache, lines 773-795). The cache runs whenever a
+///   nonce is sent; only `AI_MEMORY_FED_REQUIRE_SIG=0` skips it (line 727);
+/// - signed without a nonce (the legacy form, replayable byte for byte): refused as
+///   `x_memory_nonce_missing` (lines 798-812), which `AI_MEMORY_FED_REQUIRE_NONCE=0` turns off.
+///
+/// The signed pushes carry no memories and `dry_run`: accepted, they change nothing but the
+/// peer's nonce cache.
+async fn sync_push_gates(run: &mut Run<'_>, p: &Peer) {
+    const G: &str = "nsa_gaps";
+    const PUSH: &str = "/api/v1/sync/push";
+    let mesh = run.mesh;
+    let ep = &p.endpoint;
+    let name = p.name();
+    let sender = &mesh.fed_sender;
+    let push = |headers: Vec<(&'static str, String)>, body: &[u8]| {
+        let mut h = vec![("x-api-key", mesh.api_key.clone())];
+        h.extend(headers);
+        Request {
+            method: Method::POST,
+            path: PUSH,
+            headers: h,
+            body: Some(body.to_vec()),
+        }
+    };
+    // An accepted push's body is a long tally: its status is the measurement.
+    let tagged = |a: &net::Answer| match a.error_tag() {
+        Some(t) => format!("{} {t}", a.code()),
+        None if a.is_success() => a.code(),
+        None => a.summary(),
+    };
+    let unsigned = br#"{"memories":[]}"#.to_vec();
+    let signed = serde_json::json!({
+        "sender_agent_id": sender.fed_id,
+        "memories": [],
+        "dry_run": true,
+    })
+    .to_string()
+    .into_bytes();
+    let nonce = format!("{}-{}", run.stamp, nonce(16));
+    let (missing, first, replay, unnonced) = match run.client(ep) {
+        Ok(c) => {
+            let missing = net::send(&c, ep, push(vec![], &unsigned)).await;
+            let with_nonce = sender.push_headers(&signed, Some(&nonce));
+            let first = net::send(&c, ep, push(with_nonce.clone(), &signed)).await;
+            let replay = net::send(&c, ep, push(with_nonce, &signed)).await;
+            let unnonced =
+                net::send(&c, ep, push(sender.push_headers(&signed, None), &signed)).await;
+            (missing, first, replay, unnonced)
+        }
+        Err(e) => {
+            let t = net::Answer::Transport(e);
+            (t.clone(), t.clone(), t.clone(), t)
+        }
+    };
+    let ok = missing.status() == Some(401);
+    run.record(
+        G,
+        format!("sync_push_missing_sig_401[{name}]"),
+        "401",
+        tagged(&missing),
+        ok,
+    );
+    let ok = first.is_success()
+        && replay.status() == Some(401)
+        && replay.error_tag().as_deref() == Some("x_memory_nonce_replay");
+    run.record(
+        G,
+        format!("sync_push_replay_refused[{name}]"),
+        format!(
+            "signed as {}: 2xx, then the same nonce: 401 x_memory_nonce_replay",
+            sender.fed_id
+        ),
+        format!("first {}, replay {}", tagged(&first), tagged(&replay)),
+        ok,
+    );
+    let ok = unnonced.status() == Some(401)
+        && unnonced.error_tag().as_deref() == Some("x_memory_nonce_missing");
+    run.record(
+        G,
+        format!("sync_push_nonce_required[{name}]"),
+        format!(
+            "signed as {} without a nonce: 401 x_memory_nonce_missing",
+            sender.fed_id
+        ),
+        tagged(&unnonced),
+        ok,
+    );
 }
 
 /// Forms 2 and 6 in force: the campaign namespace's standard lets only its owner (the operator

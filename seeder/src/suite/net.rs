@@ -53,6 +53,74 @@ impl Identity {
     }
 }
 
+/// A federation identity the mesh accepts, as a peer holds its own (ai-memory 0.7.0
+/// `src/federation/sync.rs:112-160`): an Ed25519 key that signs `POST /api/v1/sync/push` bodies
+/// and the campaign issuer's credential for it, which a receiving peer verifies against its trust
+/// bundle and binds to `x-peer-id` (`src/handlers/federation_signing_check.rs:579-700`).
+///
+/// The key is made for the run and lives only in memory; the credential is short-lived.
+#[derive(Clone)]
+pub struct FedSender {
+    /// The credential's subject, sent as `x-peer-id` and the body's `sender_agent_id`.
+    pub fed_id: String,
+    key: ed25519_dalek::SigningKey,
+    credential: String,
+}
+
+impl std::fmt::Debug for FedSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FedSender")
+            .field("fed_id", &self.fed_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long the harness's federation credential is valid: one suite run.
+pub const FED_SENDER_TTL_SECS: i64 = 3600;
+
+impl FedSender {
+    /// A fresh key for `fed_id` and the campaign issuer's credential for it.
+    pub fn mint(
+        issuer: &crate::credential::Issuer,
+        fed_id: &hiveseed_proto::FedId,
+        now: i64,
+    ) -> Result<Self> {
+        let key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+        let (credential, _) = issuer
+            .mint(fed_id, key.verifying_key().into(), now, FED_SENDER_TTL_SECS)
+            .context("minting the harness federation credential")?;
+        Ok(Self {
+            fed_id: fed_id.to_string(),
+            key,
+            credential,
+        })
+    }
+
+    /// The headers of a signed push of `body`: with a nonce, the signature covers
+    /// `body || 0x00 || nonce` (`src/federation/signing.rs:59-69`); without one, the body alone
+    /// (the legacy form a receiver takes only with `AI_MEMORY_FED_REQUIRE_NONCE=0`).
+    pub fn push_headers(&self, body: &[u8], nonce: Option<&str>) -> Vec<(&'static str, String)> {
+        use base64::Engine;
+        use ed25519_dalek::Signer;
+        let mut signed = body.to_vec();
+        if let Some(n) = nonce {
+            signed.push(0x00);
+            signed.extend_from_slice(n.as_bytes());
+        }
+        let sig =
+            base64::engine::general_purpose::STANDARD.encode(self.key.sign(&signed).to_bytes());
+        let mut h = vec![
+            ("x-peer-id", self.fed_id.clone()),
+            ("x-memory-cred", self.credential.clone()),
+            ("x-memory-sig", format!("ed25519={sig}")),
+        ];
+        if let Some(n) = nonce {
+            h.push(("x-memory-nonce", n.to_owned()));
+        }
+        h
+    }
+}
+
 /// A CA that issued nothing the fleet serves: trusting only it must fail every handshake.
 pub fn foreign_ca_pem() -> Result<String> {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
@@ -573,6 +641,55 @@ mod tests {
             ..ep
         };
         assert_eq!(v6.socket_addr(), Some("[::1]:1234".parse().unwrap()));
+    }
+
+    #[test]
+    fn harness_pushes_are_signed_as_a_receiving_peer_verifies_them() {
+        use base64::Engine;
+        use ed25519_dalek::Verifier;
+        let campaign: hiveseed_proto::Campaign = "t1".parse().unwrap();
+        let issuer = crate::credential::Issuer::new(
+            ed25519_dalek::SigningKey::from_bytes(&[7; 32]),
+            &campaign,
+        );
+        let fed_id: hiveseed_proto::FedId = "t1/seeder/test-harness".parse().unwrap();
+        let sender = FedSender::mint(&issuer, &fed_id, 1_800_000_000).unwrap();
+        assert!(!format!("{sender:?}").contains("key:"), "no key in Debug");
+        let body = br#"{"sender_agent_id":"t1/seeder/test-harness","memories":[]}"#;
+        let header =
+            |h: &[(&str, String)], k: &str| h.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
+        for nonce in [Some("n-1"), None] {
+            let h = sender.push_headers(body, nonce);
+            assert_eq!(header(&h, "x-peer-id").as_deref(), Some(fed_id.as_str()));
+            assert_eq!(header(&h, "x-memory-nonce").as_deref(), nonce);
+            // The receiver's rules: the credential verifies under the issuer and names the
+            // peer id; the signature covers body || 0x00 || nonce (body alone without a nonce).
+            let p = issuer.public();
+            let claims = crate::credential::verify(
+                &header(&h, "x-memory-cred").unwrap(),
+                &[(p.id.as_str(), p.public_key.verifying_key())],
+                Some(p.trust_domain.as_str()),
+                1_800_000_000,
+            )
+            .unwrap();
+            assert_eq!(claims.subject_agent_id, fed_id.as_str());
+            let subject = ed25519_dalek::VerifyingKey::from_bytes(&claims.subject_pubkey).unwrap();
+            let sig = header(&h, "x-memory-sig").unwrap();
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(sig.strip_prefix("ed25519=").unwrap())
+                .unwrap();
+            let sig = ed25519_dalek::Signature::from_slice(&raw).unwrap();
+            let mut signed = body.to_vec();
+            if let Some(n) = nonce {
+                signed.push(0);
+                signed.extend_from_slice(n.as_bytes());
+            }
+            subject.verify(&signed, &sig).unwrap();
+            assert_eq!(
+                subject.verify(body.as_slice(), &sig).is_ok(),
+                nonce.is_none()
+            );
+        }
     }
 
     /// Real rustls servers on 127.0.77.1 (this file's loopback range) for the negative TLS
