@@ -2,7 +2,7 @@
 //! two federated peers in the Batman posture (mTLS allowlist, API key, the env battery, zero-touch
 //! credentials minted by the seeder's issuer code) must pass; deliberately misconfigured daemons
 //! (no allowlist, no API key, attestation and federation signatures off, the nonce gate off) must
-//! make each negative probe FAIL.
+//! make each negative probe FAIL, and so must a cleanup that leaves a probe memory behind.
 //!
 //! Needs the ai-memory binary (`ai_memory_bin` below); set HIVESEED_SKIP_AI_MEMORY=1 to skip where it is not
 //! built.
@@ -589,6 +589,13 @@ fn suite_probes_pass_on_a_batman_pair_and_fail_on_misconfigured_daemons() {
         "leg2.quorum_write_W2ofN2",
         "leg2.converge[node2]",
         "leg2.sync_no_client_cert_refused",
+        // Every memory a probe row created is deleted and then gone (GET 404) on both peers.
+        "cleanup[create]",
+        "cleanup[ns_cross_isolation]",
+        "cleanup[write]",
+        "cleanup[enrolled_write]",
+        "cleanup[agent_write]",
+        "cleanup[leg2.quorum_write_W2ofN2]",
     ];
     for name in must_pass {
         let c = t
@@ -605,6 +612,14 @@ fn suite_probes_pass_on_a_batman_pair_and_fail_on_misconfigured_daemons() {
         );
         let got = &t[&format!("sync_push_nonce_required[{p}]")].got;
         assert_eq!(got, "401 x_memory_nonce_missing");
+    }
+    // Each cleanup row follows the row that created its memory, and every one passed.
+    let at = |name: &str| checks.iter().position(|c| c.test == name).unwrap();
+    assert_eq!(at("cleanup[create]"), at("create") + 1);
+    assert_eq!(at("cleanup[write]"), at("write") + 1);
+    for c in checks.iter().filter(|c| c.test.starts_with("cleanup[")) {
+        assert_eq!(c.status, CheckStatus::Pass, "{c:?}");
+        assert!(c.got.contains("GET 404 on node1, node2"), "{c:?}");
     }
     // `seeder report`'s fleet rows from the same probe: the write on P1, convergence per peer.
     let rows: Vec<(String, String, CheckStatus)> = suite::fleet_rows(&good, &checks)
@@ -637,7 +652,8 @@ fn suite_probes_pass_on_a_batman_pair_and_fail_on_misconfigured_daemons() {
         "no report, no pass"
     );
     assert!(t["curator_active[node1]"].got.contains("has not reported"));
-    // Created probe memories were deleted: the regression memory is gone on both peers.
+    // Created probe memories were deleted: the regression memory is gone on both peers, asked
+    // here apart from the cleanup's own check.
     let id = t["create"].got.trim_start_matches("id ").to_owned();
     for p in ["node1", "node2"] {
         let gone = rt.block_on(async {
@@ -714,6 +730,10 @@ fn suite_probes_pass_on_a_batman_pair_and_fail_on_misconfigured_daemons() {
         got.starts_with("first 200") && got.contains("replay 200"),
         "{got}"
     );
+    // The unsigned write landed; the cleanup deleted it, saw it gone and says so in its own row.
+    let c = &t["cleanup[unsigned_write_403[lax]]"];
+    assert_eq!(c.status, CheckStatus::Pass, "{c:?}");
+    assert!(c.got.contains("GET 404 on lax"), "{c:?}");
 
     // The nonce gate off: a signed push without a nonce (replayable byte for byte) is accepted.
     // A push that carries a nonce is still checked against the replay cache, which 0.7.0 runs
@@ -768,6 +788,32 @@ fn suite_probes_pass_on_a_batman_pair_and_fail_on_misconfigured_daemons() {
     assert!(by_test(&checks)["no_client_cert[dead]"]
         .got
         .contains("peer unreachable"));
+
+    // 3. A cleanup that cannot see its memory gone fails the row named for the probe's row, and
+    // `seeder report`'s federation.write with it: node2 stops after the write converged there,
+    // so the copy on node2 is left behind (node1's delete is local; its fan-out finds no quorum).
+    let mut leaving = mesh(&hx, &[d("node1"), d("node2")], API_KEY);
+    leaving.converge_within = Duration::from_secs(3);
+    let mut run = suite::probes::Run::new(&leaving);
+    rt.block_on(suite::groups::federation(&mut run));
+    let t = by_test(&run.checks);
+    assert_eq!(t["write"].status, CheckStatus::Pass, "{:?}", t["write"]);
+    assert_eq!(t["converge_same_region[node2]"].status, CheckStatus::Pass);
+    daemons
+        .iter_mut()
+        .find(|d| d.name == "node2")
+        .unwrap()
+        .stop();
+    rt.block_on(run.cleanup());
+    eprintln!("cleanup with node2 gone:\n{}", table(&run.checks));
+    let t = by_test(&run.checks);
+    let c = &t["cleanup[write]"];
+    assert_eq!(c.status, CheckStatus::Fail, "{c:?}");
+    assert!(c.got.contains("node2: GET 000"), "{c:?}");
+    let rows = suite::fleet_rows(&leaving, &run.checks);
+    let w = rows.iter().find(|r| r.check == "federation.write").unwrap();
+    assert_eq!(w.status, CheckStatus::Fail, "{w:?}");
+    assert!(w.got.contains("cleanup: "), "{w:?}");
 
     for d in daemons.iter_mut() {
         d.stop();
