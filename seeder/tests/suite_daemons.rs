@@ -1,8 +1,8 @@
 //! `seeder test`'s probes against real ai-memory 0.7.0 daemons (sqlite backend) on 127.0.72.x:
 //! two federated peers in the Batman posture (mTLS allowlist, API key, the env battery, zero-touch
 //! credentials minted by the seeder's issuer code) must pass; deliberately misconfigured daemons
-//! (no allowlist, no API key, attestation and federation signatures off) must make each negative
-//! probe FAIL.
+//! (no allowlist, no API key, attestation and federation signatures off, the nonce gate off) must
+//! make each negative probe FAIL, and so must a cleanup that leaves a probe memory behind.
 //!
 //! Needs the ai-memory binary (`HIVESEED_AI_MEMORY_BIN`, default the lab cache's): without it
 //! the test fails (tests/deps).
@@ -19,7 +19,7 @@ use ed25519_dalek::SigningKey;
 use hiveseed_proto::status::CheckStatus;
 use hiveseed_seeder::pki::{self, CampaignCa, LeafSpec, LeafUsage};
 use hiveseed_seeder::suite::mesh::{Evidence, Peer};
-use hiveseed_seeder::suite::net::{Endpoint, Identity};
+use hiveseed_seeder::suite::net::{Endpoint, FedSender, Identity};
 use hiveseed_seeder::suite::{self, attest::KeyStore, Check, Group, Mesh};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
@@ -81,6 +81,8 @@ enum Posture {
     /// AI_MEMORY_REQUIRE_AGENT_ATTESTATION, FED_REQUIRE_SIG and PEER_ENROLLMENT off; the harness
     /// is an admin.
     Lax,
+    /// Batman but AI_MEMORY_FED_REQUIRE_NONCE=0 (`src/federation/signing.rs:191-196`).
+    NoNonce,
 }
 
 struct Daemon {
@@ -253,7 +255,10 @@ fn start(
             dir.join("credential").display().to_string(),
         ),
         ("AI_MEMORY_FED_REQUIRE_SIG", on(strict).into()),
-        ("AI_MEMORY_FED_REQUIRE_NONCE", "1".into()),
+        (
+            "AI_MEMORY_FED_REQUIRE_NONCE",
+            on(spec.posture != Posture::NoNonce).into(),
+        ),
         ("AI_MEMORY_FED_REQUIRE_PEER_ENROLLMENT", on(strict).into()),
         ("AI_MEMORY_REQUIRE_AGENT_ATTESTATION", on(strict).into()),
         ("AI_MEMORY_PERMISSIONS_MODE", "enforce".into()),
@@ -330,13 +335,24 @@ fn free_v6_port() -> u16 {
         .port()
 }
 
-fn mesh(ca_pem: &str, operator: &Identity, keys: &Path, peers: &[&Daemon], api_key: &str) -> Mesh {
+/// What the suite's view of a fleet shares across these meshes.
+struct Harness<'a> {
+    ca_pem: &'a str,
+    operator: &'a Identity,
+    keys: &'a Path,
+    /// The harness's federation identity, from the same issuer as the daemons' credentials
+    /// (as `Mesh::from_campaign` mints it from the campaign's).
+    fed_sender: &'a FedSender,
+}
+
+fn mesh(h: &Harness<'_>, peers: &[&Daemon], api_key: &str) -> Mesh {
     Mesh {
         campaign: CAMPAIGN.into(),
-        ca_pem: ca_pem.into(),
+        ca_pem: h.ca_pem.into(),
         api_key: api_key.into(),
-        operator: operator.clone(),
+        operator: h.operator.clone(),
         admin_agent_id: ADMIN.into(),
+        fed_sender: h.fed_sender.clone(),
         peers: peers
             .iter()
             .enumerate()
@@ -347,7 +363,7 @@ fn mesh(ca_pem: &str, operator: &Identity, keys: &Path, peers: &[&Daemon], api_k
             .collect(),
         agents: vec!["suite-agent-r1-01".into()],
         quorum_w: 2,
-        keys: KeyStore::new(keys),
+        keys: KeyStore::new(h.keys),
         llm_missing: Some("no LLM key in this test".into()),
         evidence: Evidence {
             max_age_secs: 15,
@@ -434,6 +450,7 @@ fn suite_probes_pass_on_a_batman_pair_and_fail_on_misconfigured_daemons() {
         ),
         spec("open", "127.0.72.3", 9077, Posture::NoAllowlist, None),
         spec("lax", "127.0.72.4", 9077, Posture::Lax, None),
+        spec("nonceless", "127.0.72.5", 9077, Posture::NoNonce, None),
         spec("keyless", "[::1]", v6_port, Posture::NoApiKey, None),
     ];
     // The allowlist: the operator and every daemon's outbound client certificate.
@@ -462,16 +479,26 @@ fn suite_probes_pass_on_a_batman_pair_and_fail_on_misconfigured_daemons() {
         }
     });
     let keys = root.join("agent-keys");
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let fed_sender = FedSender::mint(
+        &hiveseed_seeder::credential::Issuer::new(issuer.clone(), &CAMPAIGN.parse().unwrap()),
+        &format!("{CAMPAIGN}/seeder/test-harness").parse().unwrap(),
+        now,
+    )
+    .unwrap();
+    let hx = Harness {
+        ca_pem: &ca_pem,
+        operator: &operator,
+        keys: &keys,
+        fed_sender: &fed_sender,
+    };
     let d = |n: &str| daemons.iter().find(|d| d.name == n).unwrap();
 
     // 1. The Batman pair: every probe the suite can prove without a node report passes.
-    let good = mesh(
-        &ca_pem,
-        &operator,
-        &keys,
-        &[d("node1"), d("node2")],
-        API_KEY,
-    );
+    let good = mesh(&hx, &[d("node1"), d("node2")], API_KEY);
     let checks = rt.block_on(suite::run(
         &good,
         &[
@@ -528,9 +555,11 @@ fn suite_probes_pass_on_a_batman_pair_and_fail_on_misconfigured_daemons() {
         "unsigned_write_reason[node1]",
         "sync_push_missing_sig_401[node1]",
         "sync_push_replay_refused[node1]",
+        "sync_push_nonce_required[node1]",
         "unsigned_write_403[node2]",
         "sync_push_missing_sig_401[node2]",
         "sync_push_replay_refused[node2]",
+        "sync_push_nonce_required[node2]",
         "leg1.mtls+key_priv_200[node1]",
         "leg1.no_client_cert_refused[node1]",
         "leg1.rogue_client_cert_refused[node2]",
@@ -539,12 +568,37 @@ fn suite_probes_pass_on_a_batman_pair_and_fail_on_misconfigured_daemons() {
         "leg2.quorum_write_W2ofN2",
         "leg2.converge[node2]",
         "leg2.sync_no_client_cert_refused",
+        // Every memory a probe row created is deleted and then gone (GET 404) on both peers.
+        "cleanup[create]",
+        "cleanup[ns_cross_isolation]",
+        "cleanup[write]",
+        "cleanup[enrolled_write]",
+        "cleanup[agent_write]",
+        "cleanup[leg2.quorum_write_W2ofN2]",
     ];
     for name in must_pass {
         let c = t
             .get(name)
             .unwrap_or_else(|| panic!("no check {name}:\n{}", table(&checks)));
         assert_eq!(c.status, CheckStatus::Pass, "{name}: {c:?}");
+    }
+    // The replay probe measured both requests: the signed push accepted, its replay refused.
+    for p in ["node1", "node2"] {
+        let got = &t[&format!("sync_push_replay_refused[{p}]")].got;
+        assert!(
+            got.starts_with("first 200") && got.ends_with("replay 401 x_memory_nonce_replay"),
+            "{got}"
+        );
+        let got = &t[&format!("sync_push_nonce_required[{p}]")].got;
+        assert_eq!(got, "401 x_memory_nonce_missing");
+    }
+    // Each cleanup row follows the row that created its memory, and every one passed.
+    let at = |name: &str| checks.iter().position(|c| c.test == name).unwrap();
+    assert_eq!(at("cleanup[create]"), at("create") + 1);
+    assert_eq!(at("cleanup[write]"), at("write") + 1);
+    for c in checks.iter().filter(|c| c.test.starts_with("cleanup[")) {
+        assert_eq!(c.status, CheckStatus::Pass, "{c:?}");
+        assert!(c.got.contains("GET 404 on node1, node2"), "{c:?}");
     }
     // `seeder report`'s fleet rows from the same probe: the write on P1, convergence per peer.
     let rows: Vec<(String, String, CheckStatus)> = suite::fleet_rows(&good, &checks)
@@ -577,22 +631,25 @@ fn suite_probes_pass_on_a_batman_pair_and_fail_on_misconfigured_daemons() {
         "no report, no pass"
     );
     assert!(t["curator_active[node1]"].got.contains("has not reported"));
-    // Created probe memories were deleted: the regression memory is gone on node1.
+    // Created probe memories were deleted: the regression memory is gone on both peers, asked
+    // here apart from the cleanup's own check.
     let id = t["create"].got.trim_start_matches("id ").to_owned();
-    let gone = rt.block_on(async {
-        let mut run = hiveseed_seeder::suite::probes::Run::new(&good);
-        let a = run
-            .call(
-                &d("node1").endpoint,
-                reqwest::Method::GET,
-                &format!("/api/v1/memories/{id}"),
-                Some("ai:test-harness@suite"),
-                None,
-            )
-            .await;
-        a.status()
-    });
-    assert_eq!(gone, Some(404), "probe memory {id} was not deleted");
+    for p in ["node1", "node2"] {
+        let gone = rt.block_on(async {
+            let mut run = hiveseed_seeder::suite::probes::Run::new(&good);
+            let a = run
+                .call(
+                    &d(p).endpoint,
+                    reqwest::Method::GET,
+                    &format!("/api/v1/memories/{id}"),
+                    Some("ai:test-harness@suite"),
+                    None,
+                )
+                .await;
+            a.status()
+        });
+        assert_eq!(gone, Some(404), "probe memory {id} was not deleted on {p}");
+    }
 
     // 2. Each negative probe fails against a daemon misconfigured for it.
     let fails = |checks: &[Check], names: &[&str]| {
@@ -604,7 +661,7 @@ fn suite_probes_pass_on_a_batman_pair_and_fail_on_misconfigured_daemons() {
             assert_eq!(c.status, CheckStatus::Fail, "{name} must FAIL: {c:?}");
         }
     };
-    let open = mesh(&ca_pem, &operator, &keys, &[d("open")], API_KEY);
+    let open = mesh(&hx, &[d("open")], API_KEY);
     let checks = rt.block_on(suite::run(&open, &[Group::Crypto, Group::EncryptedLegs]));
     eprintln!("no allowlist:\n{}", table(&checks));
     fails(
@@ -618,12 +675,12 @@ fn suite_probes_pass_on_a_batman_pair_and_fail_on_misconfigured_daemons() {
         ],
     );
 
-    let keyless = mesh(&ca_pem, &operator, &keys, &[d("keyless")], API_KEY);
+    let keyless = mesh(&hx, &[d("keyless")], API_KEY);
     let checks = rt.block_on(suite::run(&keyless, &[Group::Crypto]));
     eprintln!("no api key:\n{}", table(&checks));
     fails(&checks, &["apikey_required[keyless]"]);
 
-    let lax = mesh(&ca_pem, &operator, &keys, &[d("lax")], API_KEY);
+    let lax = mesh(&hx, &[d("lax")], API_KEY);
     let checks = rt.block_on(suite::run(
         &lax,
         &[Group::Crypto, Group::Zerotouch, Group::NsaGaps],
@@ -642,11 +699,45 @@ fn suite_probes_pass_on_a_batman_pair_and_fail_on_misconfigured_daemons() {
             "unsigned_write_reason[lax]",
             "sync_push_missing_sig_401[lax]",
             "sync_push_replay_refused[lax]",
+            "sync_push_nonce_required[lax]",
         ],
+    );
+    let t = by_test(&checks);
+    // Signatures off: the replayed push is accepted too (no nonce cache without the check).
+    let got = &t["sync_push_replay_refused[lax]"].got;
+    assert!(
+        got.starts_with("first 200") && got.contains("replay 200"),
+        "{got}"
+    );
+    // The unsigned write landed; the cleanup deleted it, saw it gone and says so in its own row.
+    let c = &t["cleanup[unsigned_write_403[lax]]"];
+    assert_eq!(c.status, CheckStatus::Pass, "{c:?}");
+    assert!(c.got.contains("GET 404 on lax"), "{c:?}");
+
+    // The nonce gate off: a signed push without a nonce (replayable byte for byte) is accepted.
+    // A push that carries a nonce is still checked against the replay cache, which 0.7.0 runs
+    // whenever a nonce is sent (src/handlers/federation_signing_check.rs:772-797): only the
+    // nonce_required probe can see this gate.
+    let mut nonceless = mesh(&hx, &[d("nonceless")], API_KEY);
+    nonceless.converge_within = Duration::from_secs(5);
+    let checks = rt.block_on(suite::run(&nonceless, &[Group::NsaGaps]));
+    eprintln!("nonce gate off:\n{}", table(&checks));
+    fails(&checks, &["sync_push_nonce_required[nonceless]"]);
+    let t = by_test(&checks);
+    assert!(
+        t["sync_push_nonce_required[nonceless]"]
+            .got
+            .starts_with("200"),
+        "{:?}",
+        t["sync_push_nonce_required[nonceless]"]
+    );
+    assert_eq!(
+        t["sync_push_replay_refused[nonceless]"].status,
+        CheckStatus::Pass
     );
 
     // wrong_server_ca fails when the "wrong" roots are the ones that issued the server cert.
-    let mut trusting = mesh(&ca_pem, &operator, &keys, &[d("node1")], API_KEY);
+    let mut trusting = mesh(&hx, &[d("node1")], API_KEY);
     trusting.untrusted_ca_pem = Some(pki.ca_pem.clone());
     let checks = rt.block_on(suite::run(&trusting, &[Group::Crypto]));
     fails(&checks, &["wrong_server_ca[node1]"]);
@@ -663,7 +754,7 @@ fn suite_probes_pass_on_a_batman_pair_and_fail_on_misconfigured_daemons() {
         },
         log: root.join("none"),
     };
-    let gone = mesh(&ca_pem, &operator, &keys, &[&dead], API_KEY);
+    let gone = mesh(&hx, &[&dead], API_KEY);
     let checks = rt.block_on(suite::run(&gone, &[Group::Crypto]));
     fails(
         &checks,
@@ -676,6 +767,32 @@ fn suite_probes_pass_on_a_batman_pair_and_fail_on_misconfigured_daemons() {
     assert!(by_test(&checks)["no_client_cert[dead]"]
         .got
         .contains("peer unreachable"));
+
+    // 3. A cleanup that cannot see its memory gone fails the row named for the probe's row, and
+    // `seeder report`'s federation.write with it: node2 stops after the write converged there,
+    // so the copy on node2 is left behind (node1's delete is local; its fan-out finds no quorum).
+    let mut leaving = mesh(&hx, &[d("node1"), d("node2")], API_KEY);
+    leaving.converge_within = Duration::from_secs(3);
+    let mut run = suite::probes::Run::new(&leaving);
+    rt.block_on(suite::groups::federation(&mut run));
+    let t = by_test(&run.checks);
+    assert_eq!(t["write"].status, CheckStatus::Pass, "{:?}", t["write"]);
+    assert_eq!(t["converge_same_region[node2]"].status, CheckStatus::Pass);
+    daemons
+        .iter_mut()
+        .find(|d| d.name == "node2")
+        .unwrap()
+        .stop();
+    rt.block_on(run.cleanup());
+    eprintln!("cleanup with node2 gone:\n{}", table(&run.checks));
+    let t = by_test(&run.checks);
+    let c = &t["cleanup[write]"];
+    assert_eq!(c.status, CheckStatus::Fail, "{c:?}");
+    assert!(c.got.contains("node2: GET 000"), "{c:?}");
+    let rows = suite::fleet_rows(&leaving, &run.checks);
+    let w = rows.iter().find(|r| r.check == "federation.write").unwrap();
+    assert_eq!(w.status, CheckStatus::Fail, "{w:?}");
+    assert!(w.got.contains("cleanup: "), "{w:?}");
 
     for d in daemons.iter_mut() {
         d.stop();

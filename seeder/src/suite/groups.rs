@@ -6,7 +6,7 @@ use std::time::Instant;
 use reqwest::Method;
 
 use super::mesh::Peer;
-use super::net::{self, Request};
+use super::net::{self, Refusal, Request};
 use super::probes::{letters, nonce, Run};
 
 const HEALTH: &str = "/api/v1/health";
@@ -33,6 +33,8 @@ pub async fn regression(run: &mut Run<'_>) {
         Err(e) => Err(format!("harness not enrolled: {e}")),
         Ok(()) => {
             run.attested_write(
+                G,
+                "create",
                 &p1,
                 &h,
                 "_test",
@@ -142,6 +144,8 @@ async fn ns_cross_isolation(run: &mut Run<'_>, p1: &Peer, h: &str) {
     let n = nonce(12);
     let id = match run
         .attested_write(
+            G,
+            "ns_cross_isolation",
             p1,
             h,
             "_test_a",
@@ -196,28 +200,7 @@ pub async fn crypto(run: &mut Run<'_>) {
         let ep = &p.endpoint;
         let n = |t: &str| format!("{t}[{}]", p.name());
         let h = run.aid("test-harness");
-        run.expect_tls_refusal(G, n("no_client_cert"), ep, &mesh.ca_pem, None, HEALTH)
-            .await;
-        match net::Identity::rogue() {
-            Ok(rogue) => {
-                run.expect_tls_refusal(
-                    G,
-                    n("rogue_client_cert"),
-                    ep,
-                    &mesh.ca_pem,
-                    Some(&rogue),
-                    HEALTH,
-                )
-                .await
-            }
-            Err(e) => run.record(
-                G,
-                n("rogue_client_cert"),
-                "000",
-                format!("rcgen: {e:#}"),
-                false,
-            ),
-        }
+        client_cert_refusals(run, G, ep, n("no_client_cert"), n("rogue_client_cert")).await;
         let foreign = match &mesh.untrusted_ca_pem {
             Some(pem) => Ok(pem.clone()),
             None => net::foreign_ca_pem(),
@@ -231,13 +214,14 @@ pub async fn crypto(run: &mut Run<'_>) {
                     &foreign,
                     Some(&mesh.operator),
                     HEALTH,
+                    Refusal::ServerCertificate,
                 )
                 .await
             }
             Err(e) => run.record(
                 G,
                 n("wrong_server_ca"),
-                "000",
+                Refusal::ServerCertificate.expected(),
                 format!("rcgen: {e:#}"),
                 false,
             ),
@@ -254,6 +238,41 @@ pub async fn crypto(run: &mut Run<'_>) {
         let a = run.call(ep, Method::GET, STATS, Some(&h), None).await;
         let ok = a.status() == Some(403);
         run.record(G, n("admin_gated"), "403", a.summary(), ok);
+    }
+}
+
+/// The peer refuses a client without a certificate and one with a self-signed certificate.
+async fn client_cert_refusals(
+    run: &mut Run<'_>,
+    g: &str,
+    ep: &net::Endpoint,
+    no_cert_test: String,
+    rogue_test: String,
+) {
+    let mesh = run.mesh;
+    let refusal = Refusal::ClientCertificate;
+    run.expect_tls_refusal(g, no_cert_test, ep, &mesh.ca_pem, None, HEALTH, refusal)
+        .await;
+    match net::Identity::rogue() {
+        Ok(rogue) => {
+            run.expect_tls_refusal(
+                g,
+                rogue_test,
+                ep,
+                &mesh.ca_pem,
+                Some(&rogue),
+                HEALTH,
+                refusal,
+            )
+            .await
+        }
+        Err(e) => run.record(
+            g,
+            rogue_test,
+            refusal.expected(),
+            format!("rcgen: {e:#}"),
+            false,
+        ),
     }
 }
 
@@ -318,6 +337,8 @@ async fn write_and_converge(
         Err(e) => Err(format!("{agent} not enrolled on {}: {e}", p1.name())),
         Ok(()) => {
             run.attested_write(
+                g,
+                write_test,
                 &p1,
                 agent,
                 namespace,
@@ -483,6 +504,8 @@ pub async fn a2a(run: &mut Run<'_>) {
         Err(e) => Err(e),
         Ok(()) => {
             run.attested_write(
+                G,
+                "agent_write",
                 &p1,
                 &alpha,
                 "_verify",
@@ -614,6 +637,8 @@ pub async fn ai_nhi(run: &mut Run<'_>) {
         Err(e) => Err(e),
         Ok(()) => {
             run.attested_write(
+                G,
+                "nhi_commit",
                 &p1,
                 &alpha,
                 "_verify",
@@ -676,28 +701,23 @@ pub async fn nsa_gaps(run: &mut Run<'_>) {
                 })),
             )
             .await;
+        let write_row = format!("unsigned_write_403[{name}]");
         if a.is_success() {
-            // A write that should have been refused landed: remove it.
-            if let Ok(id) = super::probes::parse_id(&a) {
-                let _ = run
-                    .call(
-                        ep,
-                        Method::DELETE,
-                        &format!("/api/v1/memories/{id}"),
-                        Some(&h),
-                        None,
-                    )
-                    .await;
+            // A write that should have been refused landed: the cleanup removes it and reports
+            // under `cleanup[unsigned_write_403[peer]]` (an id it cannot parse stays behind, said here).
+            match super::probes::parse_id(&a) {
+                Ok(id) => run.track(G, &write_row, p, &id, &h),
+                Err(e) => run.record(
+                    G,
+                    format!("cleanup[{write_row}]"),
+                    "the landed write's id, to delete it",
+                    format!("left behind, no id to delete: {e}"),
+                    false,
+                ),
             }
         }
         let ok = a.status() == Some(403);
-        run.record(
-            G,
-            format!("unsigned_write_403[{name}]"),
-            "403",
-            a.summary(),
-            ok,
-        );
+        run.record(G, write_row, "403", a.summary(), ok);
         let body = a.body();
         let ok = body.contains("ATTESTATION_FAILED") || body.contains("attestation");
         run.record(
@@ -707,63 +727,106 @@ pub async fn nsa_gaps(run: &mut Run<'_>) {
             a.error_tag().unwrap_or_else(|| a.summary()),
             ok,
         );
-
-        let push = br#"{"memories":[]}"#.to_vec();
-        let send_push = |extra: Vec<(&'static str, String)>| {
-            let mut headers = vec![("x-api-key", mesh.api_key.clone())];
-            headers.extend(extra);
-            Request {
-                method: Method::POST,
-                path: "/api/v1/sync/push",
-                headers,
-                body: Some(push.clone()),
-            }
-        };
-        let client = run.client(ep);
-        let (a, r1, r2) = match client {
-            Ok(c) => {
-                let a = net::send(&c, ep, send_push(vec![])).await;
-                let sig = vec![
-                    ("x-memory-sig", "AAAA".to_string()),
-                    (
-                        "x-memory-nonce",
-                        format!("nonce-{}-{}", run.stamp, nonce(8)),
-                    ),
-                ];
-                let r1 = net::send(&c, ep, send_push(sig.clone())).await;
-                let r2 = net::send(&c, ep, send_push(sig)).await;
-                (a, r1, r2)
-            }
-            Err(e) => {
-                let t = net::Answer::Transport(e);
-                (t.clone(), t.clone(), t)
-            }
-        };
-        let tagged = |a: &net::Answer| match a.error_tag() {
-            Some(t) => format!("{} {t}", a.code()),
-            None => a.summary(),
-        };
-        let ok = a.status() == Some(401);
-        run.record(
-            G,
-            format!("sync_push_missing_sig_401[{name}]"),
-            "401",
-            tagged(&a),
-            ok,
-        );
-        let ok = r1.status() == Some(401) && r2.status() == Some(401);
-        run.record(
-            G,
-            format!("sync_push_replay_refused[{name}]"),
-            "401/401",
-            format!("{} / {}", tagged(&r1), tagged(&r2)),
-            ok,
-        );
+        sync_push_gates(run, p).await;
 
         signed_events_chain(run, p).await;
         provenance_envelope(run, p).await;
         standard_owner_only(run, p).await;
     }
+}
+
+/// `POST /api/v1/sync/push` gates (ai-memory 0.7.0 `src/handlers/federation_signing_check.rs`
+/// `verify_signature_or_reject`, lines 721-900):
+/// - unsigned: 401;
+/// - signed by the harness's federation identity (a credential from the campaign's issuer) with
+///   a nonce, sent twice: the first is accepted, the second refused as a replay
+///   (`x_memory_nonce_replay`, the peer's nonce cache, lines 773-795). The cache runs whenever a
+///   nonce is sent; only `AI_MEMORY_FED_REQUIRE_SIG=0` skips it (line 727);
+/// - signed without a nonce (the legacy form, replayable byte for byte): refused as
+///   `x_memory_nonce_missing` (lines 798-812), which `AI_MEMORY_FED_REQUIRE_NONCE=0` turns off.
+///
+/// The signed pushes carry no memories and `dry_run`: accepted, they change nothing but the
+/// peer's nonce cache.
+async fn sync_push_gates(run: &mut Run<'_>, p: &Peer) {
+    const G: &str = "nsa_gaps";
+    const PUSH: &str = "/api/v1/sync/push";
+    let mesh = run.mesh;
+    let ep = &p.endpoint;
+    let name = p.name();
+    let sender = &mesh.fed_sender;
+    let push = |headers: Vec<(&'static str, String)>, body: &[u8]| {
+        let mut h = vec![("x-api-key", mesh.api_key.clone())];
+        h.extend(headers);
+        Request {
+            method: Method::POST,
+            path: PUSH,
+            headers: h,
+            body: Some(body.to_vec()),
+        }
+    };
+    // An accepted push's body is a long tally: its status is the measurement.
+    let tagged = |a: &net::Answer| match a.error_tag() {
+        Some(t) => format!("{} {t}", a.code()),
+        None if a.is_success() => a.code(),
+        None => a.summary(),
+    };
+    let unsigned = br#"{"memories":[]}"#.to_vec();
+    let signed = serde_json::json!({
+        "sender_agent_id": sender.fed_id,
+        "memories": [],
+        "dry_run": true,
+    })
+    .to_string()
+    .into_bytes();
+    let nonce = format!("{}-{}", run.stamp, nonce(16));
+    let (missing, first, replay, unnonced) = match run.client(ep) {
+        Ok(c) => {
+            let missing = net::send(&c, ep, push(vec![], &unsigned)).await;
+            let with_nonce = sender.push_headers(&signed, Some(&nonce));
+            let first = net::send(&c, ep, push(with_nonce.clone(), &signed)).await;
+            let replay = net::send(&c, ep, push(with_nonce, &signed)).await;
+            let unnonced =
+                net::send(&c, ep, push(sender.push_headers(&signed, None), &signed)).await;
+            (missing, first, replay, unnonced)
+        }
+        Err(e) => {
+            let t = net::Answer::Transport(e);
+            (t.clone(), t.clone(), t.clone(), t)
+        }
+    };
+    let ok = missing.status() == Some(401);
+    run.record(
+        G,
+        format!("sync_push_missing_sig_401[{name}]"),
+        "401",
+        tagged(&missing),
+        ok,
+    );
+    let ok = first.is_success()
+        && replay.status() == Some(401)
+        && replay.error_tag().as_deref() == Some("x_memory_nonce_replay");
+    run.record(
+        G,
+        format!("sync_push_replay_refused[{name}]"),
+        format!(
+            "signed as {}: 2xx, then the same nonce: 401 x_memory_nonce_replay",
+            sender.fed_id
+        ),
+        format!("first {}, replay {}", tagged(&first), tagged(&replay)),
+        ok,
+    );
+    let ok = unnonced.status() == Some(401)
+        && unnonced.error_tag().as_deref() == Some("x_memory_nonce_missing");
+    run.record(
+        G,
+        format!("sync_push_nonce_required[{name}]"),
+        format!(
+            "signed as {} without a nonce: 401 x_memory_nonce_missing",
+            sender.fed_id
+        ),
+        tagged(&unnonced),
+        ok,
+    );
 }
 
 /// Forms 2 and 6 in force: the campaign namespace's standard lets only its owner (the operator
@@ -786,6 +849,8 @@ async fn standard_owner_only(run: &mut Run<'_>, p: &Peer) {
     let n = letters(12);
     let written = run
         .attested_write(
+            G,
+            &test,
             p,
             &h,
             &mesh.campaign,
@@ -879,6 +944,8 @@ async fn provenance_envelope(run: &mut Run<'_>, p: &Peer) {
     let pn = letters(14);
     let written = run
         .attested_write(
+            G,
+            &test,
             p,
             &h,
             &mesh.campaign,
@@ -966,35 +1033,14 @@ pub async fn encrypted_legs(run: &mut Run<'_>) {
         let ok = a.status() == Some(200);
         let got = if ok { "200".into() } else { a.summary() };
         run.record(G, format!("leg1.mtls+key_priv_200[{n}]"), "200", got, ok);
-        run.expect_tls_refusal(
+        client_cert_refusals(
+            run,
             G,
-            format!("leg1.no_client_cert_refused[{n}]"),
             ep,
-            &mesh.ca_pem,
-            None,
-            HEALTH,
+            format!("leg1.no_client_cert_refused[{n}]"),
+            format!("leg1.rogue_client_cert_refused[{n}]"),
         )
         .await;
-        match net::Identity::rogue() {
-            Ok(rogue) => {
-                run.expect_tls_refusal(
-                    G,
-                    format!("leg1.rogue_client_cert_refused[{n}]"),
-                    ep,
-                    &mesh.ca_pem,
-                    Some(&rogue),
-                    HEALTH,
-                )
-                .await
-            }
-            Err(e) => run.record(
-                G,
-                format!("leg1.rogue_client_cert_refused[{n}]"),
-                "000",
-                format!("rcgen: {e:#}"),
-                false,
-            ),
-        }
         let a = run
             .call_as(
                 ep,
@@ -1055,6 +1101,7 @@ pub async fn encrypted_legs(run: &mut Run<'_>) {
             &mesh.ca_pem,
             None,
             SINCE,
+            Refusal::ClientCertificate,
         )
         .await;
     }

@@ -14,7 +14,7 @@ use crate::campaign::CampaignDir;
 use crate::fleet::Fleet;
 use crate::store::Store;
 
-use super::net::{Endpoint, Identity};
+use super::net::{Endpoint, FedSender, Identity};
 use crate::attest::KeyStore;
 
 /// Everything a run needs, explicit so it runs against the lab and against test daemons alike.
@@ -28,6 +28,9 @@ pub struct Mesh {
     /// An agent id the peers list under `[admin] agent_ids`: binds harness public keys
     /// (`PUT /api/v1/agents/{id}/pubkey` is admin-gated).
     pub admin_agent_id: String,
+    /// The federation identity the harness pushes as (`nsa_gaps/sync_push_*`): a key made for the
+    /// run with a credential from the campaign's federation issuer, which every peer trusts.
+    pub fed_sender: FedSender,
     /// Peers in hostname order.
     pub peers: Vec<Peer>,
     /// Agent node names in hostname order.
@@ -133,6 +136,18 @@ impl Mesh {
             std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
         };
         let campaign = fleet.campaign.to_string();
+        // The seeder host holds the campaign's federation issuer; a credential from it is what
+        // the peers' trust bundles accept. No node has this id (theirs are
+        // `<campaign>/<region>/<campaign>-<role>-<region>-NN`), so the peers' replay caches
+        // keep the harness's nonces apart from any peer's.
+        let fed_id: hiveseed_proto::FedId = format!("{campaign}/seeder/test-harness")
+            .parse()
+            .context("the harness federation id")?;
+        let fed_sender = FedSender::mint(
+            &dir.load_federation_issuer(&fleet.campaign)?,
+            &fed_id,
+            i64::try_from(now).context("the clock")?,
+        )?;
         let enrollments = store.enrollments()?;
         let port = fleet.federation.port;
         let mut peers = Vec::new();
@@ -214,6 +229,7 @@ impl Mesh {
                 cert_pem: read(dir.operator_cert())?,
                 key_pem: read(dir.operator_key())?,
             },
+            fed_sender,
             peers,
             agents,
             quorum_w: fleet.federation.quorum_w,
@@ -273,5 +289,44 @@ mod tests {
         };
         assert!(why.contains("reports no other"), "{why}");
         assert!(matches!(ev.check("pg3", "x"), Finding::Absent(_)));
+    }
+
+    /// `seeder test` on a campaign: the harness pushes with a credential from the campaign's own
+    /// federation issuer, for the trust domain the peers are given.
+    #[test]
+    fn the_campaign_issuer_vouches_for_the_harness_sender() {
+        let tmp = tempfile::tempdir().unwrap();
+        let example = include_str!("../../../roles/fleet.example.toml");
+        let fleet_path = tmp.path().join("fleet.toml");
+        std::fs::write(&fleet_path, example).unwrap();
+        let fleet = Fleet::parse(example).unwrap();
+        let dir = CampaignDir::new(tmp.path().join("campaign"));
+        let now = std::time::SystemTime::now();
+        crate::campaign::init(&dir, &fleet_path, tmp.path(), &fleet, now).unwrap();
+        let unix = now.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let mesh = Mesh::from_campaign(&dir, unix).unwrap();
+
+        let issuer = dir.load_federation_issuer(&fleet.campaign).unwrap();
+        let p = issuer.public();
+        let sender = &mesh.fed_sender;
+        assert_eq!(
+            sender.fed_id,
+            format!("{}/seeder/test-harness", fleet.campaign)
+        );
+        let headers = sender.push_headers(b"{}", Some("n"));
+        let cred = &headers
+            .iter()
+            .find(|(k, _)| *k == "x-memory-cred")
+            .unwrap()
+            .1;
+        let claims = crate::credential::verify(
+            cred,
+            &[(p.id.as_str(), p.public_key.verifying_key())],
+            Some(&format!("{}.fleet", fleet.campaign)),
+            i64::try_from(unix).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(claims.subject_agent_id, sender.fed_id);
+        assert_eq!(claims.not_after - claims.not_before, 3600 + 30);
     }
 }

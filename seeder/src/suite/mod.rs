@@ -56,7 +56,8 @@ impl Group {
     ];
 }
 
-/// Runs the groups (all when empty) in the seed's order, then deletes what it created.
+/// Runs the groups (all when empty) in the seed's order, then deletes what it created and checks
+/// it gone (a `cleanup[<row>]` row after each probe row that created memories).
 pub async fn run(mesh: &Mesh, groups: &[Group]) -> Vec<Check> {
     let mut chosen: Vec<Group> = if groups.is_empty() {
         Group::ALL.to_vec()
@@ -80,9 +81,7 @@ pub async fn run(mesh: &Mesh, groups: &[Group]) -> Vec<Check> {
             Group::Curator => groups::curator(&mut run).await,
         }
     }
-    for problem in run.cleanup().await {
-        tracing::warn!(%problem, "probe memory left behind");
-    }
+    run.cleanup().await;
     run.checks
 }
 
@@ -91,7 +90,8 @@ pub async fn run(mesh: &Mesh, groups: &[Group]) -> Vec<Check> {
 /// `seeder report`'s fleet rows (reference spec §7): the seed's `federation.write` on P1 (the
 /// first peer by name, attested, collective, namespace `_verify`) and `federation.convergence`
 /// on every other peer (the seed read it on P2 only, the same region; here every region), from
-/// the `federation` group's probe; the memory is deleted afterwards.
+/// the `federation` group's probe; the memory is deleted afterwards, and `federation.write` fails
+/// unless it is then gone (GET 404) on every peer.
 pub fn fleet_probes(dir: &crate::campaign::CampaignDir) -> anyhow::Result<Vec<CheckRecord>> {
     let now = (crate::state::system_clock())();
     let mesh = Mesh::from_campaign(dir, now)?;
@@ -102,8 +102,8 @@ pub fn fleet_probes(dir: &crate::campaign::CampaignDir) -> anyhow::Result<Vec<Ch
     Ok(fleet_rows(&mesh, &checks))
 }
 
-/// The federation group's checks as report rows; enrollment and cleanup rows fold into the
-/// write row (a failed enrollment shows there).
+/// The federation group's checks as report rows. A failed enrollment shows in the write row's
+/// GOT (the write fails); a failed cleanup of the written memory fails the write row.
 pub fn fleet_rows(mesh: &Mesh, checks: &[Check]) -> Vec<CheckRecord> {
     let Some(p1) = mesh.p1() else {
         return Vec::new();
@@ -112,9 +112,25 @@ pub fn fleet_rows(mesh: &Mesh, checks: &[Check]) -> Vec<CheckRecord> {
         Ok(n) => n,
         Err(_) => return Vec::new(),
     };
+    let cleanup = checks
+        .iter()
+        .find(|c| c.group == "federation" && c.test == "cleanup[write]");
     let mut rows = Vec::new();
     for c in checks {
+        if c.group != "federation" {
+            continue;
+        }
         let (node, check) = if c.test == "write" {
+            if let Some(cl) = cleanup.filter(|cl| cl.status == CheckStatus::Fail) {
+                rows.push(CheckRecord {
+                    node: p1_name.clone(),
+                    check: "federation.write".into(),
+                    expected: format!("{}; then {}", c.expected, cl.expected),
+                    got: format!("{}; cleanup: {}", c.got, cl.got),
+                    status: CheckStatus::Fail,
+                });
+                continue;
+            }
             (p1_name.clone(), "federation.write")
         } else if let Some(peer) = c
             .test

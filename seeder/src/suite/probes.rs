@@ -10,7 +10,7 @@ use reqwest::Method;
 use serde::{Deserialize, Serialize};
 
 use super::mesh::{Finding, Mesh, Peer};
-use super::net::{self, Answer, Endpoint, Identity, Posture, Request};
+use super::net::{self, Answer, Endpoint, Identity, Posture, Refusal, Request};
 use crate::attest::{rfc3339_now, AttestedWrite};
 
 /// One report line, in the seed's format.
@@ -79,11 +79,20 @@ pub fn parse_id(a: &Answer) -> Result<String, String> {
     }
 }
 
+/// A memory a probe row created, to delete (and see gone) at the end.
+#[derive(Debug, Clone)]
+struct Created {
+    group: String,
+    row: String,
+    peer: String,
+    id: String,
+    owner: String,
+}
+
 pub struct Run<'m> {
     pub mesh: &'m Mesh,
     pub checks: Vec<Check>,
-    /// (peer name, memory id, owner agent id) to delete at the end.
-    created: Vec<(String, String, String)>,
+    created: Vec<Created>,
     clients: BTreeMap<String, reqwest::Client>,
     enrolled: BTreeMap<(String, String), Result<(), String>>,
     pub stamp: String,
@@ -242,8 +251,11 @@ impl<'m> Run<'m> {
         }
     }
 
-    /// Records whether a request was refused below HTTP (`000`). A peer that does not even
-    /// accept TCP proves nothing and fails.
+    /// Records whether one connection with this posture was refused the way `refusal` says:
+    /// by the server's alert or close before any HTTP answer, or by our verifier's refusal of the
+    /// server's certificate. A local client error, an unreachable peer, a timeout or an HTTP
+    /// answer fails, and GOT says which.
+    #[allow(clippy::too_many_arguments)]
     pub async fn expect_tls_refusal(
         &mut self,
         group: &str,
@@ -252,25 +264,25 @@ impl<'m> Run<'m> {
         roots_pem: &str,
         identity: Option<&Identity>,
         path: &str,
+        refusal: Refusal,
     ) {
-        if let Err(e) = net::tcp_reachable(ep).await {
-            self.record(group, test, "000", format!("peer unreachable: {e}"), false);
-            return;
-        }
-        let a = self
-            .call_as(
-                ep,
+        let o = net::tls_attempt(
+            ep,
+            &Posture {
                 roots_pem,
                 identity,
-                Request {
-                    method: Method::GET,
-                    path,
-                    ..Default::default()
-                },
-            )
-            .await;
-        let pass = matches!(a, Answer::Transport(_));
-        self.record(group, test, "000", a.summary(), pass);
+            },
+            path,
+            net::REQUEST_TIMEOUT,
+        )
+        .await;
+        self.record(
+            group,
+            test,
+            refusal.expected(),
+            o.summary(),
+            refusal.seen_in(&o),
+        );
     }
 
     /// Registers `agent` on the peer and binds its harness public key (admin-gated, as the
@@ -340,10 +352,13 @@ impl<'m> Run<'m> {
         }
     }
 
-    /// An attested `POST /api/v1/memories`; the id is remembered for cleanup.
+    /// An attested `POST /api/v1/memories`; the id is remembered for cleanup, under the row
+    /// `group`/`row` that reports the write (its `cleanup[row]` row follows it).
     #[allow(clippy::too_many_arguments)]
     pub async fn attested_write(
         &mut self,
+        group: &str,
+        row: &str,
         peer: &Peer,
         agent: &str,
         namespace: &str,
@@ -377,9 +392,20 @@ impl<'m> Run<'m> {
             )
             .await;
         let id = parse_id(&a)?;
-        self.created
-            .push((peer.name().to_owned(), id.clone(), agent.to_owned()));
+        self.track(group, row, peer, &id, agent);
         Ok(id)
+    }
+
+    /// Remembers a memory the run created on `peer` (owned by `owner`) for cleanup, under the
+    /// row that reports the write.
+    pub fn track(&mut self, group: &str, row: &str, peer: &Peer, id: &str, owner: &str) {
+        self.created.push(Created {
+            group: group.to_owned(),
+            row: row.to_owned(),
+            peer: peer.name().to_owned(),
+            id: id.to_owned(),
+            owner: owner.to_owned(),
+        });
     }
 
     /// Polls `path` on a peer until the body contains `needle` or the mesh's deadline passes.
@@ -409,36 +435,127 @@ impl<'m> Run<'m> {
         }
     }
 
-    /// Deletes what the run created, on the peer it was written to (deletes federate).
-    pub async fn cleanup(&mut self) -> Vec<String> {
-        let mut problems = Vec::new();
+    /// Deletes what the run created and sees it gone: one row `cleanup[<row>]` per probe row
+    /// that created memories, in its group, right after it. PASS only when, for each of its
+    /// memories, one pass over every peer of the mesh answers `GET /api/v1/memories/{id}` 404.
+    ///
+    /// A memory is deleted, as its owner, on every peer where it is still found: a sqlite peer's
+    /// delete federates to the others (ai-memory 0.7.0 `src/handlers/memories.rs:928-937`,
+    /// `broadcast_delete_quorum`), a postgres peer's does not (`memories.rs:610-618`: the SAL
+    /// delete has no quorum fan-out), so each copy is deleted where it lives.
+    pub async fn cleanup(&mut self) {
         let created = std::mem::take(&mut self.created);
-        let peers: BTreeMap<String, Peer> = self
-            .mesh
-            .peers
-            .iter()
-            .map(|p| (p.name().to_owned(), p.clone()))
-            .collect();
+        let mut rows: Vec<((String, String), Vec<Created>)> = Vec::new();
         let mut seen = BTreeSet::new();
-        for (peer, id, owner) in created {
-            if !seen.insert(id.clone()) {
+        for c in created {
+            if !seen.insert(c.id.clone()) {
                 continue;
             }
-            let Some(p) = peers.get(&peer) else { continue };
-            let a = self
-                .call(
-                    &p.endpoint,
-                    Method::DELETE,
-                    &format!("/api/v1/memories/{id}"),
-                    Some(&owner),
-                    None,
-                )
-                .await;
-            if !a.is_success() && a.status() != Some(404) {
-                problems.push(format!("delete {id} on {peer}: {}", a.summary()));
+            let key = (c.group.clone(), c.row.clone());
+            match rows.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, v)) => v.push(c),
+                None => rows.push((key, vec![c])),
             }
         }
-        problems
+        for ((group, row), memories) in rows {
+            let ids: Vec<&str> = memories.iter().map(|m| m.id.as_str()).collect();
+            let expected = format!("{} gone: GET 404 on every peer", ids.join(", "));
+            let mut got = Vec::new();
+            let mut pass = true;
+            for m in &memories {
+                match self.remove_everywhere(m).await {
+                    Ok(s) => got.push(s),
+                    Err(e) => {
+                        pass = false;
+                        got.push(e);
+                    }
+                }
+            }
+            let check = Check {
+                group: group.clone(),
+                test: format!("cleanup[{row}]"),
+                expected,
+                got: got.join("; "),
+                status: if pass {
+                    CheckStatus::Pass
+                } else {
+                    CheckStatus::Fail
+                },
+            };
+            let at = self
+                .checks
+                .iter()
+                .rposition(|c| c.group == group && c.test == row)
+                .map_or(self.checks.len(), |i| i + 1);
+            self.checks.insert(at, check);
+        }
+    }
+
+    /// Deletes `m` wherever it is found until one pass over every peer (its own first) answers
+    /// 404, or the mesh's deadline passes: the measured passes as `Ok`, what stayed as `Err`.
+    async fn remove_everywhere(&mut self, m: &Created) -> Result<String, String> {
+        let started = Instant::now();
+        let deadline = started + self.mesh.converge_within;
+        let mut peers: Vec<Peer> = self.mesh.peers.clone();
+        peers.sort_by_key(|p| p.name() != m.peer);
+        let path = format!("/api/v1/memories/{}", m.id);
+        let mut deleted_on = BTreeSet::new();
+        let mut first_pass = true;
+        loop {
+            let mut left = Vec::new();
+            let mut waiting = false;
+            for p in &peers {
+                let a = self
+                    .call(&p.endpoint, Method::GET, &path, Some(&m.owner), None)
+                    .await;
+                match a.status() {
+                    Some(404) => {}
+                    Some(s) if (200..300).contains(&s) => {
+                        let d = self
+                            .call(&p.endpoint, Method::DELETE, &path, Some(&m.owner), None)
+                            .await;
+                        if d.is_success() {
+                            deleted_on.insert(p.name().to_owned());
+                        } else {
+                            waiting = true;
+                        }
+                        left.push(format!("{}: GET {s}, DELETE {}", p.name(), d.summary()));
+                    }
+                    _ => {
+                        waiting = true;
+                        left.push(format!("{}: GET {}", p.name(), a.summary()));
+                    }
+                }
+            }
+            let s = started.elapsed().as_secs_f64();
+            if left.is_empty() {
+                let names: Vec<&str> = self.mesh.peers.iter().map(|p| p.name()).collect();
+                let deleted: Vec<&str> = deleted_on.iter().map(String::as_str).collect();
+                return Ok(format!(
+                    "{} deleted on {} (DELETE 2xx), GET 404 on {} after {s:.1}s",
+                    m.id,
+                    if deleted.is_empty() {
+                        "none".to_string()
+                    } else {
+                        deleted.join(", ")
+                    },
+                    names.join(", ")
+                ));
+            }
+            if Instant::now() + self.mesh.poll_every > deadline {
+                return Err(format!(
+                    "{} not gone after {s:.0}s: {}",
+                    m.id,
+                    left.join("; ")
+                ));
+            }
+            // Straight to a second pass after the first deletes; after that a copy that stays
+            // or comes back (a peer's catch-up re-applying it) waits for the next poll.
+            if waiting || !first_pass {
+                tokio::time::sleep(self.mesh.poll_every).await;
+            }
+            first_pass = false;
+        }
     }
 }
 
