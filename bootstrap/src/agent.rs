@@ -15,7 +15,9 @@ use ed25519_dalek::VerifyingKey;
 use hiveseed_proto::api::{EnrollRequest, NodeFacts};
 use hiveseed_proto::join::JoinConfig;
 use hiveseed_proto::manifest::Applied;
-use hiveseed_proto::status::{CheckRecord, FailureKind, Phase, ResourceReport, StatusReport};
+use hiveseed_proto::status::{
+    CheckRecord, FailureKind, Phase, ResourceReport, ServiceRestarts, StatusReport,
+};
 use hiveseed_proto::{verify_manifest, Manifest, Resource, SignedEnvelope};
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
 
@@ -210,6 +212,8 @@ pub struct Agent {
     pub supervisor: Option<Supervisor>,
     spool: Spool,
     last_checks: Vec<CheckRecord>,
+    /// Measured with the checks and reported with them.
+    last_services: Vec<ServiceRestarts>,
     applied: Option<Applied>,
     etag: Option<String>,
     /// A newer manifest that arrived while a wait blocked the current one; converged next.
@@ -271,6 +275,7 @@ impl Agent {
             supervisor,
             spool,
             last_checks: Vec::new(),
+            last_services: Vec::new(),
             applied,
             etag: None,
             superseded: None,
@@ -290,6 +295,7 @@ impl Agent {
             digest: self.applied.map(|a| a.digest),
             resources,
             checks: self.last_checks.clone(),
+            services: self.last_services.clone(),
         };
         // INFO for state transitions, DEBUG for heartbeats that change nothing.
         self.current_phase = phase.clone();
@@ -578,6 +584,7 @@ impl Agent {
                 }
                 self.applied = Some(applied);
                 self.last_checks = self.checks(&manifest).await;
+                self.last_services = self.restart_counts(&manifest);
                 self.report(Phase::Converged, summary.reports).await;
                 true
             }
@@ -682,10 +689,20 @@ impl Agent {
         run_checks(manifest, &env).await
     }
 
+    fn restart_counts(&self, manifest: &Manifest) -> Vec<ServiceRestarts> {
+        crate::resources::service::restart_counts(
+            manifest,
+            self.host.as_ref(),
+            self.manager,
+            self.supervisor.as_ref(),
+        )
+    }
+
     /// Re-runs the node-local checks and reports them (heartbeat).
     async fn heartbeat(&mut self, manifest: Option<&Manifest>, converged: bool) {
         if let Some(m) = manifest {
             self.last_checks = self.checks(m).await;
+            self.last_services = self.restart_counts(m);
         }
         let phase = if converged {
             Phase::Converged

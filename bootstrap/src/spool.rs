@@ -157,6 +157,7 @@ mod tests {
             generation: None,
             digest: None,
             resources: vec![],
+            services: Vec::new(),
             checks: vec![],
         }
     }

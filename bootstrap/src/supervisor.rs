@@ -121,6 +121,10 @@ pub struct ServiceStatus {
     pub starts: u32,
     /// The current process was adopted from a previous agent.
     pub adopted: bool,
+    /// Automatic restarts (`Restart=` after an exit) since the unit was last started or
+    /// restarted on request, as systemd's `NRestarts` counts them. Kept across agent restarts in
+    /// `<unit>.restarts` beside the pid file while the unit runs or waits to be restarted.
+    pub restarts: u32,
     pub last_exit: Option<Exit>,
     /// Restart delays scheduled after crashes, oldest first (the last 32).
     pub restart_delays: Vec<Duration>,
@@ -283,6 +287,42 @@ fn pid_path(settings: &SupervisorSettings, unit: &str) -> AbsPath {
     format!("{}/{unit}.pid", settings.pid_dir)
         .parse()
         .expect("valid unit name makes a valid path")
+}
+
+fn restarts_path(settings: &SupervisorSettings, unit: &str) -> AbsPath {
+    format!("{}/{unit}.restarts", settings.pid_dir)
+        .parse()
+        .expect("valid unit name makes a valid path")
+}
+
+/// The count a previous agent left for a unit it was running or about to restart.
+fn persisted_restarts(host: &dyn Host, settings: &SupervisorSettings, unit: &str) -> u32 {
+    match host.read(&restarts_path(settings, unit)) {
+        Ok(Some(b)) => String::from_utf8_lossy(&b).trim().parse().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// Records the count for the next agent; 0 is no file. A failure costs only that record.
+fn persist_restarts(host: &dyn Host, settings: &SupervisorSettings, unit: &str, n: u32) {
+    let path = restarts_path(settings, unit);
+    let r = if n == 0 {
+        host.remove(&path)
+    } else {
+        ensure_dir(host, &settings.pid_dir).and_then(|()| {
+            host.write_atomic(
+                &path,
+                format!("{n}\n").as_bytes(),
+                Attrs {
+                    mode: FileMode::new(0o644).expect("valid"),
+                    owner: None,
+                },
+            )
+        })
+    };
+    if let Err(e) = r {
+        tracing::warn!(unit, error = %e, "restart count not recorded");
+    }
 }
 
 fn log_path(settings: &SupervisorSettings, unit: &str) -> AbsPath {
@@ -547,6 +587,12 @@ impl Monitor {
         });
     }
 
+    /// Sets the automatic restart count, and records it for a next agent.
+    fn set_restarts(&self, n: u32) {
+        self.update(|s| s.restarts = n);
+        persist_restarts(self.host.as_ref(), &self.settings, &self.name, n);
+    }
+
     fn gone(&self, pid: u32) {
         if let Some(p) = Pid::from_raw(pid as i32) {
             let _ = rustix::process::kill_process_group(p, Signal::KILL);
@@ -598,6 +644,8 @@ impl Monitor {
                                 s.pid = None;
                                 s.last_exit = Some(exit);
                             });
+                            // The count stays readable here until the next start resets it.
+                            persist_restarts(self.host.as_ref(), &self.settings, &self.name, 0);
                         }
                         continue;
                     }
@@ -613,6 +661,9 @@ impl Monitor {
                 tokio::select! {
                     () = sleep => {
                         next_start = None;
+                        // Counted when the restart is attempted, as systemd counts NRestarts.
+                        let n = self.status.borrow().restarts.saturating_add(1);
+                        self.set_restarts(n);
                         match spawn(self.host.as_ref(), &self.settings, &self.name, &self.prepared) {
                             Ok(r) => {
                                 self.running(&r);
@@ -644,6 +695,7 @@ impl Monitor {
                         self.gone(r.pid);
                         self.update(|s| s.last_exit = Some(exit));
                     }
+                    persist_restarts(self.host.as_ref(), &self.settings, &self.name, 0);
                     self.update(|s| {
                         s.state = State::Stopped;
                         s.pid = None;
@@ -659,6 +711,8 @@ impl Monitor {
                     }
                     next_start = None;
                     consecutive = 0;
+                    // A restart on request starts the count afresh, as systemd's does.
+                    self.set_restarts(0);
                     match self.respawn() {
                         Ok(r) => {
                             self.running(&r);
@@ -755,6 +809,9 @@ impl Supervisor {
         }
         let host = self.host.as_ref();
         let prepared = prepare(host, &self.settings, unit)?;
+        // A previous agent's count continues while its crash loop does (its child adopted, or
+        // started again where the previous agent was waiting to restart it).
+        let mut restarts = persisted_restarts(host, &self.settings, unit);
         let (running, outcome) = match find_adoptable(host, &self.settings, unit, &prepared) {
             Some(Adoptable::Matched(r)) => {
                 tracing::info!(unit, pid = r.pid, "adopted running service");
@@ -764,6 +821,9 @@ impl Supervisor {
             Some(Adoptable::Stale(mut old)) => {
                 tracing::info!(unit, pid = old.pid, "replacing a stale instance");
                 stop_process(&mut old, &prepared.unit).await;
+                // Replaced because its inputs changed: a restart on request.
+                restarts = 0;
+                persist_restarts(host, &self.settings, unit, 0);
                 let r = spawn(host, &self.settings, unit, &prepared)?;
                 let pid = r.pid;
                 (r, StartOutcome::Started { pid })
@@ -779,6 +839,7 @@ impl Supervisor {
             pid: None,
             starts: 0,
             adopted: false,
+            restarts,
             last_exit: None,
             restart_delays: Vec::new(),
             last_error: None,

@@ -741,7 +741,11 @@ async fn checks_report_pass_fail_and_why() {
             "expected": "x", "probe": {"type": "file_sha256", "path": "/nope"}}),
         ),
         res(json!({"kind": "check", "id": "check:echo", "check": "echo",
-            "expected": "0.7.0", "probe": {"type": "command_output", "argv": ["/bin/echo", "ai-memory 0.7.0"]}})),
+            "expected": "ai-memory 0.7.0", "probe": {"type": "command_output", "argv": ["/bin/echo", "ai-memory 0.7.0"]}})),
+        res(
+            json!({"kind": "check", "id": "check:contains", "check": "echo.contains",
+            "expected": "0.7.0", "probe": {"type": "command_output", "argv": ["/bin/echo", "ai-memory 0.7.0"]}}),
+        ),
         res(
             json!({"kind": "check", "id": "check:norun", "check": "norun",
             "expected": "x", "probe": {"type": "command_output", "argv": ["/nonexistent/binary"]}}),
@@ -789,6 +793,7 @@ async fn checks_report_pass_fail_and_why() {
             ("binary.sha256", CheckStatus::Pass),
             ("missing.sha256", CheckStatus::Fail),
             ("echo", CheckStatus::Pass),
+            ("echo.contains", CheckStatus::Fail),
             ("norun", CheckStatus::Fail),
             ("daemon.count", CheckStatus::Pass),
             ("service.active", CheckStatus::Fail),
@@ -800,8 +805,9 @@ async fn checks_report_pass_fail_and_why() {
         records[1].got
     );
     assert_eq!(records[2].got, "ai-memory 0.7.0");
-    assert!(records[3].got.contains("cannot run"), "{}", records[3].got);
-    assert_eq!(records[5].got, "inactive");
+    assert_eq!(records[3].got, "ai-memory 0.7.0");
+    assert!(records[4].got.contains("cannot run"), "{}", records[4].got);
+    assert_eq!(records[6].got, "inactive");
     assert!(records.iter().all(|r| r.node == node));
 }
 

@@ -10,8 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use hiveseed_bootstrap::host::fake::FakeHost;
+use hiveseed_bootstrap::resources::service::restart_counts;
 use hiveseed_bootstrap::supervisor::{Exit, ServiceStatus, StartOutcome, State};
-use hiveseed_bootstrap::{Host, RealHost, Supervisor, SupervisorSettings};
+use hiveseed_bootstrap::{Host, RealHost, ServiceManager, Supervisor, SupervisorSettings};
+use hiveseed_proto::ServiceRestarts;
 use serde_json::json;
 
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -381,4 +384,130 @@ async fn a_stale_instance_from_before_the_restart_is_replaced_not_duplicated() {
     })
     .await;
     second.stop("app.service").await.unwrap();
+}
+
+/// `curator_no_crashloop` reads this: a crash-looping unit's automatic restarts are counted,
+/// reported with the checks, kept across an agent restart, and reset by a restart on request
+/// (as systemd's `NRestarts`). A unit that keeps running reports 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loops_restart_count_grows_is_reported_and_survives_an_agent_restart() {
+    let fx = Fixture::new();
+    let stable = fx.path("stable");
+    let ready = fx.path("ready");
+    // Crashes until `stable` exists, then runs (as /bin/sh, so a next agent can adopt it).
+    let script = fx.script(
+        "flaky.sh",
+        &format!(
+            "[ -e {s} ] || exit 1\necho up > {r}\nwhile :; do sleep 1; done\n",
+            s = stable.display(),
+            r = ready.display()
+        ),
+    );
+    let steady = fx.script("steady.sh", "while :; do sleep 1; done\n");
+    let flaky_unit =
+        format!("[Service]\nExecStart=/bin/sh {script}\nRestart=on-failure\nRestartSec=10ms\n");
+    let steady_unit = format!("[Service]\nExecStart=/bin/sh {steady}\nRestart=on-failure\n");
+    fx.unit("flaky.service", &flaky_unit);
+    fx.unit("steady.service", &steady_unit);
+    let m = manifest(vec![
+        res(
+            json!({"kind": "service", "id": "service:flaky", "unit": "flaky.service",
+                   "unit_text": flaky_unit}),
+        ),
+        res(
+            json!({"kind": "service", "id": "service:steady", "unit": "steady.service",
+                   "unit_text": steady_unit}),
+        ),
+    ]);
+    let counts = |sup: &Supervisor| -> Vec<(String, u32)> {
+        restart_counts(&m, fx.host.as_ref(), ServiceManager::Supervisor, Some(sup))
+            .into_iter()
+            .map(|s| (s.unit, s.restarts))
+            .collect()
+    };
+
+    let first = fx.supervisor();
+    first.start("steady.service").await.unwrap();
+    first.start("flaky.service").await.unwrap();
+    wait_status(&first, "flaky.service", "5 restarts", |s| s.restarts >= 5).await;
+    std::fs::write(&stable, "").unwrap();
+    wait_file(&ready).await;
+    let s = first.status("flaky.service").unwrap();
+    assert_eq!(s.state, State::Running);
+    let n = s.restarts;
+    assert!(n >= 5, "{n}");
+    assert_eq!(s.starts, n + 1, "one start per automatic restart");
+    assert_eq!(
+        counts(&first),
+        [
+            ("flaky.service".to_owned(), n),
+            ("steady.service".into(), 0)
+        ]
+    );
+    let persisted = fx.path("run/hiveseed/flaky.service.restarts");
+    assert_eq!(
+        std::fs::read_to_string(&persisted).unwrap(),
+        format!("{n}\n")
+    );
+
+    // The agent restarts: the next one adopts the child and the count goes on.
+    let mut gone = first.watch("flaky.service").unwrap();
+    drop(first);
+    while gone.changed().await.is_ok() {}
+    let second = fx.supervisor();
+    let recovered = second.recover(["flaky.service", "steady.service"]).await;
+    assert!(recovered
+        .iter()
+        .all(|(_, o)| matches!(o, Ok(StartOutcome::Adopted { .. }))));
+    assert_eq!(
+        counts(&second),
+        [
+            ("flaky.service".to_owned(), n),
+            ("steady.service".into(), 0)
+        ]
+    );
+
+    // A restart on request starts the count afresh.
+    second.restart("flaky.service").await.unwrap();
+    assert_eq!(second.status("flaky.service").unwrap().restarts, 0);
+    assert!(!persisted.exists());
+    second.stop("flaky.service").await.unwrap();
+    second.stop("steady.service").await.unwrap();
+}
+
+/// Under systemd the count is `systemctl show --property=NRestarts --value <unit>`.
+#[tokio::test]
+async fn under_systemd_the_count_is_nrestarts() {
+    let root = temp_root();
+    let host = FakeHost::new(root.path()).unwrap();
+    let unit = "ai-memory-curator.service";
+    let m = manifest(vec![res(
+        json!({"kind": "service", "id": "service:curator", "unit": unit,
+               "unit_text": "[Service]\nExecStart=/bin/true\n"}),
+    )]);
+    host.sys().units.entry(unit.into()).or_default().n_restarts = 5;
+    let got = restart_counts(&m, &host, ServiceManager::Systemd, None);
+    assert_eq!(
+        got,
+        [ServiceRestarts {
+            unit: unit.into(),
+            restarts: 5
+        }]
+    );
+    assert!(host.sys().calls.contains(&vec![
+        "systemctl".to_owned(),
+        "show".into(),
+        "--property=NRestarts".into(),
+        "--value".into(),
+        unit.into()
+    ]));
+    hiveseed_bootstrap::resources::service::restart(&host, None, unit, ServiceManager::Systemd)
+        .await
+        .unwrap();
+    assert_eq!(
+        restart_counts(&m, &host, ServiceManager::Systemd, None)[0].restarts,
+        0
+    );
+    // Without a supervisor that runs the unit nothing is measured, so nothing is reported.
+    assert!(restart_counts(&m, &host, ServiceManager::Supervisor, None).is_empty());
 }

@@ -20,5 +20,5 @@ pub use names::{
     AbsPath, Base64Bytes, Campaign, Ed25519PublicKey, FedId, FileMode, Generation, IssuerId,
     NameError, NodeName, Region, ResourceId, RoleName, Sha256, TrustDomain,
 };
-pub use status::{CheckRecord, CheckStatus, Phase, StatusReport};
+pub use status::{CheckRecord, CheckStatus, Phase, ServiceRestarts, StatusReport};
 pub use token::{JoinClaims, JoinToken, TokenError};

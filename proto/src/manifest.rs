@@ -526,11 +526,25 @@ pub enum Probe {
     FileSha256 {
         path: AbsPath,
     },
-    /// stdout of argv must contain `expected`.
+    /// The trimmed stdout of argv, compared exactly: the command prints the measured value and
+    /// nothing else.
     CommandOutput {
         argv: Vec<String>,
     },
-    /// A JSON field of an HTTPS GET made with the node's client certificate.
+    /// argv's stdout parsed as JSON; `field` selects the value as in `https_json`.
+    CommandJson {
+        argv: Vec<String>,
+        field: String,
+    },
+    /// A JSON field of a plain-HTTP GET to a loopback service (a sidecar such as Ollama, which
+    /// serves no TLS); any other host is refused.
+    HttpJson {
+        url: String,
+        field: String,
+    },
+    /// A JSON field of an HTTPS GET made with the node's client certificate. `field` is a dotted
+    /// path (`a.b.0.c`); a `*` segment takes the rest of the path from every element of an
+    /// array, `*[k=v]` from those whose field `k` is `v`, joined with `,` (`[]` when none).
     HttpsJson {
         url: String,
         field: String,

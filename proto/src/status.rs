@@ -10,6 +10,7 @@ use crate::names::{Generation, NodeName, ResourceId, Sha256};
 /// Bounds on a report; anything larger is refused whole.
 pub const MAX_RESOURCES: usize = 1024;
 pub const MAX_CHECKS: usize = 1024;
+pub const MAX_SERVICES: usize = 256;
 pub const MAX_TEXT: usize = 4096;
 
 /// The agent's run state; the same states it reports.
@@ -145,6 +146,16 @@ impl CheckRecord {
     }
 }
 
+/// How often a supervised service was restarted automatically (its `Restart=` policy after it
+/// ended), as its service manager counts: systemd's `NRestarts`, or the agent's supervisor where
+/// systemd is not PID 1. Both reset the count when the unit is started or restarted on request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceRestarts {
+    pub unit: String,
+    pub restarts: u32,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StatusReport {
@@ -162,6 +173,9 @@ pub struct StatusReport {
     pub resources: Vec<ResourceReport>,
     #[serde(default)]
     pub checks: Vec<CheckRecord>,
+    /// The manifest's services, measured with the checks (absent from older agents' reports).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceRestarts>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -235,6 +249,15 @@ impl StatusReport {
             bounded(format!("checks[{i}].expected"), &c.expected)?;
             bounded(format!("checks[{i}].got"), &c.got)?;
         }
+        if self.services.len() > MAX_SERVICES {
+            return Err(ReportError {
+                field: "services".into(),
+                problem: format!("more than {MAX_SERVICES} entries"),
+            });
+        }
+        for (i, s) in self.services.iter().enumerate() {
+            bounded(format!("services[{i}].unit"), &s.unit)?;
+        }
         Ok(())
     }
 }
@@ -264,6 +287,10 @@ mod tests {
                 duration_ms: 3,
             }],
             checks: vec![CheckRecord::compare(node(), "store.pg_version", "17", "17")],
+            services: vec![ServiceRestarts {
+                unit: "ai-memory-curator.service".into(),
+                restarts: 5,
+            }],
         }
     }
 
@@ -273,6 +300,7 @@ mod tests {
         assert_eq!(v["checks"][0]["status"], "PASS");
         assert_eq!(v["phase"]["state"], "waiting");
         assert_eq!(v["resources"][0]["outcome"], "changed");
+        assert_eq!(v["services"][0]["restarts"], 5);
         let back: StatusReport = serde_json::from_value(v).unwrap();
         assert_eq!(back, report());
         assert_eq!(
@@ -302,6 +330,27 @@ mod tests {
         let mut r = report();
         r.phase = Phase::Applying { done: 4, total: 3 };
         assert_eq!(r.validate(&node()).unwrap_err().field, "phase.done");
+
+        let mut r = report();
+        r.services[0].unit = "x".repeat(MAX_TEXT + 1);
+        assert_eq!(r.validate(&node()).unwrap_err().field, "services[0].unit");
+        let mut r = report();
+        r.services = vec![r.services[0].clone(); MAX_SERVICES + 1];
+        assert_eq!(r.validate(&node()).unwrap_err().field, "services");
+    }
+
+    /// A report from an agent that predates restart counts still reads (no services), and a
+    /// report without services is written as that agent wrote it.
+    #[test]
+    fn reports_without_services_read_and_write_as_before() {
+        let mut v = serde_json::to_value(report()).unwrap();
+        v.as_object_mut().unwrap().remove("services");
+        let old: StatusReport = serde_json::from_value(v.clone()).unwrap();
+        assert!(old.services.is_empty());
+        assert_eq!(serde_json::to_value(&old).unwrap(), v);
+        let mut v = serde_json::to_value(report()).unwrap();
+        v["services"][0]["pid"] = 7.into();
+        assert!(serde_json::from_value::<StatusReport>(v).is_err());
     }
 
     #[test]

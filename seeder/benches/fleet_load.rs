@@ -364,6 +364,7 @@ async fn run() {
             generation: None,
             digest: None,
             resources: vec![],
+            services: Vec::new(),
             checks: vec![],
         };
         let offset = Duration::from_millis((i as u64 * window * 1000) / n as u64);

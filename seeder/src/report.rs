@@ -316,6 +316,7 @@ mod tests {
                     generation: Some(Generation(1)),
                     digest: Some(Sha256::digest(b"")),
                     resources: vec![],
+                    services: Vec::new(),
                     checks: vec![CheckRecord::compare(
                         node.clone(),
                         "store.pg_version",

@@ -761,6 +761,7 @@ mod tests {
             generation: None,
             digest: None,
             resources: vec![],
+            services: Vec::new(),
             checks: vec![],
         }
     }
@@ -773,6 +774,20 @@ mod tests {
         assert_eq!(s.put_report(&report(1), 12).unwrap(), ReportFate::Stored);
         assert_eq!(s.latest_report(&node()).unwrap().unwrap().0.seq, 2);
         assert_eq!(s.report_seqs(&node()).unwrap(), [1, 2]);
+    }
+
+    /// The suite's `curator_no_crashloop` reads restart counts from the stored latest report.
+    #[test]
+    fn restart_counts_are_kept_with_the_report() {
+        let s = Store::open_in_memory().unwrap();
+        let mut r = report(3);
+        r.services = vec![hiveseed_proto::ServiceRestarts {
+            unit: "ai-memory-curator.service".into(),
+            restarts: 5,
+        }];
+        s.put_report(&r, 10).unwrap();
+        let (latest, at) = s.latest_reports().unwrap().remove(0);
+        assert_eq!((latest.services, at), (r.services, 10));
     }
 
     fn cert(fpr: &str, purpose: &str, at: u64) -> CertRecord {

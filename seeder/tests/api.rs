@@ -52,6 +52,7 @@ fn report(node: &str, seq: u64, phase: Phase, m: Option<&Manifest>) -> StatusRep
         generation: m.map(|m| m.generation),
         digest: m.map(|m| m.digest),
         resources: vec![],
+        services: Vec::new(),
         checks: vec![CheckRecord::compare(
             node.parse().unwrap(),
             "demo.check",

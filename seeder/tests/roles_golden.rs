@@ -869,8 +869,31 @@ fn peer_node_serves_with_the_spec_flags() {
         checks["binary.sha256"].0,
         fleet.pins.ai_memory.sha256.to_hex()
     );
-    assert_eq!(checks["binary.version"].0, "0.7.0");
+    assert_eq!(checks["binary.version"].0, "ai-memory 0.7.0");
     assert_eq!(checks["health.version"].0, "0.7.0");
+    assert_eq!(checks["governance.rules_enabled"].0, "R001,R002,R003,R004");
+    assert_eq!(checks["governance.refuses_tmp_write"].0, "deny");
+    // Command checks run an argv, never a shell: their output is the value, compared whole.
+    for (name, (_, probe)) in &checks {
+        if let Probe::CommandOutput { argv } | Probe::CommandJson { argv, .. } = probe {
+            assert!(
+                !argv.iter().any(|a| a.ends_with("/sh") || a == "sh"),
+                "{name}: {argv:?}"
+            );
+        }
+    }
+    let Probe::CommandJson { argv, field } = &checks["governance.rules_enabled"].1 else {
+        panic!()
+    };
+    assert_eq!(field, "result.*[enabled=true].id");
+    assert!(argv.ends_with(&[
+        "/usr/local/bin/ai-memory".to_owned(),
+        "--db".into(),
+        "/var/lib/ai-memory/ai-memory.db".into(),
+        "rules".into(),
+        "list".into(),
+        "--json".into()
+    ]));
     assert_eq!(checks["caps.db_schema_version"].0, "57");
     assert_eq!(checks["caps.storage_backend"].0, "postgres");
     assert_eq!(checks["single_instance"].0, "1");
@@ -1753,7 +1776,15 @@ fn ollama_sidecar_is_the_seeds_from_the_pinned_artifact() {
 
     let checks = checks_of(res);
     assert_eq!(checks["ollama.version"].0, "0.6.8");
-    assert_eq!(checks["ollama.model"].0, "nomic-embed-text");
+    // Ollama names a model `<model>:<tag>` in `GET /api/tags`; the fleet's is untagged.
+    assert_eq!(checks["ollama.model"].0, "nomic-embed-text:latest");
+    assert_eq!(
+        checks["ollama.model"].1,
+        Probe::HttpJson {
+            url: "http://127.0.0.1:11434/api/tags".into(),
+            field: "models.*.name".into()
+        }
+    );
     assert_eq!(checks["ollama.active"].0, "active");
 }
 

@@ -16,7 +16,11 @@ pub struct FakeUnit {
     pub enabled: bool,
     pub active: bool,
     pub starts: u32,
+    /// `systemctl restart` calls.
     pub restarts: u32,
+    /// systemd's `NRestarts`: automatic restarts after crashes (a test sets it to stage a crash
+    /// loop); a start or restart on request resets it.
+    pub n_restarts: u32,
 }
 
 /// The in-memory state behind the faked commands.
@@ -205,6 +209,7 @@ impl FakeSystem {
                 if !u.active {
                     u.active = true;
                     u.starts += 1;
+                    u.n_restarts = 0;
                 }
                 out(0, "", "")
             }
@@ -212,7 +217,16 @@ impl FakeSystem {
                 let u = self.units.entry(unit).or_default();
                 u.active = true;
                 u.restarts += 1;
+                u.n_restarts = 0;
                 out(0, "", "")
+            }
+            // Only the one property the agent reads; systemd shows 0 for a unit it has not loaded.
+            "show" if argv.len() == 5 && argv[2..4] == ["--property=NRestarts", "--value"] => {
+                let n = argv
+                    .get(4)
+                    .and_then(|u| self.units.get(u))
+                    .map_or(0, |u| u.n_restarts);
+                out(0, &format!("{n}\n"), "")
             }
             "is-enabled" => match self.units.get(&unit) {
                 Some(u) if u.enabled => out(0, "enabled\n", ""),

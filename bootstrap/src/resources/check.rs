@@ -1,6 +1,7 @@
 //! `check`: node-local validation probes reported as `{node, check, expected, got, status}`.
-//! PASS iff got == expected (CommandOutput: stdout contains expected); a probe that cannot run is
-//! FAIL with the reason in `got`. Checks change nothing, so they never appear in a plan.
+//! PASS iff got == expected, exactly (a command's stdout is trimmed of surrounding whitespace, no
+//! more: a probe whose output merely contains the expected value FAILs); a probe that cannot run
+//! is FAIL with the reason in `got`. Checks change nothing, so they never appear in a plan.
 
 use std::time::Duration;
 
@@ -67,15 +68,6 @@ pub async fn run_check(env: &CheckEnv<'_>, c: &Check) -> CheckRecord {
             CheckStatus::Fail
         },
     };
-    if let Probe::CommandOutput { argv } = &c.probe {
-        return match command_output(env.host, argv) {
-            Ok(stdout) => {
-                let pass = stdout.contains(&c.expected);
-                record(stdout.trim().to_owned(), pass)
-            }
-            Err(reason) => record(reason, false),
-        };
-    }
     let got = match tokio::time::timeout(env.timeout, observe(env, &c.probe)).await {
         Ok(r) => r,
         Err(_) => Err(format!("probe timed out after {:?}", env.timeout)),
@@ -115,7 +107,38 @@ async fn observe(env: &CheckEnv<'_>, probe: &Probe) -> Result<String, String> {
             Ok(None) => Err(format!("{path} is missing")),
             Err(e) => Err(error_chain(&e)),
         },
-        Probe::CommandOutput { argv } => command_output(env.host, argv),
+        Probe::CommandOutput { argv } => Ok(command_output(env.host, argv)?.trim().to_owned()),
+        Probe::CommandJson { argv, field } => {
+            let stdout = command_output(env.host, argv)?;
+            let v: serde_json::Value = serde_json::from_str(&stdout).map_err(|e| {
+                format!(
+                    "`{}` printed no JSON ({e}): {}",
+                    Exec::new(argv.iter().cloned()).display(),
+                    truncate_stderr(stdout.as_bytes())
+                )
+            })?;
+            json_field(&v, field).ok_or_else(|| format!("no field {field:?} in the output"))
+        }
+        Probe::HttpJson { url, field } => {
+            let url = loopback_http(url)?;
+            let client = reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .map_err(|e| format!("HTTP client: {}", error_chain(&e)))?;
+            let resp = client
+                .get(url.clone())
+                .send()
+                .await
+                .map_err(|e| format!("GET {url}: {}", error_chain(&e)))?;
+            if !resp.status().is_success() {
+                return Err(format!("GET {url}: {}", resp.status()));
+            }
+            let v: serde_json::Value = resp
+                .json()
+                .await
+                .map_err(|e| format!("GET {url}: body is not JSON: {e}"))?;
+            json_field(&v, field).ok_or_else(|| format!("no field {field:?} in the response"))
+        }
         Probe::HttpsJson {
             url,
             field,
@@ -198,19 +221,64 @@ async fn observe(env: &CheckEnv<'_>, probe: &Probe) -> Result<String, String> {
     }
 }
 
-/// A dotted path (`a.b.0.c`) into JSON; strings unquoted, anything else as JSON text.
+/// A dotted path (`a.b.0.c`) into JSON; strings unquoted, anything else as JSON text. A `*`
+/// segment takes the rest of the path from every element of an array, `*[k=v]` from those whose
+/// field `k` is `v` (neither holding a `.`), joined with `,` in the array's order (`[]` when none).
+/// `None` when the path is missing, in any selected element too.
 pub fn json_field(v: &serde_json::Value, path: &str) -> Option<String> {
-    let mut cur = v;
-    for part in path.split('.') {
-        cur = match cur {
-            serde_json::Value::Array(a) => a.get(part.parse::<usize>().ok()?)?,
-            other => other.get(part)?,
+    let parts: Vec<&str> = path.split('.').collect();
+    select(v, &parts)
+}
+
+fn select(v: &serde_json::Value, path: &[&str]) -> Option<String> {
+    let Some((part, rest)) = path.split_first() else {
+        return Some(match v {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        });
+    };
+    if let Some(filter) = part.strip_prefix('*') {
+        let filter = match filter {
+            "" => None,
+            f => Some(f.strip_prefix('[')?.strip_suffix(']')?.split_once('=')?),
         };
+        let values = v
+            .as_array()?
+            .iter()
+            .filter(|e| filter.is_none_or(|(k, want)| select(e, &[k]).as_deref() == Some(want)))
+            .map(|e| select(e, rest))
+            .collect::<Option<Vec<String>>>()?;
+        return Some(if values.is_empty() {
+            "[]".into()
+        } else {
+            values.join(",")
+        });
     }
-    Some(match cur {
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
-    })
+    let next = match v {
+        serde_json::Value::Array(a) => a.get(part.parse::<usize>().ok()?)?,
+        other => other.get(part)?,
+    };
+    select(next, rest)
+}
+
+/// A plain-HTTP URL to this machine: nothing unauthenticated leaves the node.
+fn loopback_http(url: &str) -> Result<reqwest::Url, String> {
+    let parsed: reqwest::Url = url.parse().map_err(|e| format!("{url}: {e}"))?;
+    let loopback = match parsed.host_str() {
+        Some("localhost") => true,
+        Some(h) => h
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback()),
+        None => false,
+    };
+    if parsed.scheme() != "http" || !loopback {
+        return Err(format!(
+            "{url}: an http_json probe reads only http:// on a loopback address"
+        ));
+    }
+    Ok(parsed)
 }
 
 /// Processes (in the agent's pid namespace) whose argv[0] is `exe` and argv[1] is `arg`.
@@ -397,5 +465,188 @@ mod tests {
         assert_eq!(json_field(&v, "n").as_deref(), Some("57"));
         assert_eq!(json_field(&v, "a.0.b").as_deref(), Some("true"));
         assert_eq!(json_field(&v, "missing"), None);
+    }
+
+    #[test]
+    fn json_field_selects_from_arrays() {
+        let v = serde_json::json!({"result": [
+            {"id": "R001", "enabled": true},
+            {"id": "R002", "enabled": false},
+            {"id": "R003", "enabled": true},
+        ]});
+        assert_eq!(
+            json_field(&v, "result.*.id").as_deref(),
+            Some("R001,R002,R003")
+        );
+        assert_eq!(
+            json_field(&v, "result.*[enabled=true].id").as_deref(),
+            Some("R001,R003")
+        );
+        assert_eq!(
+            json_field(&v, "result.*[enabled=maybe].id").as_deref(),
+            Some("[]")
+        );
+        // A path missing from one selected element is missing, not skipped.
+        assert_eq!(json_field(&v, "result.*.enabled.x"), None);
+        assert_eq!(json_field(&v, "result.*[enabled].id"), None);
+        assert_eq!(json_field(&v, "result.*x.id"), None);
+        assert_eq!(json_field(&v, "result.0.*"), None, "not an array");
+    }
+
+    async fn check(argv: &[&str], probe_field: Option<&str>, expected: &str) -> CheckRecord {
+        let tmp = tempfile::tempdir().unwrap();
+        let host = crate::RealHost::new(tmp.path()).unwrap();
+        let node: NodeName = "do-1461-peer-nyc3-01".parse().unwrap();
+        let env = CheckEnv {
+            host: &host,
+            node: &node,
+            manager: ServiceManager::Supervisor,
+            supervisor: None,
+            timeout: Duration::from_secs(5),
+        };
+        let argv: Vec<String> = argv.iter().map(|a| (*a).to_owned()).collect();
+        let probe = match probe_field {
+            None => Probe::CommandOutput { argv },
+            Some(f) => Probe::CommandJson {
+                argv,
+                field: f.into(),
+            },
+        };
+        let c = Check {
+            id: "check:t".parse().unwrap(),
+            check: "t".into(),
+            expected: expected.into(),
+            probe,
+        };
+        run_check(&env, &c).await
+    }
+
+    /// `governance.rules_enabled` once passed on any output holding a "4": a command's output is
+    /// now the value, compared whole.
+    #[tokio::test]
+    async fn command_output_is_compared_exactly() {
+        let cases: &[(&[&str], &str, &str, CheckStatus)] = &[
+            (&["/bin/echo", "4"], "4", "4", CheckStatus::Pass),
+            (&["/bin/echo", "  4  "], "4", "4", CheckStatus::Pass),
+            (&["/bin/echo", "14"], "4", "14", CheckStatus::Fail),
+            (&["/bin/echo", "error 4"], "4", "error 4", CheckStatus::Fail),
+            (
+                &["/usr/bin/printf", "4\\n4\\n"],
+                "4",
+                "4\n4",
+                CheckStatus::Fail,
+            ),
+            (
+                &["/bin/echo", "ai-memory 0.7.0"],
+                "0.7.0",
+                "ai-memory 0.7.0",
+                CheckStatus::Fail,
+            ),
+            (
+                &["/bin/echo", "ai-memory 0.7.0"],
+                "ai-memory 0.7.0",
+                "ai-memory 0.7.0",
+                CheckStatus::Pass,
+            ),
+        ];
+        for (argv, expected, got, status) in cases {
+            let r = check(argv, None, expected).await;
+            assert_eq!((r.got.as_str(), r.status), (*got, *status), "{argv:?}");
+        }
+        let r = check(&["/bin/false"], None, "").await;
+        assert_eq!(r.status, CheckStatus::Fail);
+        assert!(r.got.starts_with("`/bin/false` exit status 1"), "{}", r.got);
+    }
+
+    #[tokio::test]
+    async fn command_json_reports_the_selected_value() {
+        let rules = |r3: bool| {
+            serde_json::json!({"verb": "rules.list", "result": [
+                {"id": "R001", "enabled": true}, {"id": "R002", "enabled": true},
+                {"id": "R003", "enabled": r3}, {"id": "R004", "enabled": true},
+            ]})
+            .to_string()
+        };
+        let field = Some("result.*[enabled=true].id");
+        let all = "R001,R002,R003,R004";
+        let r = check(&["/bin/echo", &rules(true)], field, all).await;
+        assert_eq!((r.got.as_str(), r.status), (all, CheckStatus::Pass));
+        let r = check(&["/bin/echo", &rules(false)], field, all).await;
+        assert_eq!(
+            (r.got.as_str(), r.status),
+            ("R001,R002,R004", CheckStatus::Fail)
+        );
+        let r = check(&["/bin/echo", "4"], Some("decision"), "deny").await;
+        assert_eq!(
+            (r.got.as_str(), r.status),
+            ("no field \"decision\" in the output", CheckStatus::Fail)
+        );
+        let r = check(&["/bin/echo", "Refuse: R001"], Some("decision"), "deny").await;
+        assert_eq!(r.status, CheckStatus::Fail);
+        assert!(r.got.contains("printed no JSON"), "{}", r.got);
+    }
+
+    /// One HTTP answer on a loopback port, as Ollama's `GET /api/tags` gives it.
+    #[tokio::test]
+    async fn http_json_reads_a_loopback_service() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let body = r#"{"models":[{"name":"nomic-embed-text:latest","size":274302450}]}"#;
+        let server = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut req = vec![0u8; 4096];
+            let n = sock.read(&mut req).await.unwrap();
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            sock.write_all(answer.as_bytes()).await.unwrap();
+            String::from_utf8_lossy(&req[..n]).into_owned()
+        });
+        let tmp = tempfile::tempdir().unwrap();
+        let host = crate::RealHost::new(tmp.path()).unwrap();
+        let node: NodeName = "do-1461-peer-nyc3-01".parse().unwrap();
+        let env = CheckEnv {
+            host: &host,
+            node: &node,
+            manager: ServiceManager::Supervisor,
+            supervisor: None,
+            timeout: Duration::from_secs(5),
+        };
+        let c = Check {
+            id: "check:ollama.model".parse().unwrap(),
+            check: "ollama.model".into(),
+            expected: "nomic-embed-text:latest".into(),
+            probe: Probe::HttpJson {
+                url: format!("http://127.0.0.1:{port}/api/tags"),
+                field: "models.*.name".into(),
+            },
+        };
+        let r = run_check(&env, &c).await;
+        assert_eq!(
+            (r.got.as_str(), r.status),
+            ("nomic-embed-text:latest", CheckStatus::Pass)
+        );
+        assert!(server.await.unwrap().starts_with("GET /api/tags HTTP/1.1"));
+    }
+
+    #[test]
+    fn http_json_reads_only_loopback_http() {
+        for ok in [
+            "http://127.0.0.1:11434/api/tags",
+            "http://localhost:11434/api/version",
+            "http://[::1]:11434/api/tags",
+        ] {
+            assert!(loopback_http(ok).is_ok(), "{ok}");
+        }
+        for refused in [
+            "https://127.0.0.1:11434/api/tags",
+            "http://10.0.0.5:11434/api/tags",
+            "http://localhost.example.com/api/tags",
+            "not a url",
+        ] {
+            assert!(loopback_http(refused).is_err(), "{refused}");
+        }
     }
 }

@@ -70,6 +70,68 @@ pub fn observe(
     })
 }
 
+/// Automatic restarts of `unit` as its service manager counts them: systemd's `NRestarts`
+/// (`systemctl show`), or the agent's supervisor where systemd is not PID 1. Both reset the
+/// count when the unit is started or restarted on request.
+pub fn observe_restarts(
+    host: &dyn Host,
+    manager: ServiceManager,
+    supervisor: Option<&Supervisor>,
+    unit: &str,
+) -> Result<u32, String> {
+    match manager {
+        ServiceManager::Systemd => {
+            let exec = Exec::new(["systemctl", "show", "--property=NRestarts", "--value", unit]);
+            let out = host
+                .exec(&exec)
+                .and_then(|o| o.check(&exec))
+                .map_err(|e| crate::resources::wait::error_chain(&e))?;
+            let text = out.stdout_str();
+            text.trim().parse().map_err(|_| {
+                format!(
+                    "`{}` printed {:?}, not a count",
+                    exec.display(),
+                    text.trim()
+                )
+            })
+        }
+        ServiceManager::Supervisor => supervisor
+            .and_then(|sv| sv.status(unit))
+            .map(|s| s.restarts)
+            .ok_or_else(|| format!("{unit} is not supervised by this agent")),
+    }
+}
+
+/// The restart count of every service of the manifest; a unit whose count cannot be read is left
+/// out (and logged), so the report never claims a count nobody measured.
+pub fn restart_counts(
+    manifest: &hiveseed_proto::Manifest,
+    host: &dyn Host,
+    manager: ServiceManager,
+    supervisor: Option<&Supervisor>,
+) -> Vec<hiveseed_proto::ServiceRestarts> {
+    manifest
+        .resources
+        .iter()
+        .filter_map(|r| match r {
+            hiveseed_proto::Resource::Service(s) => Some(&s.unit),
+            _ => None,
+        })
+        .filter_map(
+            |unit| match observe_restarts(host, manager, supervisor, unit) {
+                Ok(restarts) => Some(hiveseed_proto::ServiceRestarts {
+                    unit: unit.clone(),
+                    restarts,
+                }),
+                Err(e) => {
+                    tracing::warn!(unit = %unit, error = %e, "restart count not measured");
+                    None
+                }
+            },
+        )
+        .collect()
+}
+
 pub fn plan(
     s: &Service,
     o: &Observed,

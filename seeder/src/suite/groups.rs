@@ -1149,9 +1149,13 @@ pub async fn encrypted_legs(run: &mut Run<'_>) {
     }
 }
 
-/// `curator` (every peer): the curator service runs and does not crash-loop.
+/// `curator` (every peer): the curator service runs and does not crash-loop: at most 3 automatic
+/// restarts, as the peer's service manager counts them (systemd's `NRestarts`, or the agent's
+/// supervisor), from the peer's latest fresh report.
 pub async fn curator(run: &mut Run<'_>) {
     const G: &str = "curator";
+    const UNIT: &str = "ai-memory-curator.service";
+    const MAX_RESTARTS: u32 = 3;
     let mesh = run.mesh;
     for p in &mesh.peers {
         run.from_evidence(
@@ -1161,11 +1165,21 @@ pub async fn curator(run: &mut Run<'_>) {
             "curator.active",
             "active",
         );
-        run.skip(
-            G,
-            format!("curator_no_crashloop[{}]", p.name()),
-            "NRestarts <= 3",
-            "the peer role reports no restart count for ai-memory-curator.service",
-        );
+        let test = format!("curator_no_crashloop[{}]", p.name());
+        let expected = format!("NRestarts <= {MAX_RESTARTS}");
+        match mesh.evidence.restarts(p.name(), UNIT) {
+            Ok(r) => {
+                let at = crate::attest::rfc3339(r.reported_at as i64)
+                    .unwrap_or_else(|| r.reported_at.to_string());
+                let got = format!(
+                    "{} (NRestarts of {UNIT}, reported by {} at {at}, {}s ago)",
+                    r.restarts,
+                    p.name(),
+                    r.age_secs
+                );
+                run.record(G, test, expected, got, r.restarts <= MAX_RESTARTS);
+            }
+            Err(why) => run.record(G, test, expected, why, false),
+        }
     }
 }

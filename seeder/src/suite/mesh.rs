@@ -75,7 +75,19 @@ pub struct Reported {
 #[derive(Debug, Clone, Default)]
 pub struct NodeEvidence {
     pub age_secs: u64,
+    /// Unix seconds when the node measured it (the report's own `at`).
+    pub reported_at: u64,
     pub checks: BTreeMap<String, Reported>,
+    /// unit → automatic restarts, as the node's service manager counts them.
+    pub restarts: BTreeMap<String, u32>,
+}
+
+/// A unit's restart count as a node reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restarts {
+    pub restarts: u32,
+    pub reported_at: u64,
+    pub age_secs: u64,
 }
 
 /// The nodes' own latest reports, and how old a report may be to count.
@@ -96,19 +108,41 @@ pub enum Finding {
 }
 
 impl Evidence {
-    pub fn check(&self, node: &str, check: &str) -> Finding {
+    /// The node's latest report if it is recent enough to count; else why not.
+    fn fresh(&self, node: &str) -> Result<&NodeEvidence, String> {
         let Some(n) = self.nodes.get(node) else {
-            return Finding::Absent(format!("{node} has not reported"));
+            return Err(format!("{node} has not reported"));
         };
         if n.age_secs > self.max_age_secs {
-            return Finding::Absent(format!(
+            return Err(format!(
                 "{node}'s latest report is {}s old (limit {}s)",
                 n.age_secs, self.max_age_secs
             ));
         }
+        Ok(n)
+    }
+
+    pub fn check(&self, node: &str, check: &str) -> Finding {
+        let n = match self.fresh(node) {
+            Ok(n) => n,
+            Err(why) => return Finding::Absent(why),
+        };
         match n.checks.get(check) {
             Some(r) => Finding::Reported(r.clone()),
             None => Finding::Absent(format!("{node} reports no {check} check")),
+        }
+    }
+
+    /// `unit`'s restart count from the node's latest fresh report; else why there is none.
+    pub fn restarts(&self, node: &str, unit: &str) -> Result<Restarts, String> {
+        let n = self.fresh(node)?;
+        match n.restarts.get(unit) {
+            Some(&restarts) => Ok(Restarts {
+                restarts,
+                reported_at: n.reported_at,
+                age_secs: n.age_secs,
+            }),
+            None => Err(format!("{node} reports no restart count for {unit}")),
         }
     }
 }
@@ -200,11 +234,18 @@ impl Mesh {
                     )
                 })
                 .collect();
+            let restarts = r
+                .services
+                .iter()
+                .map(|s| (s.unit.clone(), s.restarts))
+                .collect();
             evidence.nodes.insert(
                 r.node.to_string(),
                 NodeEvidence {
                     age_secs: now.saturating_sub(at),
+                    reported_at: r.at,
                     checks,
+                    restarts,
                 },
             );
         }
@@ -267,6 +308,7 @@ mod tests {
             NodeEvidence {
                 age_secs: 5,
                 checks: checks.clone(),
+                ..Default::default()
             },
         );
         ev.nodes.insert(
@@ -274,6 +316,7 @@ mod tests {
             NodeEvidence {
                 age_secs: 16,
                 checks,
+                ..Default::default()
             },
         );
         assert!(matches!(
@@ -328,5 +371,130 @@ mod tests {
         .unwrap();
         assert_eq!(claims.subject_agent_id, sender.fed_id);
         assert_eq!(claims.not_after - claims.not_before, 3600 + 30);
+    }
+
+    /// Peers whose latest reports (4 s old, measured at `AT`) count the curator's restarts as
+    /// given; `None`: the peer reported no count.
+    fn mesh_with_curator_restarts(peers: &[(&str, Option<u32>)]) -> Mesh {
+        const AT: u64 = 1_780_000_000;
+        let mut evidence = Evidence {
+            max_age_secs: 15,
+            ..Default::default()
+        };
+        for (name, count) in peers {
+            let mut restarts = BTreeMap::new();
+            restarts.insert("ai-memory.service".to_owned(), 0);
+            if let Some(n) = count {
+                restarts.insert("ai-memory-curator.service".to_owned(), *n);
+            }
+            evidence.nodes.insert(
+                (*name).into(),
+                NodeEvidence {
+                    age_secs: 4,
+                    reported_at: AT,
+                    checks: BTreeMap::new(),
+                    restarts,
+                },
+            );
+        }
+        Mesh {
+            campaign: "c1".into(),
+            ca_pem: String::new(),
+            api_key: String::new(),
+            operator: Identity {
+                label: "operator".into(),
+                cert_pem: String::new(),
+                key_pem: String::new(),
+            },
+            admin_agent_id: "ai:c1-operator@c1".into(),
+            fed_sender: FedSender::mint(
+                &crate::credential::Issuer::new(
+                    ed25519_dalek::SigningKey::from_bytes(&[7; 32]),
+                    &"c1".parse().unwrap(),
+                ),
+                &"c1/seeder/test-harness".parse().unwrap(),
+                i64::try_from(AT).unwrap(),
+            )
+            .unwrap(),
+            peers: peers
+                .iter()
+                .map(|(name, _)| Peer {
+                    endpoint: Endpoint {
+                        name: (*name).into(),
+                        region: "r1".into(),
+                        base: "https://127.0.0.1:9077".parse().unwrap(),
+                        connect: None,
+                    },
+                    store: "ai_memory_peer_1".into(),
+                })
+                .collect(),
+            agents: Vec::new(),
+            quorum_w: 2,
+            keys: KeyStore::new("/nonexistent"),
+            llm_missing: None,
+            evidence,
+            converge_within: Duration::from_secs(1),
+            poll_every: Duration::from_millis(100),
+            untrusted_ca_pem: None,
+        }
+    }
+
+    /// `curator_no_crashloop` was a permanent SKIP: it now PASSes on at most 3 reported
+    /// restarts, FAILs on more, and FAILs when the peer reported no count (or is stale).
+    #[tokio::test]
+    async fn curator_no_crashloop_uses_the_reported_restart_count() {
+        let mut mesh = mesh_with_curator_restarts(&[
+            ("p-calm", Some(0)),
+            ("p-limit", Some(3)),
+            ("p-looping", Some(5)),
+            ("p-silent", None),
+        ]);
+        let stale = NodeEvidence {
+            age_secs: 60,
+            ..mesh.evidence.nodes["p-calm"].clone()
+        };
+        mesh.evidence.nodes.insert("p-stale".into(), stale);
+        mesh.peers.push(Peer {
+            endpoint: Endpoint {
+                name: "p-stale".into(),
+                ..mesh.peers[0].endpoint.clone()
+            },
+            store: "ai_memory_peer_5".into(),
+        });
+        let mut run = super::super::probes::Run::new(&mesh);
+        super::super::groups::curator(&mut run).await;
+        let rows: BTreeMap<&str, (&str, CheckStatus)> = run
+            .checks
+            .iter()
+            .filter(|c| c.test.starts_with("curator_no_crashloop"))
+            .map(|c| (c.test.as_str(), (c.got.as_str(), c.status)))
+            .collect();
+        let row = |peer: &str| rows[format!("curator_no_crashloop[{peer}]").as_str()];
+        assert_eq!(
+            row("p-calm"),
+            (
+                "0 (NRestarts of ai-memory-curator.service, reported by p-calm at \
+                 2026-05-28T20:26:40+00:00, 4s ago)",
+                CheckStatus::Pass
+            )
+        );
+        assert_eq!(row("p-limit").1, CheckStatus::Pass);
+        assert!(row("p-limit").0.starts_with("3 ("), "{:?}", row("p-limit"));
+        assert_eq!(row("p-looping").1, CheckStatus::Fail);
+        assert!(
+            row("p-looping").0.starts_with("5 ("),
+            "{:?}",
+            row("p-looping")
+        );
+        assert_eq!(
+            row("p-silent"),
+            (
+                "p-silent reports no restart count for ai-memory-curator.service",
+                CheckStatus::Fail
+            )
+        );
+        assert_eq!(row("p-stale").1, CheckStatus::Fail);
+        assert!(row("p-stale").0.contains("60s old"), "{:?}", row("p-stale"));
+        assert!(run.checks.iter().all(|c| c.status != CheckStatus::Skip));
     }
 }
