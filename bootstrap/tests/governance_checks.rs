@@ -4,14 +4,14 @@
 //! up the node's: each PASSes on exactly the measured value, and each FAILs against a database
 //! misconfigured for it (a rule disabled). No daemon, no port.
 //!
-//! Needs the ai-memory binary (`HIVESEED_AI_MEMORY_BIN`, default the lab cache's); outside CI,
-//! HIVESEED_SKIP_AI_MEMORY=1 skips where it is not built.
+//! Needs the ai-memory binary (`HIVESEED_AI_MEMORY_BIN`, default the lab cache's): without it
+//! the test fails (tests/deps).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -21,23 +21,9 @@ use hiveseed_bootstrap::{CheckEnv, RealHost, ServiceManager};
 use hiveseed_proto::manifest::{Check, Probe};
 use hiveseed_proto::{CheckStatus, Resource};
 
-const AI_MEMORY_DEFAULT: &str = "/var/cache/hiveseed/ai-memory-0.7.0-sal/bin/ai-memory";
 /// Where the role installs the binary and keeps the daemon's sqlite sidecar.
 const ROLE_BIN: &str = "/usr/local/bin/ai-memory";
 const ROLE_DB: &str = "/var/lib/ai-memory/ai-memory.db";
-
-fn binary() -> Option<PathBuf> {
-    let bin = std::env::var("HIVESEED_AI_MEMORY_BIN").unwrap_or_else(|_| AI_MEMORY_DEFAULT.into());
-    if Path::new(&bin).exists() {
-        return Some(bin.into());
-    }
-    let ci = std::env::var("CI").as_deref() == Ok("true");
-    if !ci && std::env::var("HIVESEED_SKIP_AI_MEMORY").as_deref() == Ok("1") {
-        eprintln!("SKIP: {bin} is missing and HIVESEED_SKIP_AI_MEMORY=1");
-        return None;
-    }
-    panic!("{bin} is missing: build it with `target/release/lab cache --only ai-memory`");
-}
 
 /// The role's check `id`, its argv moved onto this machine: no `setpriv` (the test is not root's
 /// `ai-memory` user), the binary, database, HOME and key dir of the scratch node.
@@ -95,7 +81,9 @@ fn ai_memory(bin: &Path, home: &Path, args: &[&str]) {
 
 #[tokio::test]
 async fn the_roles_command_checks_pass_on_the_measured_value_and_fail_when_it_differs() {
-    let Some(bin) = binary() else { return };
+    let Some(bin) = hiveseed_test_deps::ai_memory() else {
+        return;
+    };
     let root = temp_root();
     let home = root.path().join("var/lib/ai-memory");
     std::fs::create_dir_all(home.join("keys")).unwrap();
