@@ -13,7 +13,7 @@ use common::*;
 use hiveseed_bootstrap::resources::check::run_check;
 use hiveseed_bootstrap::resources::wait::{probe, wait_for, WaitError};
 use hiveseed_bootstrap::{CheckEnv, RealHost, ServiceManager, Unavailable, WaitPolicy};
-use hiveseed_proto::manifest::{Check, Probe, WaitTarget};
+use hiveseed_proto::manifest::{Check, Match, Probe, WaitTarget};
 use hiveseed_proto::CheckStatus;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -215,6 +215,7 @@ async fn https_wait_and_check_use_the_client_certificate_and_only_the_given_ca()
         id: "check:caps".parse().unwrap(),
         check: "daemon.version".into(),
         expected: expected.into(),
+        matching: Match::Exact,
         probe: Probe::HttpsJson {
             url: format!("https://127.0.0.1:{port}/api/v1/capabilities"),
             field: field.into(),

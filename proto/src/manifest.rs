@@ -75,6 +75,9 @@ impl Manifest {
             if let Resource::NamespaceStandard(n) = r {
                 n.validate()?;
             }
+            if let Resource::Check(c) = r {
+                c.validate()?;
+            }
             if !seen.insert(r.id().clone()) {
                 return Err(ManifestError::Invalid(format!(
                     "resource id {} appears twice",
@@ -516,7 +519,66 @@ pub struct Check {
     /// The check's name in reports, e.g. `binary.sha256`.
     pub check: String,
     pub expected: String,
+    /// How the observed value is held against `expected` (`match = "..."` in a role; exact when
+    /// absent, and then not serialized, so existing manifests keep their digests).
+    #[serde(rename = "match", default, skip_serializing_if = "Match::is_exact")]
+    pub matching: Match,
     pub probe: Probe,
+}
+
+/// How a check's observed value (GOT, always what was measured) passes against `expected`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Match {
+    /// GOT equals `expected`.
+    #[default]
+    Exact,
+    /// GOT equals `expected` or continues it at a dot: `17` holds for `17.12`, `18.4` pins a
+    /// point release and refuses `18.40`.
+    VersionPrefix,
+    /// `expected` is a regular expression (the `regex` crate's syntax) that must match the whole
+    /// of GOT, as if written `^(?:...)$`.
+    Regex,
+}
+
+impl Match {
+    pub fn is_exact(&self) -> bool {
+        *self == Match::Exact
+    }
+}
+
+impl Check {
+    /// Whether `got` passes. An `expected` that is not a valid pattern is an error (a manifest
+    /// that passed [`Manifest::check_consistency`] has none).
+    pub fn passes(&self, got: &str) -> Result<bool, ManifestError> {
+        Ok(match self.matching {
+            Match::Exact => got == self.expected,
+            Match::VersionPrefix => got
+                .strip_prefix(self.expected.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('.')),
+            Match::Regex => self.pattern()?.is_match(got),
+        })
+    }
+
+    fn pattern(&self) -> Result<regex::Regex, ManifestError> {
+        let invalid = |e: regex::Error| {
+            ManifestError::Invalid(format!(
+                "check {}: expected is not a regular expression: {e}",
+                self.id
+            ))
+        };
+        // Compiled alone first: only a pattern that stands by itself is anchored, so `a)|(b`
+        // cannot turn the anchors into alternatives.
+        regex::Regex::new(&self.expected).map_err(invalid)?;
+        regex::Regex::new(&format!("^(?:{})$", self.expected)).map_err(invalid)
+    }
+
+    fn validate(&self) -> Result<(), ManifestError> {
+        match self.matching {
+            Match::Regex => self.pattern().map(|_| ()),
+            Match::Exact | Match::VersionPrefix => Ok(()),
+        }
+    }
 }
 
 /// How a node-local check observes its value.
@@ -560,6 +622,27 @@ pub enum Probe {
         dbname: String,
         user: String,
         query: String,
+    },
+    /// ai-memory 0.7.0's `signed_events` hash chain in `schema` of `dbname`, recomputed from the
+    /// stored rows over the local socket as `user` (as [`Probe::Sql`]). Reports
+    /// `linked (N events)`, or `broken at event K of N: <why>`.
+    SignedEventsChain {
+        dbname: String,
+        user: String,
+        schema: String,
+    },
+    /// A plaintext TCP connection (`sslmode=disable`) to a PostgreSQL server as `user` with the
+    /// password in `password_file`, from `source` when given (the address pg_hba sees). Reports
+    /// `refused: <the server's message>` when the server refuses it, `connected without TLS`
+    /// when it admits it; no TCP connection, or no answer in time, is an error, never a refusal.
+    PgPlaintext {
+        host: std::net::IpAddr,
+        port: u16,
+        dbname: String,
+        user: String,
+        password_file: AbsPath,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        source: Option<std::net::IpAddr>,
     },
     /// How many running processes have this exact argv[0] + first argument.
     ProcessCount {
@@ -1074,5 +1157,85 @@ mod tests {
             };
         }
         assert_ne!(Manifest::digest_of(&c.resources), a.digest);
+    }
+
+    fn check_of(matching: &str, expected: &str) -> Check {
+        serde_json::from_value(serde_json::json!({
+            "id": "check:c",
+            "check": "c",
+            "expected": expected,
+            "match": matching,
+            "probe": {"type": "process_count", "exe": "/usr/bin/x", "arg": "-D"},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn check_match_modes() {
+        let exact = check_of("exact", "17");
+        assert!(exact.passes("17").unwrap());
+        assert!(!exact.passes("17.12").unwrap());
+
+        let version = check_of("version_prefix", "17");
+        for (got, pass) in [
+            ("17", true),
+            ("17.12", true),
+            ("17.12.1", true),
+            ("170", false),
+            ("1", false),
+            ("", false),
+            ("16.4", false),
+            ("age is not installed", false),
+        ] {
+            assert_eq!(version.passes(got).unwrap(), pass, "17 vs {got}");
+        }
+        let point = check_of("version_prefix", "18.4");
+        assert!(point.passes("18.4").unwrap());
+        assert!(!point.passes("18.40").unwrap());
+
+        // The whole of GOT must match: no "contains".
+        let linked = check_of("regex", r"linked \([0-9]+ events\)");
+        assert!(linked.passes("linked (0 events)").unwrap());
+        assert!(linked.passes("linked (12 events)").unwrap());
+        assert!(!linked.passes("linked (x events)").unwrap());
+        assert!(!linked.passes("not linked (3 events)").unwrap());
+        assert!(!linked.passes("linked (3 events) but broken").unwrap());
+        let alt = check_of("regex", "a|b");
+        assert!(alt.passes("b").unwrap());
+        assert!(!alt.passes("ab").unwrap());
+    }
+
+    #[test]
+    fn exact_match_is_not_serialized_and_a_bad_pattern_is_refused() {
+        let exact = check_of("exact", "1");
+        let json = serde_json::to_value(Resource::Check(exact.clone())).unwrap();
+        assert!(json.get("match").is_none(), "{json}");
+        let absent: Check = serde_json::from_value(serde_json::json!({
+            "id": "check:c", "check": "c", "expected": "1",
+            "probe": {"type": "process_count", "exe": "/usr/bin/x", "arg": "-D"},
+        }))
+        .unwrap();
+        assert_eq!(absent, exact);
+        let json = serde_json::to_value(Resource::Check(check_of("regex", "x"))).unwrap();
+        assert_eq!(json["match"], "regex");
+
+        with_resource(Resource::Check(check_of("regex", "a+")))
+            .check_consistency()
+            .unwrap();
+        for bad in ["a(", "a)|(b"] {
+            let err = with_resource(Resource::Check(check_of("regex", bad)))
+                .check_consistency()
+                .unwrap_err();
+            assert!(
+                err.to_string().contains("not a regular expression"),
+                "{bad}: {err}"
+            );
+            assert!(check_of("regex", bad).passes("a").is_err());
+        }
+        assert!(serde_json::from_value::<Check>(serde_json::json!({
+            "id": "check:c", "check": "c", "expected": "1", "match": "contains",
+            "probe": {"type": "process_count", "exe": "/usr/bin/x", "arg": "-D"},
+        }))
+        .is_err());
     }
 }

@@ -1,7 +1,12 @@
 //! `check`: node-local validation probes reported as `{node, check, expected, got, status}`.
-//! PASS iff got == expected, exactly (a command's stdout is trimmed of surrounding whitespace, no
-//! more: a probe whose output merely contains the expected value FAILs); a probe that cannot run
-//! is FAIL with the reason in `got`. Checks change nothing, so they never appear in a plan.
+//! GOT is always what the probe measured, never the expectation (a command's stdout trimmed of
+//! surrounding whitespace, no more); a probe that cannot run is FAIL with the reason in GOT. PASS
+//! by the check's `match` (hiveseed_proto::manifest::Match), never by "contains":
+//! - `exact` (the default): GOT == expected;
+//! - `version_prefix`: GOT is expected or continues it at a dot (expected `17`, GOT `17.12`);
+//! - `regex`: expected is a pattern matching the whole of GOT (`linked \([0-9]+ events\)`).
+//!
+//! Checks change nothing, so they never appear in a plan.
 
 use std::time::Duration;
 
@@ -9,7 +14,7 @@ use hiveseed_proto::manifest::{Check, Probe};
 use hiveseed_proto::status::MAX_TEXT;
 use hiveseed_proto::{AbsPath, CheckRecord, CheckStatus, Manifest, NodeName, Resource};
 
-use super::wait::{error_chain, https_client, read_text};
+use super::wait::{bound_stream, error_chain, https_client, read_text};
 use crate::host::{truncate_stderr, Exec, Host};
 use crate::plan::ServiceManager;
 use crate::supervisor::Supervisor;
@@ -68,15 +73,17 @@ pub async fn run_check(env: &CheckEnv<'_>, c: &Check) -> CheckRecord {
             CheckStatus::Fail
         },
     };
+    // A pattern that does not compile fails the check, with the reason, not the manifest.
+    let judged = |got: String| match c.passes(&got) {
+        Ok(pass) => record(got, pass),
+        Err(e) => record(format!("{got} ({e})"), false),
+    };
     let got = match tokio::time::timeout(env.timeout, observe(env, &c.probe)).await {
         Ok(r) => r,
         Err(_) => Err(format!("probe timed out after {:?}", env.timeout)),
     };
     match got {
-        Ok(got) => {
-            let pass = got == c.expected;
-            record(got, pass)
-        }
+        Ok(got) => judged(got),
         Err(reason) => record(reason, false),
     }
 }
@@ -170,6 +177,26 @@ async fn observe(env: &CheckEnv<'_>, probe: &Probe) -> Result<String, String> {
             user,
             query,
         } => sql(env.host, dbname, user, query).await,
+        Probe::SignedEventsChain {
+            dbname,
+            user,
+            schema,
+        } => {
+            let (client, _conn) = local_session(env.host, dbname, user).await?;
+            let rows = super::signed_events::read(&client, schema).await?;
+            Ok(super::signed_events::state(&rows))
+        }
+        Probe::PgPlaintext {
+            host,
+            port,
+            dbname,
+            user,
+            password_file,
+            source,
+        } => {
+            let server = std::net::SocketAddr::new(*host, *port);
+            pg_plaintext(env.host, server, dbname, user, password_file, *source).await
+        }
         Probe::ProcessCount { exe, arg } => Ok(process_count(exe, arg).to_string()),
         Probe::FederationCredential {
             credential_path,
@@ -367,8 +394,14 @@ fn federation_credential(
         .map_err(|e| e.to_string())
 }
 
-/// One value over the local socket as the `postgres` superuser (pg_hba `local all all trust`).
-async fn sql(host: &dyn Host, dbname: &str, user: &str, query: &str) -> Result<String, String> {
+/// A session over the local socket (`/var/run/postgresql` under the host's root) as `user`, by
+/// peer authentication (the pg role maps root to postgres in pg_ident.conf). The connection task
+/// ends when the returned guard drops.
+async fn local_session(
+    host: &dyn Host,
+    dbname: &str,
+    user: &str,
+) -> Result<(tokio_postgres::Client, AbortOnDrop), String> {
     let socket_dir: AbsPath = "/var/run/postgresql".parse().expect("static path");
     let dir = host.dir_path(&socket_dir).map_err(|e| error_chain(&e))?;
     let mut cfg = tokio_postgres::Config::new();
@@ -380,19 +413,63 @@ async fn sql(host: &dyn Host, dbname: &str, user: &str, query: &str) -> Result<S
         .connect(tokio_postgres::NoTls)
         .await
         .map_err(|e| format!("connect to {dbname}: {}", error_chain(&e)))?;
-    let conn = tokio::spawn(conn);
+    Ok((client, AbortOnDrop(tokio::spawn(conn))))
+}
+
+/// Aborts a spawned task when dropped.
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One value of a query's first row.
+async fn sql(host: &dyn Host, dbname: &str, user: &str, query: &str) -> Result<String, String> {
+    let (client, _conn) = local_session(host, dbname, user).await?;
     let rows = client
         .simple_query(query)
         .await
-        .map_err(|e| format!("query: {}", error_chain(&e)));
-    drop(client);
-    conn.abort();
-    for msg in rows? {
+        .map_err(|e| format!("query: {}", error_chain(&e)))?;
+    for msg in rows {
         if let tokio_postgres::SimpleQueryMessage::Row(row) = msg {
             return Ok(row.get(0).unwrap_or("NULL").to_owned());
         }
     }
     Err("query returned no rows".into())
+}
+
+/// A login over plain TCP (`sslmode=disable`) with the real password: the server's refusal in
+/// its own words, or the fact that it let the session in. Only an answer from the server counts
+/// as a refusal: no TCP connection or a broken one is an error.
+async fn pg_plaintext(
+    host: &dyn Host,
+    server: std::net::SocketAddr,
+    dbname: &str,
+    user: &str,
+    password_file: &AbsPath,
+    source: Option<std::net::IpAddr>,
+) -> Result<String, String> {
+    let password = read_text(host, password_file)?;
+    let from = source.map(|s| format!(" from {s}")).unwrap_or_default();
+    let what = || format!("plaintext connect {server}/{dbname} as {user}{from}");
+    let stream = bound_stream(source, server)
+        .await
+        .map_err(|e| format!("{}: {e}", what()))?;
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.dbname(dbname)
+        .user(user)
+        .password(password.trim_end_matches(['\n', '\r']))
+        .ssl_mode(tokio_postgres::config::SslMode::Disable);
+    match cfg.connect_raw(stream, tokio_postgres::NoTls).await {
+        Ok(_session) => Ok("connected without TLS".into()),
+        Err(e) => match e.as_db_error() {
+            Some(db) => Ok(format!("refused: {}", db.message())),
+            None => Err(format!("{}: {}", what(), error_chain(&e))),
+        },
+    }
 }
 
 #[cfg(test)]
@@ -516,6 +593,7 @@ mod tests {
             id: "check:t".parse().unwrap(),
             check: "t".into(),
             expected: expected.into(),
+            matching: Default::default(),
             probe,
         };
         run_check(&env, &c).await
@@ -618,6 +696,7 @@ mod tests {
             id: "check:ollama.model".parse().unwrap(),
             check: "ollama.model".into(),
             expected: "nomic-embed-text:latest".into(),
+            matching: Default::default(),
             probe: Probe::HttpJson {
                 url: format!("http://127.0.0.1:{port}/api/tags"),
                 field: "models.*.name".into(),

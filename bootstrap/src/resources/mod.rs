@@ -10,6 +10,7 @@ pub mod federation;
 pub mod file;
 pub mod package;
 pub mod service;
+pub mod signed_events;
 pub mod standard;
 pub mod user;
 pub mod wait;

@@ -205,7 +205,7 @@ pub async fn probe(
                     let ip: std::net::IpAddr = h
                         .parse()
                         .map_err(|_| format!("{}: a source address needs an IP host", what()))?;
-                    let stream = bound_stream(*src, (ip, *port).into())
+                    let stream = bound_stream(Some(*src), (ip, *port).into())
                         .await
                         .map_err(|e| format!("{} from {src}: {e}", what()))?;
                     let tls = tokio_postgres::tls::MakeTlsConnect::<tokio::net::TcpStream>::make_tls_connect(&mut make, h)
@@ -234,16 +234,19 @@ pub async fn probe(
     }
 }
 
-/// A TCP connection from a given local address (bound before connect), bounded by 5 s.
-async fn bound_stream(
-    src: std::net::IpAddr,
+/// A TCP connection, from a given local address when there is one (bound before connect),
+/// bounded by 5 s.
+pub(crate) async fn bound_stream(
+    src: Option<std::net::IpAddr>,
     dst: std::net::SocketAddr,
 ) -> std::io::Result<tokio::net::TcpStream> {
     let socket = match dst {
         std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
         std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
     };
-    socket.bind((src, 0).into())?;
+    if let Some(src) = src {
+        socket.bind((src, 0).into())?;
+    }
     tokio::time::timeout(Duration::from_secs(5), socket.connect(dst))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
