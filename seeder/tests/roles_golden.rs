@@ -13,7 +13,8 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use hiveseed_proto::manifest::{
-    CertificatePurpose, FileContent, Probe, Resource, VersionPin, WaitTarget, MANIFEST_VERSION,
+    CertificatePurpose, FileContent, Match, Probe, Resource, VersionPin, WaitTarget,
+    MANIFEST_VERSION,
 };
 use hiveseed_proto::{Generation, Manifest, Sha256};
 use hiveseed_seeder::fleet::fixtures::with_store;
@@ -600,7 +601,7 @@ fn pg_node_is_the_spec_cluster_hostssl_only() {
         "store.pg_version",
         "daemon_pg.tls",
         "daemon_pg.tls_version",
-        "store.plaintext_refused",
+        "store.hba_hostssl_only",
         "store.data_checksums",
     ] {
         assert!(
@@ -1073,6 +1074,18 @@ fn wait_pg(res: &[Resource]) -> (String, String) {
     (dbname.clone(), schema.clone())
 }
 
+/// The (database, schema) a `signed_events.<store>` check verifies the chain in.
+fn chain_probe(checks: &BTreeMap<String, (String, Probe)>, name: &str) -> (String, String) {
+    match &checks
+        .get(name)
+        .unwrap_or_else(|| panic!("no check {name}"))
+        .1
+    {
+        Probe::SignedEventsChain { dbname, schema, .. } => (dbname.clone(), schema.clone()),
+        other => panic!("{name}: {other:?}"),
+    }
+}
+
 fn sql_probe(checks: &BTreeMap<String, (String, Probe)>, name: &str) -> (String, String) {
     match &checks
         .get(name)
@@ -1145,9 +1158,8 @@ fn schema_layout_pg_holds_one_database_with_a_schema_per_peer() {
 
     let checks = checks_of(res);
     for k in 1..=3 {
-        let (db, query) = sql_probe(&checks, &format!("signed_events.ic_peer_{k}"));
-        assert_eq!(db, "ai_memory");
-        assert!(query.contains(&format!(" FROM ic_peer_{k}.signed_events)")));
+        let (db, schema) = chain_probe(&checks, &format!("signed_events.ic_peer_{k}"));
+        assert_eq!((db.as_str(), schema), ("ai_memory", format!("ic_peer_{k}")));
     }
     assert!(!checks.keys().any(|c| c.contains("ai_memory_peer")));
     for name in [
@@ -1265,12 +1277,8 @@ fn database_layout_pg_holds_a_database_per_peer() {
     // Checks: the chain per database in its public schema; extensions and graph in the first.
     let checks = checks_of(res);
     for (k, db) in dbs.iter().enumerate() {
-        let (dbname, query) = sql_probe(&checks, &format!("signed_events.{db}"));
-        assert_eq!(&dbname, db);
-        assert!(
-            query.contains(" FROM public.signed_events)"),
-            "{db}: {query}"
-        );
+        let (dbname, schema) = chain_probe(&checks, &format!("signed_events.{db}"));
+        assert_eq!((dbname.as_str(), schema.as_str()), (*db, "public"));
         assert!(
             res.iter()
                 .any(|r| r.id().as_str() == format!("check:signed_events.{db}")),
@@ -1338,6 +1346,40 @@ fn a_mixed_fleet_renders_each_region_in_its_own_layout() {
             "{}: {rule}",
             pg.name
         );
+        // The peer's measured refusal: from the address that rule names, to the same database,
+        // as the server words it for exactly that address, user and database.
+        let Resource::Check(refused) = find(res, "check:store.plaintext_refused") else {
+            panic!()
+        };
+        let Probe::PgPlaintext {
+            host,
+            port,
+            dbname,
+            user,
+            source,
+            ..
+        } = &refused.probe
+        else {
+            panic!("{:?}", refused.probe)
+        };
+        assert_eq!(
+            (*host, *port, dbname, user.as_str(), *source),
+            (
+                std::net::IpAddr::V4(pg_ip),
+                5432,
+                &store.database,
+                "ai_memory",
+                Some(std::net::IpAddr::V4(me.private_ip))
+            )
+        );
+        assert_eq!(
+            refused.expected,
+            format!(
+                "refused: no pg_hba.conf entry for host \"{}\", user \"ai_memory\", database \"{}\", no encryption",
+                me.private_ip, store.database
+            )
+        );
+        assert_eq!(refused.matching, Match::Exact);
         let Resource::Command(role) = find(pg_res, "cmd:sql-role") else {
             panic!()
         };
@@ -1348,10 +1390,12 @@ fn a_mixed_fleet_renders_each_region_in_its_own_layout() {
             .contains(&format!("WHERE datname = '{}')", store.database)));
         assert!(text_of(pg_res, "file:init-age.sql")
             .contains(&format!("\n\\connect {}\n", store.database)));
-        let (dbname, query) =
-            sql_probe(&checks_of(pg_res), &format!("signed_events.{}", store.name));
-        assert_eq!(dbname, store.database);
-        assert!(query.contains(&format!(" FROM {}.signed_events)", store.schema)));
+        let (dbname, schema) =
+            chain_probe(&checks_of(pg_res), &format!("signed_events.{}", store.name));
+        assert_eq!(
+            (dbname, schema),
+            (store.database.clone(), store.schema.clone())
+        );
         match layout.to_string().as_str() {
             "schema" => assert_eq!(store.name, format!("ic_peer_{}", peer.index)),
             _ => assert_eq!(store.name, format!("ai_memory_peer_{}", peer.index)),
@@ -2187,10 +2231,15 @@ fn lab_fleet_uses_distro_prefix_pins_and_has_agents() {
     );
     let checks = checks_of(pg);
     assert_eq!(checks["store.pg_version"].0, "17");
-    let Probe::Sql { query, .. } = &checks["store.pg_version"].1 else {
+    // GOT is the installed version; "17" holds for 17.x by the check's match, not by the SQL.
+    let Resource::Check(c) = find(pg, "check:store.pg_version") else {
         panic!()
     };
-    assert!(query.contains("starts_with(v, '17.')"), "{query}");
+    assert_eq!(c.matching, Match::VersionPrefix);
+    let Probe::Sql { query, .. } = &c.probe else {
+        panic!()
+    };
+    assert!(!query.contains("17"), "{query}");
 
     let agent = &nodes["do-1461-agent-nyc3-01"];
     assert!(
