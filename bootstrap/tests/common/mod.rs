@@ -378,3 +378,148 @@ where
         );
     }
 }
+
+/// A throwaway PostgreSQL cluster run by the `postgres` account; stopped (fast shutdown) on drop.
+pub struct Pg {
+    _dir: tempfile::TempDir,
+    child: std::process::Child,
+    pub port: u16,
+    /// The directory of its unix socket.
+    pub socket: std::path::PathBuf,
+    pub data: std::path::PathBuf,
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_raw(self.child.id() as i32).unwrap(),
+            rustix::process::Signal::INT,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+/// How [`start_pg_with`] lays a cluster out.
+pub struct PgSetup<'a> {
+    /// Issues the server certificate (TLS is on), for `listen`.
+    pub ca: &'a TestCa,
+    pub listen: std::net::IpAddr,
+    /// Where the unix socket goes (created for postgres); `None`: the cluster's temp dir.
+    pub socket: Option<std::path::PathBuf>,
+    /// The pg_hba.conf; `None`: initdb's, scram-sha-256 for everything.
+    pub hba: Option<&'a str>,
+}
+
+/// [`start_pg_with`] on 127.0.0.1, initdb's pg_hba.conf, the socket in the cluster's temp dir.
+pub async fn start_pg(bins: &hiveseed_test_deps::Postgres, ca: &TestCa) -> Pg {
+    start_pg_with(
+        bins,
+        PgSetup {
+            ca,
+            listen: std::net::Ipv4Addr::LOCALHOST.into(),
+            socket: None,
+            hba: None,
+        },
+    )
+    .await
+}
+
+/// A throwaway cluster on an ephemeral port: superuser `postgres` with password `s3cret-pg`, TLS
+/// on. Any failure to start it fails the test.
+pub async fn start_pg_with(bins: &hiveseed_test_deps::Postgres, setup: PgSetup<'_>) -> Pg {
+    use std::os::unix::process::CommandExt;
+    let pw = bins.user;
+    let dir = tempfile::tempdir().unwrap();
+    let chown = |p: &std::path::Path| std::os::unix::fs::chown(p, Some(pw.0), Some(pw.1)).unwrap();
+    chown(dir.path());
+    let data = dir.path().join("data");
+    std::fs::write(dir.path().join("pw"), "s3cret-pg\n").unwrap();
+    chown(&dir.path().join("pw"));
+    let ok = std::process::Command::new(&bins.initdb)
+        .args([
+            "-D",
+            data.to_str().unwrap(),
+            "-U",
+            "postgres",
+            "-A",
+            "scram-sha-256",
+        ])
+        .arg(format!("--pwfile={}", dir.path().join("pw").display()))
+        .uid(pw.0)
+        .gid(pw.1)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "{} failed", bins.initdb.display());
+    let (cert, key) = setup.ca.issue(&[&setup.listen.to_string()], false);
+    let hba = setup.hba.map(|h| ("pg_hba.conf", h.to_owned(), 0o600));
+    for (name, text, mode) in [("server.crt", cert, 0o644), ("server.key", key, 0o600)]
+        .into_iter()
+        .chain(hba)
+    {
+        let p = data.join(name);
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+        chown(&p);
+    }
+    let socket = match setup.socket {
+        Some(s) => {
+            std::fs::create_dir_all(&s).unwrap();
+            chown(&s);
+            s
+        }
+        None => dir.path().to_owned(),
+    };
+    let port = {
+        let l = std::net::TcpListener::bind((setup.listen, 0)).unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let log = std::fs::File::create(dir.path().join("postgres.log")).unwrap();
+    let child = std::process::Command::new(&bins.postgres)
+        .args(["-D", data.to_str().unwrap(), "-p", &port.to_string()])
+        .arg("-c")
+        .arg(format!("listen_addresses={}", setup.listen))
+        .args(["-c", "ssl=on"])
+        .arg("-c")
+        .arg(format!("unix_socket_directories={}", socket.display()))
+        .uid(pw.0)
+        .gid(pw.1)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let pg = Pg {
+        _dir: dir,
+        child,
+        port,
+        socket,
+        data,
+    };
+    // TCP listens before the unix socket exists, and both before the server admits a session
+    // ("the database system is starting up"): any other answer over the socket means it does.
+    let listen = setup.listen;
+    let mut session = tokio_postgres::Config::new();
+    session
+        .host_path(&pg.socket)
+        .port(port)
+        .user("postgres")
+        .password("s3cret-pg")
+        .dbname("postgres");
+    eventually(
+        "postgres accepting sessions",
+        Duration::from_secs(30),
+        || async {
+            let answered = match session.connect(tokio_postgres::NoTls).await {
+                Ok(_) => true,
+                Err(e) => e.as_db_error().is_some_and(|d| {
+                    *d.code() != tokio_postgres::error::SqlState::CANNOT_CONNECT_NOW
+                }),
+            };
+            answered && tokio::net::TcpStream::connect((listen, port)).await.is_ok()
+        },
+    )
+    .await;
+    pg
+}
