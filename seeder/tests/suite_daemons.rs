@@ -367,8 +367,7 @@ fn mesh(h: &Harness<'_>, peers: &[&Daemon], api_key: &str) -> Mesh {
         llm_missing: Some("no LLM key in this test".into()),
         evidence: Evidence {
             max_age_secs: 15,
-            region_pg: BTreeMap::new(),
-            nodes: BTreeMap::new(),
+            ..Default::default()
         },
         converge_within: Duration::from_secs(40),
         poll_every: Duration::from_millis(250),

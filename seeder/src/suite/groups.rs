@@ -5,7 +5,9 @@ use std::time::Instant;
 
 use reqwest::Method;
 
-use super::mesh::Peer;
+use hiveseed_proto::status::CheckStatus;
+
+use super::mesh::{Evidence, Finding, NodeEvidence, Peer, Reported};
 use super::net::{self, Refusal, Request};
 use super::probes::{letters, nonce, Run};
 
@@ -876,12 +878,34 @@ async fn standard_owner_only(run: &mut Run<'_>, p: &Peer) {
     }
 }
 
+/// What `signed_events_chain_ok` expects of the pg node's chain check.
+const CHAIN_EXPECTED: &str =
+    "linked (N events), N > 0 and above the count before the write, in a report made after it";
+
+/// `signed_events_chain_ok`: a capture_turn appends an event to the peer's signed_events chain
+/// (ai-memory 0.7.0 writes it in the turn's own transaction); only the region's pg node can read
+/// that chain, so the row takes that node's `signed_events.<store>` check from a report the node
+/// made after the write (the seeder keeps storing reports while the suite runs), waiting for one
+/// up to the evidence age limit, and requires the chain linked, non-empty and longer than in the
+/// latest report before the write.
 async fn signed_events_chain(run: &mut Run<'_>, p: &Peer) {
     const G: &str = "nsa_gaps";
     let mesh = run.mesh;
     // The campaign namespace's standard admits only its owner, the operator agent.
     let h = mesh.admin_agent_id.clone();
     let test = format!("signed_events_chain_ok[{}]", p.name());
+    let Some(pg) = mesh.evidence.region_pg.get(p.region()).cloned() else {
+        let got = format!("no pg node in region {}", p.region());
+        return run.record(G, test, CHAIN_EXPECTED, got, false);
+    };
+    let check = format!("signed_events.{}", p.store);
+    let now = crate::state::system_clock();
+    let before = mesh
+        .evidence
+        .latest(&pg, now())
+        .ok()
+        .and_then(|n| n.checks.get(&check).and_then(|r| chain_length(&r.got)));
+    let written_at = now();
     let a = run
         .call(
             &p.endpoint,
@@ -899,29 +923,68 @@ async fn signed_events_chain(run: &mut Run<'_>, p: &Peer) {
         )
         .await;
     if !a.is_success() {
-        run.record(
-            G,
-            test,
-            "ok",
-            format!("capture_turn: {}", a.summary()),
-            false,
-        );
-        return;
+        let got = format!("capture_turn: {}", a.summary());
+        return run.record(G, test, CHAIN_EXPECTED, got, false);
     }
-    // The chain lives in the peer's store (schema or database) on its region's pg, which only
-    // the pg node can query: its own report carries the structural check per store.
-    let Some(pg) = mesh.evidence.region_pg.get(p.region()).cloned() else {
-        run.record(
-            G,
-            test,
-            "ok",
-            format!("no pg node in region {}", p.region()),
+    let deadline = Instant::now() + std::time::Duration::from_secs(mesh.evidence.max_age_secs);
+    let seen = |n: NodeEvidence| match n.checks.get(&check) {
+        Some(r) => Ok((n.reported_at, r.clone())),
+        None => Err(format!("{pg} reports no {check} check")),
+    };
+    let after = run
+        .poll_until(deadline, || async {
+            let s = mesh.evidence.latest(&pg, now()).and_then(seen);
+            match &s {
+                Ok((at, r)) if *at > written_at && chain_length(&r.got) > before => Ok(s),
+                _ => Err(s),
+            }
+        })
+        .await
+        .unwrap_or_else(|last| last);
+    let (got, pass) = chain_verdict(before, written_at, after);
+    let got = format!("{got} (reported by {pg} as {check})");
+    run.record(G, test, CHAIN_EXPECTED, got, pass);
+}
+
+/// N of a chain check's `linked (N events)`.
+pub(crate) fn chain_length(got: &str) -> Option<u64> {
+    got.strip_prefix("linked (")?
+        .strip_suffix(" events)")?
+        .parse()
+        .ok()
+}
+
+/// The verdict on the chain check as last seen after a write at `written_at`: (GOT, pass).
+/// `before` is the chain's length in the latest report before the write, if there was one.
+pub(crate) fn chain_verdict(
+    before: Option<u64>,
+    written_at: u64,
+    seen: Result<(u64, Reported), String>,
+) -> (String, bool) {
+    let (reported_at, r) = match seen {
+        Ok(s) => s,
+        Err(why) => return (why, false),
+    };
+    let was = before.map_or("no chain report before the write".into(), |b| {
+        format!("{b} before the write")
+    });
+    if reported_at <= written_at {
+        let ago = written_at - reported_at;
+        return (
+            format!(
+                "{}, in a report made {ago}s before the write (none made after it in time)",
+                r.got
+            ),
             false,
         );
-        return;
+    }
+    let when = format!("made {}s after the write", reported_at - written_at);
+    let Some(n) = chain_length(&r.got) else {
+        return (format!("{} ({when})", r.got), false);
     };
-    let check = format!("signed_events.{}", p.store);
-    run.from_evidence(G, test, &pg, &check, "ok");
+    let got = format!("{}: {was}, {when}", r.got);
+    let pass = r.status == CheckStatus::Pass && n > 0 && before.is_none_or(|b| n > b);
+    (got, pass)
 }
 
 async fn provenance_envelope(run: &mut Run<'_>, p: &Peer) {
@@ -1139,14 +1202,46 @@ pub async fn encrypted_legs(run: &mut Run<'_>) {
                 false,
             ),
         }
-        run.from_evidence(
+        // Configured and measured: the pg node's loaded pg_hba, and each of the region's peers'
+        // real plaintext login, which the server must refuse.
+        let mut reading = vec![(pg.clone(), "store.hba_hostssl_only")];
+        for p in mesh.peers.iter().filter(|p| p.region() == region) {
+            reading.push((p.name().to_owned(), "store.plaintext_refused"));
+        }
+        let (mut got, mut pass) = all_pass(&mesh.evidence, &reading);
+        if reading.len() == 1 {
+            got.push_str(&format!(
+                "; no enrolled peer in {region} tried a plaintext login"
+            ));
+            pass = false;
+        }
+        run.record(
             G,
             format!("leg3.plaintext_tcp_refused[{region}]"),
-            pg,
-            "store.plaintext_refused",
-            "refused (ssl on, hostssl /32 scram-sha-256 only)",
+            "pg_hba hostssl only (pg) and every peer's plaintext login refused by the server",
+            got,
+            pass,
         );
     }
+}
+
+/// Several nodes' reported checks as one row: PASS iff each reported its check PASS, recently.
+pub(crate) fn all_pass(evidence: &Evidence, reading: &[(String, &str)]) -> (String, bool) {
+    let mut parts = Vec::new();
+    let mut pass = !reading.is_empty();
+    for (node, check) in reading {
+        match evidence.check(node, check) {
+            Finding::Reported(r) => {
+                pass &= r.status == CheckStatus::Pass;
+                parts.push(format!("{node} {check}: {}", r.got));
+            }
+            Finding::Absent(why) => {
+                pass = false;
+                parts.push(why);
+            }
+        }
+    }
+    (parts.join("; "), pass)
 }
 
 /// `curator` (every peer): the curator service runs and does not crash-loop: at most 3 automatic
@@ -1181,5 +1276,144 @@ pub async fn curator(run: &mut Run<'_>) {
             }
             Err(why) => run.record(G, test, expected, why, false),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reported(got: &str, status: CheckStatus) -> Reported {
+        Reported {
+            expected: r"linked \([0-9]+ events\)".into(),
+            got: got.into(),
+            status,
+        }
+    }
+
+    #[test]
+    fn chain_lengths_are_read_only_from_a_linked_chain() {
+        assert_eq!(chain_length("linked (0 events)"), Some(0));
+        assert_eq!(chain_length("linked (12 events)"), Some(12));
+        for other in [
+            "broken at event 4 of 5: prev_hash is not the hash of event 3",
+            "linked (x events)",
+            "ok",
+            "",
+        ] {
+            assert_eq!(chain_length(other), None, "{other}");
+        }
+    }
+
+    /// The row passes only on a linked, non-empty chain, longer than before the write, in a
+    /// report the pg node made after the write.
+    #[test]
+    fn the_chain_row_wants_a_longer_chain_reported_after_the_write() {
+        let w = 1_000;
+        let pass = CheckStatus::Pass;
+        let after = |at: u64, got: &str, status| Ok((at, reported(got, status)));
+
+        let (got, ok) = chain_verdict(Some(3), w, after(w + 4, "linked (4 events)", pass));
+        assert!(ok, "{got}");
+        assert_eq!(
+            got,
+            "linked (4 events): 3 before the write, made 4s after the write"
+        );
+        let (got, ok) = chain_verdict(None, w, after(w + 1, "linked (1 events)", pass));
+        assert!(ok, "{got}");
+        assert!(got.contains("no chain report before the write"), "{got}");
+
+        // Empty after the write: the write left nothing to verify.
+        let (got, ok) = chain_verdict(None, w, after(w + 2, "linked (0 events)", pass));
+        assert!(!ok, "{got}");
+        // The latest report predates the write (nothing newer came in time).
+        let (got, ok) = chain_verdict(None, w, after(w - 3, "linked (7 events)", pass));
+        assert!(!ok);
+        assert!(got.contains("made 3s before the write"), "{got}");
+        let (_, ok) = chain_verdict(Some(2), w, after(w, "linked (7 events)", pass));
+        assert!(
+            !ok,
+            "a report made in the second of the write may predate it"
+        );
+        // After the write, but no longer than before it.
+        let (got, ok) = chain_verdict(Some(4), w, after(w + 5, "linked (4 events)", pass));
+        assert!(!ok, "{got}");
+        // Broken, or not reported.
+        let broken = "broken at event 4 of 5: prev_hash is not the hash of event 3";
+        let (got, ok) = chain_verdict(Some(4), w, after(w + 5, broken, CheckStatus::Fail));
+        assert!(!ok);
+        assert!(got.starts_with(broken), "{got}");
+        let (got, ok) = chain_verdict(None, w, Err("pg1 has not reported".into()));
+        assert_eq!((got.as_str(), ok), ("pg1 has not reported", false));
+        // The node's own verdict counts too.
+        let (_, ok) = chain_verdict(
+            None,
+            w,
+            after(w + 1, "linked (2 events)", CheckStatus::Fail),
+        );
+        assert!(!ok);
+    }
+
+    #[test]
+    fn the_plaintext_row_needs_the_pg_and_every_peer_to_pass() {
+        let mut ev = Evidence {
+            max_age_secs: 15,
+            ..Default::default()
+        };
+        let node = |checks: &[(&str, &str, CheckStatus)]| NodeEvidence {
+            age_secs: 2,
+            checks: checks
+                .iter()
+                .map(|(c, got, s)| (c.to_string(), reported(got, *s)))
+                .collect(),
+            ..Default::default()
+        };
+        let refused = "refused: no pg_hba.conf entry for host \"10.11.0.11\", user \"ai_memory\", database \"ai_memory\", no encryption";
+        ev.nodes.insert(
+            "pg1".into(),
+            node(&[(
+                "store.hba_hostssl_only",
+                "ssl on, hostssl /32 scram-sha-256 only",
+                CheckStatus::Pass,
+            )]),
+        );
+        ev.nodes.insert(
+            "peer1".into(),
+            node(&[("store.plaintext_refused", refused, CheckStatus::Pass)]),
+        );
+        ev.nodes.insert(
+            "peer2".into(),
+            node(&[(
+                "store.plaintext_refused",
+                "connected without TLS",
+                CheckStatus::Fail,
+            )]),
+        );
+        let read = |nodes: &[&str]| -> Vec<(String, &'static str)> {
+            nodes
+                .iter()
+                .map(|n| {
+                    let check = if n.starts_with("pg") {
+                        "store.hba_hostssl_only"
+                    } else {
+                        "store.plaintext_refused"
+                    };
+                    (n.to_string(), check)
+                })
+                .collect()
+        };
+        let (got, ok) = all_pass(&ev, &read(&["pg1", "peer1"]));
+        assert!(ok, "{got}");
+        assert!(
+            got.contains("peer1 store.plaintext_refused: refused: no pg_hba.conf"),
+            "{got}"
+        );
+        let (got, ok) = all_pass(&ev, &read(&["pg1", "peer1", "peer2"]));
+        assert!(!ok);
+        assert!(got.contains("connected without TLS"), "{got}");
+        let (got, ok) = all_pass(&ev, &read(&["pg1", "peer3"]));
+        assert!(!ok);
+        assert!(got.contains("peer3 has not reported"), "{got}");
+        assert!(!all_pass(&ev, &[]).1);
     }
 }

@@ -5,10 +5,12 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use hiveseed_proto::status::CheckStatus;
+use hiveseed_proto::status::{CheckStatus, StatusReport};
+use hiveseed_proto::NodeName;
 
 use crate::campaign::CampaignDir;
 use crate::fleet::Fleet;
@@ -74,12 +76,44 @@ pub struct Reported {
 
 #[derive(Debug, Clone, Default)]
 pub struct NodeEvidence {
+    /// Since the seeder received it.
     pub age_secs: u64,
-    /// Unix seconds when the node measured it (the report's own `at`).
+    /// Unix seconds when the node measured it (the report's own `at`, made right after its
+    /// checks ran).
     pub reported_at: u64,
     pub checks: BTreeMap<String, Reported>,
     /// unit → automatic restarts, as the node's service manager counts them.
     pub restarts: BTreeMap<String, u32>,
+}
+
+impl NodeEvidence {
+    fn of(report: &StatusReport, received_at: u64, now: u64) -> Self {
+        let checks = report
+            .checks
+            .iter()
+            .map(|c| {
+                (
+                    c.check.clone(),
+                    Reported {
+                        expected: c.expected.clone(),
+                        got: c.got.clone(),
+                        status: c.status,
+                    },
+                )
+            })
+            .collect();
+        let restarts = report
+            .services
+            .iter()
+            .map(|s| (s.unit.clone(), s.restarts))
+            .collect();
+        NodeEvidence {
+            age_secs: now.saturating_sub(received_at),
+            reported_at: report.at,
+            checks,
+            restarts,
+        }
+    }
 }
 
 /// A unit's restart count as a node reported it.
@@ -97,6 +131,10 @@ pub struct Evidence {
     /// region → its pg node.
     pub region_pg: BTreeMap<String, String>,
     pub max_age_secs: u64,
+    /// The campaign's state database, where the seeder keeps receiving reports while the suite
+    /// runs: [`Evidence::latest`] reads it again for a check taken after a probe's own write.
+    /// `None` (daemons a test started): the snapshot is all there is.
+    pub state_db: Option<PathBuf>,
 }
 
 /// The answer to "what did node N report for check C", as a report line.
@@ -108,6 +146,25 @@ pub enum Finding {
 }
 
 impl Evidence {
+    /// `node`'s latest report as it is now in the state database (the snapshot without one).
+    pub fn latest(&self, node: &str, now: u64) -> Result<NodeEvidence, String> {
+        let Some(db) = &self.state_db else {
+            return self
+                .nodes
+                .get(node)
+                .cloned()
+                .ok_or_else(|| format!("{node} has not reported"));
+        };
+        let name: NodeName = node.parse().map_err(|e| format!("{node}: {e}"))?;
+        let latest = Store::open(db)
+            .and_then(|s| s.latest_report(&name))
+            .map_err(|e| format!("reading {node}'s latest report: {e}"))?;
+        match latest {
+            Some((report, received_at)) => Ok(NodeEvidence::of(&report, received_at, now)),
+            None => Err(format!("{node} has not reported")),
+        }
+    }
+
     /// The node's latest report if it is recent enough to count; else why not.
     fn fresh(&self, node: &str) -> Result<&NodeEvidence, String> {
         let Some(n) = self.nodes.get(node) else {
@@ -212,6 +269,7 @@ impl Mesh {
         agents.sort();
         let mut evidence = Evidence {
             max_age_secs: 3 * u64::from(fleet.ttl.report_interval_secs),
+            state_db: Some(dir.state_db()),
             ..Default::default()
         };
         for n in fleet.nodes_with_role("pg") {
@@ -219,35 +277,10 @@ impl Mesh {
                 .region_pg
                 .insert(n.region.to_string(), n.name.to_string());
         }
-        for (r, at) in store.latest_reports()? {
-            let checks = r
-                .checks
-                .iter()
-                .map(|c| {
-                    (
-                        c.check.clone(),
-                        Reported {
-                            expected: c.expected.clone(),
-                            got: c.got.clone(),
-                            status: c.status,
-                        },
-                    )
-                })
-                .collect();
-            let restarts = r
-                .services
-                .iter()
-                .map(|s| (s.unit.clone(), s.restarts))
-                .collect();
-            evidence.nodes.insert(
-                r.node.to_string(),
-                NodeEvidence {
-                    age_secs: now.saturating_sub(at),
-                    reported_at: r.at,
-                    checks,
-                    restarts,
-                },
-            );
+        for (r, received_at) in store.latest_reports()? {
+            evidence
+                .nodes
+                .insert(r.node.to_string(), NodeEvidence::of(&r, received_at, now));
         }
         // The peers have an LLM only when the fleet gives them one (`[llm]`), with the operator's
         // key from the campaign directory.
@@ -496,5 +529,58 @@ mod tests {
         assert_eq!(row("p-stale").1, CheckStatus::Fail);
         assert!(row("p-stale").0.contains("60s old"), "{:?}", row("p-stale"));
         assert!(run.checks.iter().all(|c| c.status != CheckStatus::Skip));
+    }
+
+    /// A check taken after the suite started is read from the state database, as the seeder
+    /// stores it; without one, only the snapshot exists.
+    #[test]
+    fn latest_reads_the_reports_stored_since_the_snapshot() {
+        use hiveseed_proto::status::{CheckRecord, Phase};
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("state.db");
+        let store = Store::open(&db).unwrap();
+        let report = |seq: u64, at: u64, got: &str| StatusReport {
+            node: "do-1461-pg-nyc3-01".parse().unwrap(),
+            seq,
+            at,
+            phase: Phase::Converged,
+            generation: None,
+            digest: None,
+            resources: vec![],
+            services: vec![],
+            checks: vec![CheckRecord {
+                node: "do-1461-pg-nyc3-01".parse().unwrap(),
+                check: "signed_events.ic_peer_1".into(),
+                expected: r"linked \([0-9]+ events\)".into(),
+                got: got.into(),
+                status: CheckStatus::Pass,
+            }],
+        };
+        store
+            .put_report(&report(1, 100, "linked (0 events)"), 101)
+            .unwrap();
+        let mut ev = Evidence {
+            max_age_secs: 15,
+            state_db: Some(db.clone()),
+            ..Default::default()
+        };
+        let pg = "do-1461-pg-nyc3-01";
+        let n = ev.latest(pg, 105).unwrap();
+        assert_eq!((n.reported_at, n.age_secs), (100, 4));
+        ev.nodes.insert(pg.into(), n);
+
+        store
+            .put_report(&report(2, 110, "linked (1 events)"), 111)
+            .unwrap();
+        let n = ev.latest(pg, 112).unwrap();
+        assert_eq!(n.reported_at, 110);
+        assert_eq!(n.checks["signed_events.ic_peer_1"].got, "linked (1 events)");
+        assert!(ev
+            .latest("do-1461-pg-fra1-01", 112)
+            .unwrap_err()
+            .contains("has not reported"));
+
+        ev.state_db = None;
+        assert_eq!(ev.latest(pg, 112).unwrap().reported_at, 100, "the snapshot");
     }
 }

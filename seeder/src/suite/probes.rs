@@ -435,6 +435,25 @@ impl<'m> Run<'m> {
         }
     }
 
+    /// Tries `attempt` every `mesh.poll_every` until it returns `Ok` or the next try would
+    /// fall after `deadline`; then the last `Err`.
+    pub async fn poll_until<T, E, F, Fut>(&self, deadline: Instant, mut attempt: F) -> Result<T, E>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        loop {
+            let last = match attempt().await {
+                Ok(t) => return Ok(t),
+                Err(e) => e,
+            };
+            if Instant::now() + self.mesh.poll_every > deadline {
+                return Err(last);
+            }
+            tokio::time::sleep(self.mesh.poll_every).await;
+        }
+    }
+
     /// Deletes what the run created and sees it gone: one row `cleanup[<row>]` per probe row
     /// that created memories, in its group, right after it. PASS only when, for each of its
     /// memories, one pass over every peer of the mesh answers `GET /api/v1/memories/{id}` 404.
