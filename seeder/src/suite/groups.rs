@@ -878,16 +878,21 @@ async fn standard_owner_only(run: &mut Run<'_>, p: &Peer) {
     }
 }
 
+/// capture_turn writes `signed_events_chain_ok` makes: two, so the chain holds at least one
+/// prev_hash that is a hash (the first event's is 32 zero bytes) and the pg node's check verifies
+/// the daemon's own hashing, not only the genesis rule.
+const CHAIN_WRITES: u64 = 2;
+
 /// What `signed_events_chain_ok` expects of the pg node's chain check.
 const CHAIN_EXPECTED: &str =
-    "linked (N events), N > 0 and above the count before the write, in a report made after it";
+    "linked (N events), N at least 2 more than before the two writes, in a report made after them";
 
-/// `signed_events_chain_ok`: a capture_turn appends an event to the peer's signed_events chain
-/// (ai-memory 0.7.0 writes it in the turn's own transaction); only the region's pg node can read
-/// that chain, so the row takes that node's `signed_events.<store>` check from a report the node
-/// made after the write (the seeder keeps storing reports while the suite runs), waiting for one
-/// up to the evidence age limit, and requires the chain linked, non-empty and longer than in the
-/// latest report before the write.
+/// `signed_events_chain_ok`: each capture_turn appends an event to the peer's signed_events
+/// chain (ai-memory 0.7.0 writes it in the turn's own transaction); only the region's pg node can
+/// read that chain, so the row takes that node's `signed_events.<store>` check from a report the
+/// node made after the writes (the seeder keeps storing reports while the suite runs), waiting
+/// for one up to the evidence age limit, and requires the chain linked and longer by the writes
+/// than in the latest report before them.
 async fn signed_events_chain(run: &mut Run<'_>, p: &Peer) {
     const G: &str = "nsa_gaps";
     let mesh = run.mesh;
@@ -906,25 +911,28 @@ async fn signed_events_chain(run: &mut Run<'_>, p: &Peer) {
         .ok()
         .and_then(|n| n.checks.get(&check).and_then(|r| chain_length(&r.got)));
     let written_at = now();
-    let a = run
-        .call(
-            &p.endpoint,
-            Method::POST,
-            "/api/v1/capture_turn",
-            Some(&h),
-            Some(serde_json::json!({
-                "host_session_id": format!("p3se-{}-{}", run.stamp, nonce(6)),
-                "host_turn_index": 0,
-                "role": "assistant",
-                "content": format!("signed-events chain probe {}", nonce(8)),
-                "host_kind": "p3-nsa-probe",
-                "namespace": mesh.campaign,
-            })),
-        )
-        .await;
-    if !a.is_success() {
-        let got = format!("capture_turn: {}", a.summary());
-        return run.record(G, test, CHAIN_EXPECTED, got, false);
+    let session = format!("p3se-{}-{}", run.stamp, nonce(6));
+    for turn in 0..CHAIN_WRITES {
+        let a = run
+            .call(
+                &p.endpoint,
+                Method::POST,
+                "/api/v1/capture_turn",
+                Some(&h),
+                Some(serde_json::json!({
+                    "host_session_id": session,
+                    "host_turn_index": turn,
+                    "role": "assistant",
+                    "content": format!("signed-events chain probe {}", nonce(8)),
+                    "host_kind": "p3-nsa-probe",
+                    "namespace": mesh.campaign,
+                })),
+            )
+            .await;
+        if !a.is_success() {
+            let got = format!("capture_turn {turn}: {}", a.summary());
+            return run.record(G, test, CHAIN_EXPECTED, got, false);
+        }
     }
     let deadline = Instant::now() + std::time::Duration::from_secs(mesh.evidence.max_age_secs);
     let seen = |n: NodeEvidence| match n.checks.get(&check) {
@@ -935,7 +943,7 @@ async fn signed_events_chain(run: &mut Run<'_>, p: &Peer) {
         .poll_until(deadline, || async {
             let s = mesh.evidence.latest(&pg, now()).and_then(seen);
             match &s {
-                Ok((at, r)) if *at > written_at && chain_length(&r.got) > before => Ok(s),
+                Ok((at, r)) if chain_verdict(before, written_at, Ok((*at, r.clone()))).1 => Ok(s),
                 _ => Err(s),
             }
         })
@@ -954,8 +962,8 @@ pub(crate) fn chain_length(got: &str) -> Option<u64> {
         .ok()
 }
 
-/// The verdict on the chain check as last seen after a write at `written_at`: (GOT, pass).
-/// `before` is the chain's length in the latest report before the write, if there was one.
+/// The verdict on the chain check as last seen after the writes made at `written_at`: (GOT,
+/// pass). `before` is the chain's length in the latest report before them, if there was one.
 pub(crate) fn chain_verdict(
     before: Option<u64>,
     written_at: u64,
@@ -965,26 +973,26 @@ pub(crate) fn chain_verdict(
         Ok(s) => s,
         Err(why) => return (why, false),
     };
-    let was = before.map_or("no chain report before the write".into(), |b| {
-        format!("{b} before the write")
+    let was = before.map_or("no chain report before the writes".into(), |b| {
+        format!("{b} before the writes")
     });
     if reported_at <= written_at {
         let ago = written_at - reported_at;
         return (
             format!(
-                "{}, in a report made {ago}s before the write (none made after it in time)",
+                "{}, in a report made {ago}s before the writes (none made after them in time)",
                 r.got
             ),
             false,
         );
     }
-    let when = format!("made {}s after the write", reported_at - written_at);
+    let when = format!("made {}s after the writes", reported_at - written_at);
     let Some(n) = chain_length(&r.got) else {
         return (format!("{} ({when})", r.got), false);
     };
     let got = format!("{}: {was}, {when}", r.got);
-    let pass = r.status == CheckStatus::Pass && n > 0 && before.is_none_or(|b| n > b);
-    (got, pass)
+    let wanted = before.unwrap_or(0) + CHAIN_WRITES;
+    (got, r.status == CheckStatus::Pass && n >= wanted)
 }
 
 async fn provenance_envelope(run: &mut Run<'_>, p: &Peer) {
@@ -1305,42 +1313,46 @@ mod tests {
         }
     }
 
-    /// The row passes only on a linked, non-empty chain, longer than before the write, in a
-    /// report the pg node made after the write.
+    /// The row passes only on a linked chain longer by both writes (so at least two events: one
+    /// real prev_hash) than before them, in a report the pg node made after them.
     #[test]
-    fn the_chain_row_wants_a_longer_chain_reported_after_the_write() {
+    fn the_chain_row_wants_a_longer_chain_reported_after_the_writes() {
         let w = 1_000;
         let pass = CheckStatus::Pass;
         let after = |at: u64, got: &str, status| Ok((at, reported(got, status)));
 
-        let (got, ok) = chain_verdict(Some(3), w, after(w + 4, "linked (4 events)", pass));
+        let (got, ok) = chain_verdict(Some(3), w, after(w + 4, "linked (5 events)", pass));
         assert!(ok, "{got}");
         assert_eq!(
             got,
-            "linked (4 events): 3 before the write, made 4s after the write"
+            "linked (5 events): 3 before the writes, made 4s after the writes"
         );
-        let (got, ok) = chain_verdict(None, w, after(w + 1, "linked (1 events)", pass));
+        let (got, ok) = chain_verdict(None, w, after(w + 1, "linked (2 events)", pass));
         assert!(ok, "{got}");
-        assert!(got.contains("no chain report before the write"), "{got}");
+        assert!(got.contains("no chain report before the writes"), "{got}");
 
-        // Empty after the write: the write left nothing to verify.
+        // Empty, or one event (only the genesis rule checked), after the writes.
         let (got, ok) = chain_verdict(None, w, after(w + 2, "linked (0 events)", pass));
         assert!(!ok, "{got}");
-        // The latest report predates the write (nothing newer came in time).
+        let (got, ok) = chain_verdict(None, w, after(w + 2, "linked (1 events)", pass));
+        assert!(!ok, "{got}");
+        // The latest report predates the writes (nothing newer came in time).
         let (got, ok) = chain_verdict(None, w, after(w - 3, "linked (7 events)", pass));
         assert!(!ok);
-        assert!(got.contains("made 3s before the write"), "{got}");
+        assert!(got.contains("made 3s before the writes"), "{got}");
         let (_, ok) = chain_verdict(Some(2), w, after(w, "linked (7 events)", pass));
         assert!(
             !ok,
-            "a report made in the second of the write may predate it"
+            "a report made in the second of the writes may predate them"
         );
-        // After the write, but no longer than before it.
+        // After the writes, but not longer by both.
         let (got, ok) = chain_verdict(Some(4), w, after(w + 5, "linked (4 events)", pass));
+        assert!(!ok, "{got}");
+        let (got, ok) = chain_verdict(Some(4), w, after(w + 5, "linked (5 events)", pass));
         assert!(!ok, "{got}");
         // Broken, or not reported.
         let broken = "broken at event 4 of 5: prev_hash is not the hash of event 3";
-        let (got, ok) = chain_verdict(Some(4), w, after(w + 5, broken, CheckStatus::Fail));
+        let (got, ok) = chain_verdict(Some(3), w, after(w + 5, broken, CheckStatus::Fail));
         assert!(!ok);
         assert!(got.starts_with(broken), "{got}");
         let (got, ok) = chain_verdict(None, w, Err("pg1 has not reported".into()));
