@@ -29,7 +29,8 @@ pub struct Row {
     pub sequence: Option<i64>,
 }
 
-/// The rows in chain order, as [`Row`] fields (the timestamp as exact microseconds).
+/// The rows in chain order, as [`Row`] fields (the timestamp as microseconds, exact: `extract`
+/// answers numeric since PostgreSQL 14).
 const SELECT: &str = "SELECT id, agent_id, event_type, payload_hash, signature, attest_level, \
                       (extract(epoch FROM \"timestamp\") * 1000000)::int8, prev_hash, sequence \
                       FROM {table} ORDER BY sequence ASC NULLS FIRST";
