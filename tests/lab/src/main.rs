@@ -243,6 +243,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 "first agent start -> fleet converged: {:.1}s",
                 green.as_secs_f64()
             );
+            println!("command-line sampler: {}", f.cmdlines.stats());
             let status = f.seeder_cmd(&["status"]).output()?;
             print!("{}", String::from_utf8_lossy(&status.stdout));
             // Node checks are re-run every report interval: a check taken just before the last
@@ -338,6 +339,8 @@ fn scenarios(
             }
         }
     }
+    // The second bring-up has its own sampler.
+    fleet.cmdlines.stop();
     if want(Scenario::Faults) {
         println!("== faults (seeder killed during a second bring-up)");
         if let Err(e) = sc::seeder_killed(cfg, &mut rec, timeout) {
