@@ -62,7 +62,8 @@ impl Record {
         self.checks.push(c);
     }
 
-    fn note(&mut self, s: impl Into<String>) {
+    /// A figure, printed now and after the table.
+    pub fn note(&mut self, s: impl Into<String>) {
         let s = s.into();
         println!("  {s}");
         self.notes.push(s);
