@@ -291,15 +291,19 @@ fn render_writes_join_config_and_fetch_script_for_pg_and_peer() {
         let doc = &decoded[node.name];
         assert!(user_data.starts_with("#cloud-config\n"), "{user_data}");
 
-        // Only what the lab can emulate: hostname, write_files, runcmd.
+        // Only what the lab plays (tests/lab/src/fleet.rs refuses any other key).
         let keys: Vec<&str> = doc
             .as_object()
             .unwrap()
             .keys()
             .map(String::as_str)
             .collect();
-        assert_eq!(keys, ["hostname", "runcmd", "write_files"]);
+        assert_eq!(
+            keys,
+            ["hostname", "manage_etc_hosts", "runcmd", "write_files"]
+        );
         assert_eq!(doc["hostname"], node.name);
+        assert_eq!(doc["manage_etc_hosts"], true);
         let files = doc["write_files"].as_array().unwrap();
         let paths: Vec<&str> = files.iter().map(|f| f["path"].as_str().unwrap()).collect();
         assert_eq!(paths, [JOIN_PATH, CA_PATH, FETCH_PATH]);

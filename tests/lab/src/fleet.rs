@@ -3,7 +3,12 @@
 //! Terraform module renders every node's user_data, and each node boots from exactly that: its
 //! `write_files` land in the node root, its `runcmd` runs inside the chroot (which fetches
 //! `bootstrap` from the seeder and runs it). A facts file stands in for the metadata service.
-//! Nothing else is done to a node from outside.
+//! Nothing else is done to a node from outside: the cloud-config player implements exactly the
+//! keys the user_data uses, as cloud-init does on a Debian droplet, and refuses any other key.
+//!
+//! One lab-only substitution in the campaign: the fleet file's `[pins.ai_memory] sha256` becomes
+//! the sha256 of the cache's own ai-memory build ([`pin_ai_memory`]), because a cargo build is not
+//! byte-reproducible across machines; a real fleet pins the binary its operator built.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -78,6 +83,8 @@ pub struct Fleet {
     /// The same moment on the wall clock (to compare with log timestamps).
     pub boot_started_wall: std::time::SystemTime,
     pub phases: Vec<(String, Duration)>,
+    /// Every command line in the lab, sampled from the first boot on (the `secrets` scan).
+    pub cmdlines: crate::cmdlines::Sampler,
 }
 
 #[derive(Debug, Deserialize)]
@@ -91,10 +98,15 @@ struct TfNode {
     region: String,
 }
 
+/// The cloud-config keys the lab plays; any other key is refused rather than ignored.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CloudConfig {
     #[serde(default)]
     hostname: Option<String>,
+    /// cloud-init's `update_etc_hosts`: `true` (or `"template"`) renders /etc/hosts.
+    #[serde(default)]
+    manage_etc_hosts: Option<serde_json::Value>,
     #[serde(default)]
     write_files: Vec<WriteFile>,
     #[serde(default)]
@@ -102,6 +114,7 @@ struct CloudConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct WriteFile {
     path: String,
     content: String,
@@ -238,7 +251,17 @@ pub fn up(cfg: &UpConfig) -> Result<Fleet> {
     let campaign = lab.dir().join("campaign");
     let _ = std::fs::remove_dir_all(&campaign);
     let fleet = lab.dir().join("fleet.toml");
-    std::fs::copy(&cfg.fleet_file, &fleet).map_err(io("copying the fleet file"))?;
+    let mut fleet_text =
+        std::fs::read_to_string(&cfg.fleet_file).map_err(io("reading the fleet file"))?;
+    let ai_memory = if cfg.with_ai_memory {
+        let (am, _) = cache.ensure_ai_memory()?;
+        fleet_text = pin_ai_memory(&fleet_text, &am.sha256)?;
+        tracing::info!(sha256 = %am.sha256, "lab only: pins.ai_memory.sha256 is the cache's build");
+        Some(am)
+    } else {
+        None
+    };
+    std::fs::write(&fleet, fleet_text).map_err(io("writing the lab's fleet file"))?;
     run(
         "seeder init",
         Command::new(&cfg.seeder_bin)
@@ -263,8 +286,7 @@ pub fn up(cfg: &UpConfig) -> Result<Fleet> {
         .map(|_| ())
     };
     add("bootstrap", &cfg.bootstrap_bin)?;
-    if cfg.with_ai_memory {
-        let (am, _) = cache.ensure_ai_memory()?;
+    if let Some(am) = &ai_memory {
         add("ai-memory", &am.bin)?;
         let (minilm, _) = cache.ensure_minilm()?;
         for (name, file) in [
@@ -341,6 +363,11 @@ pub fn up(cfg: &UpConfig) -> Result<Fleet> {
         }
     }
     crate::route::setup(lab.dir(), &routes)?;
+    let cmdlines = crate::cmdlines::Sampler::start(crate::cmdlines::Scope {
+        roots_under: lab.dir().to_path_buf(),
+        children_of: Some(std::process::id() as i32),
+    })
+    .map_err(io("starting the command-line sampler"))?;
     let boot_started = Instant::now();
     let boot_started_wall = std::time::SystemTime::now();
     let mut nodes = Vec::new();
@@ -389,11 +416,49 @@ pub fn up(cfg: &UpConfig) -> Result<Fleet> {
         boot_started,
         boot_started_wall,
         phases,
+        cmdlines,
     })
 }
 
-/// A fresh node from its user_data: overlay, facts file in place of the metadata service,
-/// /etc/hosts, then cloud-init's write_files and runcmd.
+/// The fleet file with `[pins.ai_memory] sha256` set to `sha256`, every other byte kept (the
+/// lab-only substitution: the pin is the cache's build, see the module doc).
+pub fn pin_ai_memory(fleet_text: &str, sha256: &str) -> Result<String> {
+    set_toml_value(
+        fleet_text,
+        "pins.ai_memory",
+        "sha256",
+        &format!("\"{sha256}\""),
+    )
+}
+
+/// Rewrites the first `key = value` line under `[section]` of a TOML text, keeping every other
+/// line; an error if there is none.
+pub fn set_toml_value(text: &str, section: &str, key: &str, value: &str) -> Result<String> {
+    let mut out = String::with_capacity(text.len());
+    let mut in_section = false;
+    let mut done = false;
+    for line in text.lines() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            in_section = t == format!("[{section}]");
+        }
+        let is_key = t.split('=').next().map(str::trim) == Some(key);
+        if in_section && !done && is_key {
+            out.push_str(&format!("{key} = {value}\n"));
+            done = true;
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    if !done {
+        return Err(step("fleet file", format!("no {key} under [{section}]")));
+    }
+    Ok(out)
+}
+
+/// A fresh node from its user_data: overlay, facts file in place of the metadata service, then
+/// its cloud-config.
 fn boot_node(lab: &Lab, base: &Path, n: &BootedNode) -> Result<()> {
     let node_name: NodeName = n.name.parse()?;
     let node = lab.node_up(&node_name, base)?;
@@ -402,19 +467,46 @@ fn boot_node(lab: &Lab, base: &Path, n: &BootedNode) -> Result<()> {
         n.facts.to_string().as_bytes(),
         0o644,
     )?;
-    let host = n
-        .cloud_config
-        .hostname
-        .clone()
-        .unwrap_or_else(|| n.name.clone());
-    node.write_hosts(&[(n.private_ip, host.as_str())])?;
-    boot(&node, &n.cloud_config)?;
+    // The metadata service's hostname (a droplet's is its name) is where cloud-init takes the
+    // fqdn from when the cloud-config's hostname has no dot.
+    boot(&node, &n.cloud_config, &n.name)?;
     Ok(())
 }
 
-/// Plays a node's cloud-config: write_files, then runcmd in the background (cloud-init's final
-/// stage), output to the node's console log.
-fn boot(node: &Node, cc: &CloudConfig) -> Result<PathBuf> {
+/// /etc/hosts as cloud-init renders it for `manage_etc_hosts: true` on Debian (its template
+/// `hosts.debian.tmpl`): the node's names on 127.0.1.1, then localhost.
+fn etc_hosts(fqdn: &str, hostname: &str) -> String {
+    format!(
+        "# manage_etc_hosts: cloud-init rewrites this file from hosts.debian.tmpl on every boot.\n\
+         127.0.1.1 {fqdn} {hostname}\n\
+         127.0.0.1 localhost\n\
+         \n\
+         ::1 localhost ip6-localhost ip6-loopback\n\
+         ff02::1 ip6-allnodes\n\
+         ff02::2 ip6-allrouters\n"
+    )
+}
+
+/// Whether `manage_etc_hosts` asks for the template (`true` or `"template"`); `false` or absent
+/// leaves /etc/hosts alone. `"localhost"` (update one line of an existing file) is not played.
+fn manages_etc_hosts(value: Option<&serde_json::Value>) -> Result<bool> {
+    match value {
+        None | Some(serde_json::Value::Bool(false)) => Ok(false),
+        Some(serde_json::Value::Bool(true)) => Ok(true),
+        Some(serde_json::Value::String(s)) if s == "template" => Ok(true),
+        Some(other) => Err(step(
+            "cloud-config manage_etc_hosts",
+            format!("{other} is not played by the lab"),
+        )),
+    }
+}
+
+/// Plays a node's cloud-config in cloud-init's module order on Debian: write_files,
+/// set_hostname (/etc/hostname: the kernel hostname is the host's, all chroots share one UTS
+/// namespace), update_etc_hosts, then runcmd in the background (the final stage), output to the
+/// node's console log. `metadata_hostname` is what the metadata service would answer.
+fn boot(node: &Node, cc: &CloudConfig, metadata_hostname: &str) -> Result<PathBuf> {
+    let manage_hosts = manages_etc_hosts(cc.manage_etc_hosts.as_ref())?;
     for f in &cc.write_files {
         let bytes = match f.encoding.as_deref() {
             None | Some("text/plain") => f.content.clone().into_bytes(),
@@ -445,6 +537,18 @@ fn boot(node: &Node, cc: &CloudConfig) -> Result<PathBuf> {
             }
         }
         node.write_file(&f.path, &bytes, mode)?;
+    }
+    let hostname = cc.hostname.as_deref().unwrap_or(metadata_hostname);
+    if cc.hostname.is_some() {
+        node.write_file("/etc/hostname", format!("{hostname}\n").as_bytes(), 0o644)?;
+    }
+    if manage_hosts {
+        // A dotted hostname is its own fqdn; else the metadata service's name is.
+        let (fqdn, short) = match hostname.split_once('.') {
+            Some((short, _)) => (hostname, short),
+            None => (metadata_hostname, hostname),
+        };
+        node.write_file("/etc/hosts", etc_hosts(fqdn, short).as_bytes(), 0o644)?;
     }
     let console = node.dir().join("console.log");
     // cloud-init runs runcmd as one script; each entry is an argv list.
@@ -718,3 +822,91 @@ fn tail(s: &str, n: usize) -> String {
 }
 
 use std::os::unix::process::CommandExt;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LAB_FLEET: &str = include_str!("../../../roles/fleet.lab.toml");
+    /// The committed pin: a placeholder the lab always replaces.
+    const PLACEHOLDER: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+    #[test]
+    fn the_lab_pins_the_cache_build_and_changes_nothing_else() {
+        let cache_build = "476cf390110b410d66f029d3a4efa0aa304014e08b908f3f1dd4ade3b2ff6b3f";
+        let committed = hiveseed_seeder::fleet::Fleet::parse(LAB_FLEET).unwrap();
+        assert_eq!(committed.pins.ai_memory.sha256.to_hex(), PLACEHOLDER);
+        let pinned = pin_ai_memory(LAB_FLEET, cache_build).unwrap();
+        let parsed = hiveseed_seeder::fleet::Fleet::parse(&pinned).unwrap();
+        assert_eq!(parsed.pins.ai_memory.sha256.to_hex(), cache_build);
+        let changed: Vec<(&str, &str)> = LAB_FLEET
+            .lines()
+            .zip(pinned.lines())
+            .filter(|(a, b)| a != b)
+            .collect();
+        assert_eq!(
+            changed,
+            [(
+                format!("sha256 = \"{PLACEHOLDER}\"").as_str(),
+                format!("sha256 = \"{cache_build}\"").as_str()
+            )]
+        );
+        assert_eq!(LAB_FLEET.lines().count(), pinned.lines().count());
+    }
+
+    #[test]
+    fn a_fleet_without_the_pin_is_refused() {
+        let text = LAB_FLEET.replace("[pins.ai_memory]", "[pins.other]");
+        let err = pin_ai_memory(&text, PLACEHOLDER).unwrap_err();
+        assert!(
+            err.to_string().contains("no sha256 under [pins.ai_memory]"),
+            "{err}"
+        );
+    }
+
+    fn cloud_config(json: serde_json::Value) -> std::result::Result<CloudConfig, String> {
+        serde_json::from_value(json).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_player_refuses_keys_it_does_not_play() {
+        let ok = cloud_config(serde_json::json!({
+            "hostname": "n", "manage_etc_hosts": true, "write_files": [], "runcmd": [["true"]],
+        }))
+        .unwrap();
+        assert!(manages_etc_hosts(ok.manage_etc_hosts.as_ref()).unwrap());
+        let err =
+            cloud_config(serde_json::json!({"hostname": "n", "packages": ["curl"]})).unwrap_err();
+        assert!(err.contains("unknown field `packages`"), "{err}");
+        let err = cloud_config(serde_json::json!({
+            "write_files": [{"path": "/x", "content": "", "defer": true}],
+        }))
+        .unwrap_err();
+        assert!(err.contains("unknown field `defer`"), "{err}");
+    }
+
+    #[test]
+    fn manage_etc_hosts_as_cloud_init_reads_it() {
+        use serde_json::json;
+        assert!(!manages_etc_hosts(None).unwrap());
+        assert!(!manages_etc_hosts(Some(&json!(false))).unwrap());
+        assert!(manages_etc_hosts(Some(&json!(true))).unwrap());
+        assert!(manages_etc_hosts(Some(&json!("template"))).unwrap());
+        assert!(manages_etc_hosts(Some(&json!("localhost"))).is_err());
+        let hosts = etc_hosts("do-1461-pg-nyc3-01", "do-1461-pg-nyc3-01");
+        let entries: Vec<&str> = hosts
+            .lines()
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .collect();
+        assert_eq!(
+            entries,
+            [
+                "127.0.1.1 do-1461-pg-nyc3-01 do-1461-pg-nyc3-01",
+                "127.0.0.1 localhost",
+                "::1 localhost ip6-localhost ip6-loopback",
+                "ff02::1 ip6-allnodes",
+                "ff02::2 ip6-allrouters",
+            ]
+        );
+    }
+}

@@ -243,6 +243,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 "first agent start -> fleet converged: {:.1}s",
                 green.as_secs_f64()
             );
+            println!("command-line sampler: {}", f.cmdlines.stats());
             let status = f.seeder_cmd(&["status"]).output()?;
             print!("{}", String::from_utf8_lossy(&status.stdout));
             // Node checks are re-run every report interval: a check taken just before the last
@@ -311,7 +312,14 @@ fn scenarios(
     use hiveseed_lab::scenario as sc;
     let want = |s| only.is_empty() || only.contains(&s);
     let mut rec = sc::Record::default();
+    let took = |rec: &mut sc::Record, name: &str, started: std::time::Instant| {
+        rec.note(format!(
+            "scenario {name:<44} took {:>6.1}s",
+            started.elapsed().as_secs_f64()
+        ));
+    };
     println!("== bring-up");
+    let started = std::time::Instant::now();
     let fleet = match sc::bring_up(cfg, &mut rec, timeout) {
         Ok(f) => f,
         Err(e) => {
@@ -319,30 +327,54 @@ fn scenarios(
             return rec;
         }
     };
+    took(&mut rec, "bring-up", started);
     type Step =
         fn(&hiveseed_lab::fleet::Fleet, &mut sc::Record, std::time::Duration) -> anyhow::Result<()>;
-    let steps: [(Scenario, &'static str, Step); 7] = [
-        (Scenario::Suite, "suite", |f, r, _| sc::suite(f, r)),
-        (Scenario::Secrets, "llm key", |f, r, _| sc::llm_key(f, r)),
-        (Scenario::Secrets, "secrets", |f, r, _| sc::secrets(f, r)),
-        (Scenario::Redeploy, "redeploy", |f, r, _| sc::redeploy(f, r)),
-        (Scenario::Replace, "replace", sc::replace),
-        (Scenario::Faults, "faults", |f, r, _| sc::agent_killed(f, r)),
-        (Scenario::Faults, "faults", |f, r, _| sc::pg_rebooted(f, r)),
+    let steps: [(Scenario, &'static str, &str, Step); 7] = [
+        (Scenario::Suite, "suite", "suite", |f, r, _| sc::suite(f, r)),
+        (Scenario::Secrets, "llm key", "llm key", |f, r, _| {
+            sc::llm_key(f, r)
+        }),
+        (Scenario::Secrets, "secrets", "secrets", |f, r, _| {
+            sc::secrets(f, r)
+        }),
+        (Scenario::Redeploy, "redeploy", "redeploy", |f, r, _| {
+            sc::redeploy(f, r)
+        }),
+        (Scenario::Replace, "replace", "replace", sc::replace),
+        (
+            Scenario::Faults,
+            "faults",
+            "faults (agent killed mid-apply)",
+            |f, r, _| sc::agent_killed(f, r),
+        ),
+        (
+            Scenario::Faults,
+            "faults",
+            "faults (pg node rebooted)",
+            |f, r, _| sc::pg_rebooted(f, r),
+        ),
     ];
-    for (s, name, step) in steps {
+    for (s, name, title, step) in steps {
         if want(s) {
-            println!("== {name}");
+            println!("== {title}");
+            let started = std::time::Instant::now();
             if let Err(e) = step(&fleet, &mut rec, timeout) {
                 rec.error(name, &e);
             }
+            took(&mut rec, title, started);
         }
     }
+    // The second bring-up has its own sampler.
+    fleet.cmdlines.stop();
     if want(Scenario::Faults) {
-        println!("== faults (seeder killed during a second bring-up)");
+        let title = "faults (seeder killed during a second bring-up)";
+        println!("== {title}");
+        let started = std::time::Instant::now();
         if let Err(e) = sc::seeder_killed(cfg, &mut rec, timeout) {
             rec.error("faults", &e);
         }
+        took(&mut rec, title, started);
     }
     rec
 }

@@ -28,7 +28,6 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::{self, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
-use std::net::Ipv4Addr;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -619,16 +618,6 @@ impl Node {
             source: e.error,
         })?;
         Ok(())
-    }
-
-    /// Writes `/etc/hosts`: localhost lines plus `entries` (address, names).
-    pub fn write_hosts(&self, entries: &[(Ipv4Addr, &str)]) -> Result<()> {
-        let mut text =
-            String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
-        for (addr, names) in entries {
-            text.push_str(&format!("{addr}\t{names}\n"));
-        }
-        self.write_file("/etc/hosts", text.as_bytes(), 0o644)
     }
 
     /// A command to run inside the node (`chroot <root> argv...`) with a clean environment:

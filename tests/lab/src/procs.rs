@@ -44,6 +44,11 @@ pub fn start_time(pid: i32) -> Option<u64> {
     stat_fields(pid)?.get(19)?.parse().ok()
 }
 
+/// The parent pid (field 4 of stat) of `pid`, if it exists.
+pub fn parent(pid: i32) -> Option<i32> {
+    stat_fields(pid)?.get(1)?.parse().ok()
+}
+
 /// True while `pid` exists, is not a zombie, and (if given) has the expected start time.
 pub fn is_alive(pid: i32, expected_start: Option<u64>) -> bool {
     let Some(fields) = stat_fields(pid) else {
@@ -243,6 +248,10 @@ mod tests {
         assert!(is_alive(me, Some(st)));
         assert!(!is_alive(me, Some(st + 1)));
         assert!(!cmdline(me).is_empty());
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        // Exited or not, it is unreaped until the wait below: its stat names its parent.
+        assert_eq!(parent(child.id() as i32), Some(me));
+        child.wait().unwrap();
     }
 
     #[test]

@@ -62,7 +62,8 @@ impl Record {
         self.checks.push(c);
     }
 
-    fn note(&mut self, s: impl Into<String>) {
+    /// A figure, printed now and after the table.
+    pub fn note(&mut self, s: impl Into<String>) {
         let s = s.into();
         println!("  {s}");
         self.notes.push(s);
@@ -196,6 +197,8 @@ fn fails_of(report: &str) -> String {
 }
 
 const PG_BIN: &str = "/usr/lib/postgresql/17/bin/postgres";
+/// The secrets scan must see every process that lives this long (a `psql` run, say).
+const SAMPLED_LIFETIME: Duration = Duration::from_millis(200);
 const AI_MEMORY: &str = "/usr/local/bin/ai-memory";
 
 /// The postmaster of a pg node: the oldest `postgres -D` process in it.
@@ -260,10 +263,72 @@ pub fn bring_up(cfg: &UpConfig, rec: &mut Record, timeout: Duration) -> Result<F
         ok,
     );
     rec.note(format!(
-        "bring-up: first agent start -> report green: {:.1}s",
+        "bring-up: first agent start -> report green: {:.1}s (command-line sampler on)",
         green.as_secs_f64()
     ));
+    rec.note(format!(
+        "bring-up: command-line sampler until green: {}",
+        f.cmdlines.stats()
+    ));
+    pg_without_packaged_cluster(&f, rec);
     Ok(f)
+}
+
+/// The clusters postgresql-common made (its postinst runs initdb for `<ver>/main` unless
+/// `create_main_cluster = false`): data directories `/var/lib/postgresql/<ver>/<name>` and
+/// registered clusters `/etc/postgresql/<ver>/<name>`. The role's own cluster lives in
+/// `/var/lib/postgresql/hiveseed/`, outside both.
+pub fn packaged_clusters(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for base in ["var/lib/postgresql", "etc/postgresql"] {
+        let Ok(versions) = std::fs::read_dir(root.join(base)) else {
+            continue;
+        };
+        for v in versions.flatten() {
+            let is_version = v
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.parse::<u32>().is_ok());
+            let Ok(clusters) = std::fs::read_dir(v.path()) else {
+                continue;
+            };
+            if is_version {
+                out.extend(clusters.flatten().map(|c| c.path()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The pg role's createcluster drop-in comes before its packages, and the base image has none:
+/// the packages are installed and made no cluster of their own.
+fn pg_without_packaged_cluster(f: &Fleet, rec: &mut Record) {
+    let pg = f.with_role("pg");
+    let mut bad = Vec::new();
+    for n in &pg {
+        if !n.root.join(PG_BIN.trim_start_matches('/')).exists() {
+            bad.push(format!("{}: {PG_BIN} not installed", n.name));
+        }
+        for c in packaged_clusters(&n.root) {
+            let inside = c.strip_prefix(&n.root).unwrap_or(&c);
+            bad.push(format!("{}: /{}", n.name, inside.display()));
+        }
+    }
+    rec.check(
+        "bring-up",
+        "pg nodes: packages installed, no packaged cluster",
+        "postgres installed; no /var/lib/postgresql/<ver>/* nor /etc/postgresql/<ver>/*",
+        if bad.is_empty() {
+            format!(
+                "{} pg nodes: {PG_BIN} installed, no packaged cluster",
+                pg.len()
+            )
+        } else {
+            bad.join("; ")
+        },
+        bad.is_empty() && !pg.is_empty(),
+    );
 }
 
 /// When each role's last node converged: per node the last `phase=converged` line of its agent
@@ -541,36 +606,47 @@ pub fn secrets(f: &Fleet, rec: &mut Record) -> Result<()> {
         bad.is_empty(),
     );
 
-    // Command lines of every process in the lab (nodes and the seeder).
-    let mut bad = Vec::new();
-    let mut seen = 0;
+    // Every command line in the lab (nodes, the seeder, what the lab ran), sampled every 50 ms
+    // since the first boot: a command that carried a secret for a moment is in it.
     let tokens: Vec<String> = f.user_data.values().filter_map(|u| join_token(u)).collect();
-    for pid in crate::procs::all_pids() {
-        let root = std::fs::read_link(format!("/proc/{pid}/root")).unwrap_or_default();
-        let in_lab = root.starts_with(f.lab.dir()) || pid == f.seeder_pid as i32;
-        if !in_lab {
-            continue;
-        }
-        seen += 1;
-        let cmd = crate::procs::cmdline(pid).join(" ");
-        let env_leak = leaks(&cmd);
-        for l in env_leak {
-            bad.push(format!("pid {pid} ({}): {l}", one_line(&cmd, 40)));
-        }
-        if tokens.iter().any(|t| cmd.contains(t.as_str())) {
-            bad.push(format!("pid {pid}: a join token"));
+    f.cmdlines.stop();
+    let stats = f.cmdlines.stats();
+    rec.note(format!(
+        "secrets: command-line sampler, first boot -> now: {stats}"
+    ));
+    let mut needles = secrets.clone();
+    for (node, ud) in &f.user_data {
+        if let Some(t) = join_token(ud) {
+            needles.push((format!("{node}'s join token"), t));
         }
     }
+    let sampled: Vec<String> = f
+        .cmdlines
+        .leaks(&needles)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    // A process that lived longer than the longest gap between two samples was sampled.
+    let gap_ok = stats.gap_max < SAMPLED_LIFETIME;
     rec.check(
         S,
-        "/proc/*/cmdline: no secret",
-        "none",
-        if bad.is_empty() {
-            format!("{seen} processes checked")
+        "command lines sampled every 50 ms since boot: no secret",
+        format!(
+            "none; every process living {} ms or more sampled",
+            SAMPLED_LIFETIME.as_millis()
+        ),
+        if sampled.is_empty() {
+            format!(
+                "{} distinct command lines of {} processes in {} samples, longest gap {} ms",
+                stats.distinct_cmdlines,
+                stats.processes,
+                stats.ticks,
+                stats.gap_max.as_millis()
+            )
         } else {
-            bad.join("; ")
+            sampled.join("; ")
         },
-        bad.is_empty() && seen > 0,
+        sampled.is_empty() && gap_ok && stats.processes > 0,
     );
 
     // Logs: the seeder's, every node's console and /var/log.
@@ -671,28 +747,8 @@ fn join_token(user_data: &str) -> Option<String> {
 /// Rewrites `key = value` under `[section]` of the lab's fleet file.
 fn set_fleet_value(f: &Fleet, section: &str, key: &str, value: &str) -> Result<()> {
     let text = std::fs::read_to_string(&f.fleet_file)?;
-    let mut out = String::new();
-    let mut in_section = false;
-    let mut done = false;
-    for line in text.lines() {
-        let t = line.trim();
-        if t.starts_with('[') {
-            in_section = t == format!("[{section}]");
-        }
-        let is_key = t.split('=').next().map(str::trim) == Some(key);
-        if in_section && !done && is_key {
-            out.push_str(&format!("{key} = {value}\n"));
-            done = true;
-        } else {
-            out.push_str(line);
-            out.push('\n');
-        }
-    }
-    anyhow::ensure!(
-        done,
-        "no {key} under [{section}] in {}",
-        f.fleet_file.display()
-    );
+    let out = crate::fleet::set_toml_value(&text, section, key, value)
+        .map_err(|e| e.context(f.fleet_file.display().to_string()))?;
     std::fs::write(&f.fleet_file, out)?;
     Ok(())
 }

@@ -245,9 +245,21 @@ fn offline_postgres_install_from_the_base_archive() {
     ] {
         assert!(n.upper().join(f).exists(), "{f} not installed");
     }
-    // The createcluster.d drop-in kept the postinst from creating 17/main, and policy-rc.d
-    // kept it from starting anything.
-    assert!(!n.root().join("var/lib/postgresql/17/main").exists());
+    // The base carries no createcluster.d drop-in (the pg role brings its own, before the
+    // packages), so here the postinst made 17/main: what the bring-up's "no packaged cluster"
+    // check finds on a pg node whose role lost its drop-in. policy-rc.d kept it from starting.
+    assert!(!base.join("etc/postgresql-common/createcluster.d").exists());
+    let clusters: Vec<PathBuf> = hiveseed_lab::scenario::packaged_clusters(n.root())
+        .into_iter()
+        .map(|c| c.strip_prefix(n.root()).unwrap().to_path_buf())
+        .collect();
+    assert_eq!(
+        clusters,
+        [
+            PathBuf::from("etc/postgresql/17/main"),
+            PathBuf::from("var/lib/postgresql/17/main")
+        ]
+    );
     assert!(procs::rooted_under(n.root()).is_empty());
     assert!(!base.join("usr/lib/postgresql").exists());
 
@@ -295,4 +307,49 @@ fn offline_postgres_install_from_the_base_archive() {
         );
     }
     assert!(mounts_under(t.lab.dir()).is_empty());
+}
+
+/// The secrets scan's sampler, scoped as the lab scopes it (processes rooted in the lab dir):
+/// a command inside a node that carries a secret in its argv for 200 ms, as
+/// `psql "postgres://u:<password>@..."` would, is caught; a secret nothing carried is not
+/// reported, nor is a process outside the lab that carries one.
+#[test]
+fn a_secret_on_a_node_command_line_for_200_ms_is_sampled() {
+    use hiveseed_lab::cmdlines::{Sampler, Scope};
+    let base = base();
+    let t = TestLab::new();
+    let n = t.lab.node_up(&name("peer"), &base).unwrap();
+    let sampler = Sampler::start(Scope {
+        roots_under: t.lab.dir().to_path_buf(),
+        children_of: None,
+    })
+    .unwrap();
+    let secret = || hex::encode(rand::random::<[u8; 16]>());
+    let (in_node, absent, on_host) = (secret(), secret(), secret());
+    let url = |s: &str| format!("postgres://u:{s}@127.0.1.10:5432/ai_memory");
+    // sh keeps its argv (the URL as $0 $1) while its child sleeps.
+    let started = Instant::now();
+    n.command(["/bin/sh", "-c", "sleep 0.2; exit 0", "psql", &url(&in_node)])
+        .run()
+        .unwrap();
+    let lived = started.elapsed();
+    let host = std::process::Command::new("/bin/sh")
+        .args(["-c", "sleep 0.2; exit 0", "psql", &url(&on_host)])
+        .status()
+        .unwrap();
+    assert!(host.success());
+    sampler.stop();
+    let stats = sampler.stats();
+    eprintln!("planted command ran {lived:?} in the node; sampler: {stats}");
+    let leaks = sampler.leaks(&[
+        ("pg password".to_owned(), in_node.clone()),
+        ("absent secret".to_owned(), absent),
+        ("host-side secret".to_owned(), on_host),
+    ]);
+    let found: Vec<(&str, &str)> = leaks
+        .iter()
+        .map(|l| (l.label.as_str(), l.program.as_str()))
+        .collect();
+    assert_eq!(found, [("pg password", "/bin/sh")], "{leaks:?}");
+    assert!(!leaks[0].to_string().contains(&in_node), "{}", leaks[0]);
 }

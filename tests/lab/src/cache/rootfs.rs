@@ -1,6 +1,10 @@
 //! The base rootfs every lab node overlays: Debian trixie minbase with the PostgreSQL 17,
 //! pgvector and AGE packages *downloaded but not installed*.
 //!
+//! It stands for a droplet's image and nothing more: whatever a node needs beyond it comes from
+//! its user_data and its manifest, so a broken role resource shows in the lab. The only files the
+//! recipe writes are [`LAB_ONLY_FILES`]: chroot-only settings a droplet does not need.
+//!
 //! The .debs sit in the base's `/var/cache/apt/archives` and the apt lists stay, so a node's agent
 //! runs a plain `apt-get install postgresql-17 ...` that needs no network (DESIGN §7: "a shared
 //! .deb cache keeps this to seconds"). trixie because its postgresql-17-pgvector and -age need a
@@ -44,6 +48,12 @@ const CHROOT_ENV: [(&str, &str); 3] = [
     ),
     ("LANG", "C.UTF-8"),
     ("DEBIAN_FRONTEND", "noninteractive"),
+];
+/// The files the recipe writes into the image, all for the chroot only (README names them as
+/// lab-only): dpkg without fsync, and maintainer scripts that never start services.
+pub const LAB_ONLY_FILES: [&str; 2] = [
+    "/etc/dpkg/dpkg.cfg.d/lab-unsafe-io",
+    "/usr/sbin/policy-rc.d",
 ];
 /// Stands for the rootfs being built in host-side argv.
 const ROOT: &str = "{root}";
@@ -115,13 +125,6 @@ pub fn recipe() -> Recipe {
                 path: "/usr/sbin/policy-rc.d".into(),
                 mode: 0o755,
                 contents: "#!/bin/sh\nexit 101\n".into(),
-            },
-            // Must exist before postgresql-17 is ever installed: its postinst otherwise runs
-            // initdb for 17/main. createcluster.conf itself is ucf-managed, hence a drop-in.
-            Step::Write {
-                path: "/etc/postgresql-common/createcluster.d/00-lab.conf".into(),
-                mode: 0o644,
-                contents: "create_main_cluster = false\n".into(),
             },
             Step::Chroot {
                 argv: strings(&["apt-get", "update"]),
@@ -407,9 +410,11 @@ mod tests {
         assert_eq!(a.key().len(), 64);
         assert!(a.entry_name().starts_with("trixie-"));
         let mut b = a.clone();
-        if let Some(Step::Write { contents, .. }) = b.steps.get_mut(2) {
-            contents.push('\n');
-        }
+        let write = b.steps.iter_mut().find_map(|s| match s {
+            Step::Write { contents, .. } => Some(contents),
+            _ => None,
+        });
+        write.expect("the recipe writes a file").push('\n');
         assert_ne!(a.key(), b.key());
         let mut c = a.clone();
         c.version += 1;
@@ -420,7 +425,24 @@ mod tests {
     fn recipe_pins_no_exact_debian_version() {
         let json = serde_json::to_string(&recipe()).unwrap();
         assert!(!json.contains("postgresql-17="), "{json}");
-        assert!(json.contains("create_main_cluster = false"));
+    }
+
+    /// The image carries nothing a role should provide: the pg role's own createcluster drop-in
+    /// (or anything else) in the base would hide a broken role resource.
+    #[test]
+    fn recipe_writes_only_the_lab_only_files() {
+        let r = recipe();
+        let written: Vec<&str> = r
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Write { path, .. } => Some(path.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(written, LAB_ONLY_FILES);
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(!json.contains("createcluster"), "{json}");
     }
 
     #[test]
