@@ -1048,28 +1048,51 @@ fn cert_fingerprint(pem_path: &Path) -> Option<String> {
 
 /// `curl` with a client identity against a peer's health endpoint: the HTTP code, or `000`
 /// when TLS refuses.
-fn mtls_health(ca: &Path, cert: &Path, key: &Path, ip: std::net::Ipv4Addr, port: u16) -> String {
-    let out = std::process::Command::new("curl")
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "10",
-        ])
-        .arg("--cacert")
-        .arg(ca)
-        .arg("--cert")
-        .arg(cert)
-        .arg("--key")
-        .arg(key)
-        .arg(format!("https://{ip}:{port}/api/v1/health"))
-        .output();
-    match out {
-        Ok(o) => String::from_utf8_lossy(&o.stdout).trim().to_owned(),
-        Err(e) => format!("curl: {e}"),
+/// One mTLS `GET /api/v1/health` on a peer with the identity in `ca`, `cert`, `key`, classified
+/// by the suite's own probe (`net::tls_attempt`): an HTTP answer, the server's refusal (alert or
+/// close before any HTTP byte) or why there is no verdict (a local error, a timeout...).
+fn mtls_health(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+    ip: std::net::Ipv4Addr,
+    port: u16,
+) -> hiveseed_seeder::suite::net::TlsOutcome {
+    use hiveseed_seeder::suite::net::{self, Endpoint, Identity, Posture, TlsOutcome};
+    let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
+    let (roots, cert_pem, key_pem) = match (read(ca), read(cert), read(key)) {
+        (Ok(r), Ok(c), Ok(k)) => (r, c, k),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return TlsOutcome::LocalError(e),
+    };
+    let identity = Identity {
+        label: "replaced peer's old identity".into(),
+        cert_pem,
+        key_pem,
+    };
+    let ep = Endpoint {
+        name: ip.to_string(),
+        region: String::new(),
+        base: match format!("https://{ip}:{port}").parse() {
+            Ok(u) => u,
+            Err(e) => return TlsOutcome::LocalError(format!("url: {e}")),
+        },
+        connect: None,
+    };
+    let posture = Posture {
+        roots_pem: &roots,
+        identity: Some(&identity),
+    };
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(net::tls_attempt(
+            &ep,
+            &posture,
+            "/api/v1/health",
+            Duration::from_secs(10),
+        )),
+        Err(e) => TlsOutcome::LocalError(format!("tokio runtime: {e}")),
     }
 }
 
@@ -1098,12 +1121,19 @@ pub fn replace(f: &Fleet, rec: &mut Record, timeout: Duration) -> Result<()> {
         witness.public_ip,
         port,
     );
+    let accepted = matches!(
+        before,
+        hiveseed_seeder::suite::net::TlsOutcome::Http {
+            status: Some(200),
+            ..
+        }
+    );
     rec.check(
         S,
         "old identity accepted before",
         "200",
-        before.clone(),
-        before == "200",
+        before.summary(),
+        accepted,
     );
 
     let started = Instant::now();
@@ -1178,12 +1208,13 @@ pub fn replace(f: &Fleet, rec: &mut Record, timeout: Duration) -> Result<()> {
         witness.public_ip,
         port,
     );
+    let refusal = hiveseed_seeder::suite::net::Refusal::ClientCertificate;
     rec.check(
         S,
         "old client certificate refused by the mesh",
-        "000 (TLS refusal)",
-        after.clone(),
-        after == "000",
+        refusal.expected(),
+        after.summary(),
+        refusal.seen_in(&after),
     );
     let _ = std::fs::remove_dir_all(&keep);
     let (ok, out) = report_green(f, Duration::from_secs(90));
