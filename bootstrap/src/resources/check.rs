@@ -88,6 +88,22 @@ pub async fn run_check(env: &CheckEnv<'_>, c: &Check) -> CheckRecord {
     }
 }
 
+/// Sends `req` (a GET of `url`), and reads `field` of its JSON answer.
+async fn json_get(req: reqwest::RequestBuilder, url: &str, field: &str) -> Result<String, String> {
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| format!("GET {url}: {}", error_chain(&e)))?;
+    if !resp.status().is_success() {
+        return Err(format!("GET {url}: {}", resp.status()));
+    }
+    let v: serde_json::Value = resp
+        .json()
+        .await
+        .map_err(|e| format!("GET {url}: body is not JSON: {e}"))?;
+    json_field(&v, field).ok_or_else(|| format!("no field {field:?} in the response"))
+}
+
 fn command_output(host: &dyn Host, argv: &[String]) -> Result<String, String> {
     if argv.is_empty() {
         return Err("cannot run: empty argv".into());
@@ -132,19 +148,7 @@ async fn observe(env: &CheckEnv<'_>, probe: &Probe) -> Result<String, String> {
                 .no_proxy()
                 .build()
                 .map_err(|e| format!("HTTP client: {}", error_chain(&e)))?;
-            let resp = client
-                .get(url.clone())
-                .send()
-                .await
-                .map_err(|e| format!("GET {url}: {}", error_chain(&e)))?;
-            if !resp.status().is_success() {
-                return Err(format!("GET {url}: {}", resp.status()));
-            }
-            let v: serde_json::Value = resp
-                .json()
-                .await
-                .map_err(|e| format!("GET {url}: body is not JSON: {e}"))?;
-            json_field(&v, field).ok_or_else(|| format!("no field {field:?} in the response"))
+            json_get(client.get(url.clone()), url.as_str(), field).await
         }
         Probe::HttpsJson {
             url,
@@ -159,18 +163,7 @@ async fn observe(env: &CheckEnv<'_>, probe: &Probe) -> Result<String, String> {
             if let Some(f) = api_key_file {
                 req = req.header("x-api-key", read_text(env.host, f)?.trim());
             }
-            let resp = req
-                .send()
-                .await
-                .map_err(|e| format!("GET {url}: {}", error_chain(&e)))?;
-            if !resp.status().is_success() {
-                return Err(format!("GET {url}: {}", resp.status()));
-            }
-            let v: serde_json::Value = resp
-                .json()
-                .await
-                .map_err(|e| format!("GET {url}: body is not JSON: {e}"))?;
-            json_field(&v, field).ok_or_else(|| format!("no field {field:?} in the response"))
+            json_get(req, url, field).await
         }
         Probe::Sql {
             dbname,
