@@ -450,6 +450,37 @@ mod tests {
     }
 
     #[test]
+    fn the_parse_back_check_alone_catches_the_malformed_certificate_of_a_mismatched_csr() {
+        // What issuance did before the CSR check: rcgen takes the key's algorithm from the
+        // signature, so the P-384 key lands in a certificate that calls it P-256.
+        let (ca_pem, ca_key) = generate_ca("do-1461", SystemTime::now()).unwrap();
+        let ca = CampaignCa::load(&ca_pem, &ca_key).unwrap();
+        let der = x509_parser::pem::parse_x509_pem(MISMATCHED_CSR.as_bytes())
+            .unwrap()
+            .1
+            .contents;
+        let csr = CertificateSigningRequestParams::from_der(&der.clone().into()).unwrap();
+        let good = spec(LeafUsage::Client);
+        let cert = ca
+            .leaf_params(&good)
+            .unwrap()
+            .signed_by(&csr.public_key, &ca.issuer)
+            .unwrap();
+        let spki = {
+            use x509_parser::prelude::FromDer;
+            x509_parser::certification_request::X509CertificationRequest::from_der(&der)
+                .unwrap()
+                .1
+                .certification_request_info
+                .subject_pki
+                .raw
+                .to_vec()
+        };
+        let err = ca.check_issued(cert.der(), &good, &spki).unwrap_err();
+        assert!(err.to_string().contains("public key"), "{err}");
+    }
+
+    #[test]
     fn the_parse_back_check_refuses_a_certificate_other_than_the_spec() {
         let (ca_pem, ca_key) = generate_ca("do-1461", SystemTime::now()).unwrap();
         let ca = CampaignCa::load(&ca_pem, &ca_key).unwrap();
