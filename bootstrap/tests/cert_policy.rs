@@ -255,10 +255,10 @@ impl Node {
     }
 }
 
-fn refusal(r: Result<impl std::fmt::Debug, ClientError>) -> (ErrorKind, String) {
+fn refusal(what: &str, r: Result<impl std::fmt::Debug, ClientError>) -> (ErrorKind, String) {
     match r {
         Err(ClientError::Refused { kind, message, .. }) => (kind, message),
-        other => panic!("expected a refusal, got {other:?}"),
+        other => panic!("{what}: expected a refusal, got {other:?}"),
     }
 }
 
@@ -328,7 +328,10 @@ async fn no_node_certificate_passes_for_the_seeder_and_claimed_addresses_are_che
         ),
     ] {
         let csr = Node::csr(&peer.key);
-        let (got_kind, message) = refusal(peer.enroll_claiming(&s, private, csr).await);
+        let (got_kind, message) = refusal(
+            &format!("claiming {private}"),
+            peer.enroll_claiming(&s, private, csr).await,
+        );
         assert_eq!(got_kind, kind, "claiming {private}: {message}");
         assert!(
             message.contains("facts.private_ipv4") && message.contains(says),
@@ -365,12 +368,18 @@ async fn purposes_follow_the_role_and_a_bad_csr_changes_nothing() {
     // Purposes the node's manifest does not name: forbidden, nothing stored, no allowlist entry.
     let before_pg = s.certs_of(PG);
     for purpose in [CertificatePurpose::Client, CertificatePurpose::Server] {
-        let (kind, message) = refusal(pg.certificate(purpose).await);
+        let (kind, message) = refusal(
+            &format!("pg asking for {purpose:?}"),
+            pg.certificate(purpose).await,
+        );
         assert_eq!(kind, ErrorKind::Forbidden, "{purpose:?}: {message}");
         assert!(message.contains("no certificate of purpose"), "{message}");
     }
     assert_eq!(s.certs_of(PG), before_pg);
-    let (kind, _) = refusal(peer.certificate(CertificatePurpose::PgServer).await);
+    let (kind, _) = refusal(
+        "peer asking for pg_server",
+        peer.certificate(CertificatePurpose::PgServer).await,
+    );
     assert_eq!(kind, ErrorKind::Forbidden);
     // What the manifests name is issued.
     pg.certificate(CertificatePurpose::PgServer).await.unwrap();
@@ -389,16 +398,21 @@ async fn purposes_follow_the_role_and_a_bad_csr_changes_nothing() {
     let peer_name: NodeName = PEER.parse().unwrap();
     let identity_before = s.store().enrollment(&peer_name).unwrap().unwrap();
     let certs_before = s.certs_of(PEER);
-    let (kind, message) = refusal(peer.client.renew_identity(MISMATCHED_CSR).await);
+    let (kind, message) = refusal(
+        "renewal with the mismatched CSR",
+        peer.client.renew_identity(MISMATCHED_CSR).await,
+    );
     assert_eq!(kind, ErrorKind::BadCsr, "{message}");
     assert!(message.contains("signed with"), "{message}");
     let (kind, _) = refusal(
+        "a server certificate for the mismatched CSR",
         peer.client
             .certificate(CertificatePurpose::Server, MISMATCHED_CSR)
             .await,
     );
     assert_eq!(kind, ErrorKind::BadCsr);
     let (kind, _) = refusal(
+        "re-enrollment with the mismatched CSR",
         peer.enroll_claiming(&s, "127.0.84.21", MISMATCHED_CSR.to_owned())
             .await,
     );
