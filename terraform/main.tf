@@ -3,11 +3,11 @@
 # module ./render calls, so CI and the lab render exactly these bytes).
 
 locals {
-  # Sorted, so a region keeps its CIDR across applies: fra1 -> 10.10, nyc3 -> 10.11, sgp1 -> 10.12
-  # for the reference fleet. Adding a region that sorts before an existing one shifts the later
-  # CIDRs and so replaces those VPCs and their droplets (see README.md).
+  # Each region's VPC range is fleet data (fleet.toml `[regions.X] vpc_cidr`, passed by
+  # `seeder tfvars` as region_cidrs): the seeder certifies a node's private address only inside its
+  # region's range, so both read the one value. A region without a range is an error here.
   regions     = module.fleet.regions
-  region_cidr = { for idx, r in local.regions : r => "10.${10 + idx}.0.0/16" }
+  region_cidr = { for r in local.regions : r => var.region_cidrs[r] }
 
   roles        = toset([for n in values(var.nodes) : n.role])
   role_regions = toset([for n in values(var.nodes) : "${n.role}-${n.region}"])

@@ -1,5 +1,5 @@
 # Inputs. `seeder tfvars` writes nodes.auto.tfvars.json (campaign, seeder_url, the two public PEMs,
-# bootstrap_url/bootstrap_sha256 and nodes); the operator sets ssh_key_fingerprint and, if wanted,
+# bootstrap_url/bootstrap_sha256, nodes and region_cidrs); the operator sets ssh_key_fingerprint and, if wanted,
 # admin_source_cidrs (e.g. in terraform.tfvars).
 #
 # The variables shared with ./render are declared identically there (seeder/tests/terraform_render.rs
@@ -14,6 +14,17 @@ variable "campaign" {
   validation {
     condition     = can(regex("^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", var.campaign))
     error_message = "campaign must be a DNS label, e.g. do-1461."
+  }
+}
+
+variable "region_cidrs" {
+  description = "Region => its VPC range (a.b.c.d/p), from fleet.toml via `seeder tfvars`; the seeder certifies private addresses only inside it."
+  type        = map(string)
+  nullable    = false
+
+  validation {
+    condition     = alltrue([for r, c in var.region_cidrs : can(cidrhost(c, 0)) && can(regex("^[0-9.]+/[0-9]+$", c))])
+    error_message = "region_cidrs values must be IPv4 CIDRs a.b.c.d/p."
   }
 }
 

@@ -1,9 +1,19 @@
 //! The agent's HTTPS client of the seeder. Trusts only the campaign CA from join.toml (never the
-//! system roots, never on first use), presents the node's identity certificate on mTLS routes and
-//! binds its source address to the node's public IPv4, which the seeder checks at enrollment.
+//! system roots, never on first use) and, of the certificates it signs, only one that also names
+//! the seeder ([`SEEDER_CERT_NAME`]): the campaign CA signs node certificates too, and none of those
+//! may pass for the seeder. Presents the node's identity certificate on mTLS routes and binds its
+//! source address to the node's public IPv4, which the seeder checks at enrollment.
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 use std::time::Duration;
+
+use hiveseed_proto::api::SEEDER_CERT_NAME;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
 
 use hiveseed_proto::api::{
     ApiError, AttestRequest, AttestResponse, CertRequest, CertResponse, CredentialRequest,
@@ -81,13 +91,120 @@ impl std::fmt::Debug for SeederClient {
     }
 }
 
-fn builder(ca_pem: &str, source: Option<Ipv4Addr>) -> Result<reqwest::ClientBuilder, ClientError> {
-    let ca = reqwest::Certificate::from_pem(ca_pem.as_bytes())
-        .map_err(|e| ClientError::Protocol(format!("campaign CA: {e}")))?;
+/// The agent's check of the seeder's certificate: a chain to the campaign CA that names the host
+/// dialled (webpki), and that also names [`SEEDER_CERT_NAME`], which the seeder never issues to a
+/// node. Both checks are webpki's own name matching.
+#[derive(Debug)]
+pub struct SeederVerifier {
+    webpki: Arc<WebPkiServerVerifier>,
+    seeder: ServerName<'static>,
+}
+
+impl SeederVerifier {
+    pub fn new(ca_pem: &str) -> Result<Self, ClientError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+            let cert = cert.map_err(|e| ClientError::Protocol(format!("campaign CA: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| ClientError::Protocol(format!("campaign CA: {e}")))?;
+        }
+        if roots.is_empty() {
+            return Err(ClientError::Protocol(
+                "campaign CA: no certificate in the PEM".into(),
+            ));
+        }
+        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| ClientError::Protocol(format!("campaign CA: {e}")))?;
+        let seeder = ServerName::try_from(SEEDER_CERT_NAME)
+            .map_err(|e| ClientError::Protocol(format!("{SEEDER_CERT_NAME}: {e}")))?;
+        Ok(Self { webpki, seeder })
+    }
+}
+
+impl ServerCertVerifier for SeederVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.webpki.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        self.webpki
+            .verify_server_cert(end_entity, intermediates, &self.seeder, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// TLS to the seeder: [`SeederVerifier`], and the node's identity (key PEM, then chain PEM) when
+/// given. Key material never reaches an error message.
+fn tls_config(
+    ca_pem: &str,
+    identity_pem: Option<&str>,
+) -> Result<rustls::ClientConfig, ClientError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientError::Protocol(format!("TLS: {e}")))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(SeederVerifier::new(ca_pem)?));
+    let mut config = match identity_pem {
+        None => builder.with_no_client_auth(),
+        Some(pem) => {
+            let chain = CertificateDer::pem_slice_iter(pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| ClientError::Protocol(format!("identity chain: {e}")))?;
+            let key = PrivateKeyDer::from_pem_slice(pem.as_bytes())
+                .map_err(|_| ClientError::Protocol("identity: no PEM private key".into()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| ClientError::Protocol(format!("identity: {e}")))?
+        }
+    };
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+fn builder(
+    ca_pem: &str,
+    source: Option<Ipv4Addr>,
+    identity_pem: Option<&str>,
+) -> Result<reqwest::ClientBuilder, ClientError> {
     let mut b = reqwest::Client::builder()
-        .use_rustls_tls()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(ca)
+        .use_preconfigured_tls(tls_config(ca_pem, identity_pem)?)
         .no_proxy()
         .connect_timeout(Duration::from_secs(10))
         .pool_idle_timeout(Duration::from_secs(90));
@@ -130,7 +247,7 @@ impl SeederClient {
         source: Option<Ipv4Addr>,
         identity_pem: Option<&str>,
     ) -> Result<Self, ClientError> {
-        let anonymous = builder(ca_pem, source)?
+        let anonymous = builder(ca_pem, source, None)?
             .timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
@@ -149,11 +266,8 @@ impl SeederClient {
 
     /// Key PEM followed by the certificate chain PEM.
     pub fn set_identity(&mut self, identity_pem: &str) -> Result<(), ClientError> {
-        let id = reqwest::Identity::from_pem(identity_pem.as_bytes())
-            .map_err(|e| ClientError::Protocol(format!("identity: {e}")))?;
         self.mtls = Some(
-            builder(&self.ca_pem, self.source)?
-                .identity(id)
+            builder(&self.ca_pem, self.source, Some(identity_pem))?
                 .build()
                 .map_err(|e| ClientError::Protocol(e.to_string()))?,
         );

@@ -40,6 +40,7 @@ seeder_url = "https://127.0.71.1:8443"
 [regions.r1]
 pg = 1
 peer = 1
+vpc_cidr = "127.0.71.0/24"
 
 [ttl]
 report_interval_secs = 5

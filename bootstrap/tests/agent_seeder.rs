@@ -23,6 +23,7 @@ seeder_url = "https://127.0.9.1:8443"
 [regions.r1]
 pg = 1
 peer = 1
+vpc_cidr = "127.0.1.0/24"
 
 [federation]
 catchup_interval_secs = 30

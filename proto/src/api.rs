@@ -8,6 +8,11 @@ use crate::envelope::SignedEnvelope;
 use crate::manifest::{CertificatePurpose, Manifest};
 use crate::names::{Ed25519PublicKey, FedId, Region, Sha256};
 
+/// A DNS name that only the seeder's own server certificate carries and that agents require of
+/// the seeder: it has dots, so no node name (one DNS label) is it, and the seeder never puts it in
+/// a node's certificate. `.invalid` never resolves (RFC 2606).
+pub const SEEDER_CERT_NAME: &str = "seeder.hiveseed.invalid";
+
 /// What a node knows about itself: from the DigitalOcean metadata service or a facts file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

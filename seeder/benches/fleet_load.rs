@@ -44,6 +44,12 @@ fn region(i: usize) -> String {
     format!("r{:04}", i / PER_REGION)
 }
 
+/// Inside the region's default VPC range (10.(10+r).0.0/16: regions sort as they are numbered).
+fn private_ip(i: usize) -> Ipv4Addr {
+    let r = i / PER_REGION;
+    Ipv4Addr::new(10, (10 + r) as u8, 0, (i % PER_REGION) as u8 + 1)
+}
+
 fn node_name(i: usize) -> String {
     format!("bench-agent-{}-{:02}", region(i), i % PER_REGION + 1)
 }
@@ -276,7 +282,7 @@ async fn run() {
                 droplet_id: i as u64,
                 region: region(i).parse().unwrap(),
                 public_ipv4: a.ip,
-                private_ipv4: a.ip,
+                private_ipv4: private_ip(i),
             },
         };
         let sem = sem.clone();

@@ -241,6 +241,13 @@ async fn enroll(
             ),
         ));
     }
+    check_addresses(
+        &s,
+        fleet,
+        &node,
+        req.facts.private_ipv4,
+        req.facts.public_ipv4,
+    )?;
     let (cert_pem, cert_der, key_fpr) =
         s.ca.sign_csr(
             &req.csr_pem,
@@ -326,6 +333,64 @@ async fn enroll(
         cert_chain_pem: format!("{cert_pem}{}", s.ca.cert_pem),
         manifest: serde_json::from_str(&m.stored.envelope)?,
     }))
+}
+
+/// The addresses a node claims, before any of them can reach a certificate: the private address
+/// inside its region's VPC range, neither address the seeder's own (its URL host and extra names),
+/// and neither the address of another enrolled node whose identity stands. The public address is
+/// vouched for by the connection's source (`Policy::check_source`), not here.
+fn check_addresses(
+    s: &Seeder,
+    fleet: &crate::fleet::Fleet,
+    node: &NodeName,
+    private: std::net::Ipv4Addr,
+    public: std::net::Ipv4Addr,
+) -> ApiResult<()> {
+    let spec = fleet
+        .node(node)
+        .ok_or_else(|| Error::new(ErrorKind::Forbidden, "node is no longer in the fleet"))?;
+    let vpc = fleet
+        .vpc_ranges
+        .get(&spec.region)
+        .ok_or_else(|| Error::internal(format!("region {} has no VPC range", spec.region)))?;
+    if !vpc.contains(private) {
+        return Err(Error::new(
+            ErrorKind::BadRequest,
+            format!(
+                "facts.private_ipv4 {private} is outside region {}'s VPC range {vpc}",
+                spec.region
+            ),
+        ));
+    }
+    let seeder_ips: Vec<std::net::IpAddr> = std::iter::once(&fleet.seeder.host)
+        .chain(&fleet.seeder_extra_sans)
+        .filter_map(|h| h.parse().ok())
+        .collect();
+    for (field, ip) in [("private_ipv4", private), ("public_ipv4", public)] {
+        if seeder_ips.contains(&std::net::IpAddr::V4(ip)) {
+            return Err(Error::new(
+                ErrorKind::Forbidden,
+                format!("facts.{field} {ip} is the seeder's own address"),
+            ));
+        }
+    }
+    for (field, ip) in [("private_ipv4", private), ("public_ipv4", public)] {
+        for e in s.store.enrollments_with_address(ip, node)? {
+            // A node removed from the fleet or revoked no longer holds its addresses.
+            let standing = fleet.node(&e.node).is_some()
+                && s.cert_info(&e.identity_fpr)?.is_some_and(|c| !c.revoked);
+            if standing {
+                return Err(Error::new(
+                    ErrorKind::Forbidden,
+                    format!(
+                        "facts.{field} {ip} is an address of enrolled node {}",
+                        e.node
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The connection info as an extractor.
@@ -450,25 +515,44 @@ async fn post_cert(
         .store
         .enrollment(&id.node)?
         .ok_or_else(|| Error::new(ErrorKind::Forbidden, "node is not enrolled"))?;
+    if !s.manifest_wants_certificate(&id.node, req.purpose)? {
+        return Err(Error::new(
+            ErrorKind::Forbidden,
+            format!(
+                "the manifest of {} has no certificate of purpose {}",
+                id.node,
+                serde_json::to_value(req.purpose)?
+                    .as_str()
+                    .unwrap_or("unknown")
+            ),
+        ));
+    }
     let now = s.now();
-    let lifetime = s.inputs().fleet.ttl.certificate_secs;
+    let inputs = s.inputs();
+    let lifetime = inputs.fleet.ttl.certificate_secs;
     let name = id.node.to_string();
+    if req.purpose != CertificatePurpose::Client {
+        // Enrolled before these rules, or the fleet's ranges changed since: checked again.
+        check_addresses(&s, &inputs.fleet, &id.node, e.private_ip, e.public_ip)?;
+    }
+    // Without the source check nothing vouches for the public address: no certificate names it.
+    let public: Vec<String> = if s.policy.check_source {
+        vec![e.public_ip.to_string()]
+    } else {
+        vec![]
+    };
     let (purpose, usage, cn, sans) = match req.purpose {
         CertificatePurpose::Server => (
             "server",
             LeafUsage::Server,
             name.clone(),
-            vec![e.public_ip.to_string(), name.clone()],
+            [public.clone(), vec![name.clone()]].concat(),
         ),
         CertificatePurpose::PgServer => (
             "pg_server",
             LeafUsage::Server,
             name.clone(),
-            vec![
-                e.private_ip.to_string(),
-                e.public_ip.to_string(),
-                name.clone(),
-            ],
+            [vec![e.private_ip.to_string()], public, vec![name.clone()]].concat(),
         ),
         CertificatePurpose::Client => (
             "client",

@@ -380,8 +380,9 @@ pub fn init(
     }
     let ca = dir.load_ca()?;
 
-    // The seeder's server certificate must name the host droplets dial; reissue when it does not.
-    let mut wanted: Vec<String> = vec![fleet.seeder.host.clone()];
+    // The seeder's server certificate must name the host droplets dial, and the seeder's own name
+    // that agents require and no node certificate carries; reissue when it does not.
+    let mut wanted: Vec<String> = vec![fleet.seeder.host.clone(), pki::SEEDER_CERT_NAME.to_owned()];
     wanted.extend(fleet.seeder_extra_sans.iter().cloned());
     wanted.sort();
     wanted.dedup();
@@ -589,7 +590,7 @@ mod tests {
         assert_eq!(fs::read(dir.federation_pub("do-1461")).unwrap().len(), 32);
         assert_eq!(
             pki::cert_sans(&fs::read_to_string(dir.seeder_cert()).unwrap()).unwrap(),
-            ["seeder.do-1461.example"]
+            ["seeder.do-1461.example", pki::SEEDER_CERT_NAME]
         );
 
         // Second run: byte-for-byte and mode-for-mode the same, and it says it kept everything.
@@ -747,7 +748,7 @@ mod tests {
         assert!(log.iter().any(|l| l.starts_with("reissued")), "{log:#?}");
         assert_eq!(
             pki::cert_sans(&fs::read_to_string(dir.seeder_cert()).unwrap()).unwrap(),
-            ["127.0.9.1"]
+            ["127.0.9.1", pki::SEEDER_CERT_NAME]
         );
         assert_eq!(fs::read(dir.ca_key()).unwrap(), ca_before);
     }

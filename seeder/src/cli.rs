@@ -656,6 +656,12 @@ fn tfvars(dir: &CampaignDir, out: &Path) -> Result<()> {
         "bootstrap_url": format!("{}/v1/bootstrap/{}", fleet.seeder.url, bootstrap_sha),
         "bootstrap_sha256": bootstrap_sha.to_hex(),
         "nodes": nodes,
+        // The VPC ranges the seeder certifies private addresses in: Terraform creates them.
+        "region_cidrs": fleet
+            .vpc_ranges
+            .iter()
+            .map(|(r, c)| (r.to_string(), c.to_string()))
+            .collect::<BTreeMap<_, _>>(),
     });
     if let Some(parent) = out.parent() {
         if !parent.as_os_str().is_empty() {

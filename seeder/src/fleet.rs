@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::Ipv4Addr;
 use std::path::Path;
 
 use hiveseed_proto::manifest::VersionPin;
@@ -136,6 +137,10 @@ pub struct RegionConfig {
     pub ctrl: u32,
     /// Overrides `[store] layout` for this region's pg node and peers.
     pub store_layout: Option<String>,
+    /// The region's VPC range (`a.b.c.d/p`): Terraform creates the VPC with it and the seeder
+    /// certifies only private addresses inside it. Default: `10.(10+i).0.0/16` for the i-th region
+    /// in name order, what terraform/main.tf computed before the range was fleet data.
+    pub vpc_cidr: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -257,9 +262,64 @@ pub struct Fleet {
     /// The effective store layout of every region with a pg node (`[store] layout`, or the
     /// region's own `store_layout`).
     pub store_layouts: BTreeMap<Region, StoreLayout>,
+    /// Every region's VPC range (`[regions.X] vpc_cidr`, or its default).
+    pub vpc_ranges: BTreeMap<Region, VpcRange>,
     /// Node name → position in `nodes`.
     #[serde(skip)]
     index: std::collections::HashMap<NodeName, usize>,
+}
+
+/// An IPv4 network (`a.b.c.d/p`, host bits zero): a region's VPC range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VpcRange {
+    network: Ipv4Addr,
+    prefix: u8,
+}
+
+impl VpcRange {
+    /// DigitalOcean VPCs are /16 to /28; the lab's per-region /24 fits too.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not a.b.c.d/prefix"))?;
+        let network: Ipv4Addr = addr
+            .parse()
+            .map_err(|_| format!("{addr:?} is not an IPv4 address"))?;
+        let prefix: u8 = prefix
+            .parse()
+            .ok()
+            .filter(|p| (8..=28).contains(p))
+            .ok_or_else(|| format!("prefix {prefix:?} is not 8..=28"))?;
+        let range = Self { network, prefix };
+        if range.mask() & u32::from(network) != u32::from(network) {
+            return Err(format!("{s} has host bits set"));
+        }
+        Ok(range)
+    }
+
+    fn mask(self) -> u32 {
+        u32::MAX << (32 - u32::from(self.prefix))
+    }
+
+    pub fn contains(self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask() == u32::from(self.network)
+    }
+
+    pub fn overlaps(self, other: VpcRange) -> bool {
+        self.contains(other.network) || other.contains(self.network)
+    }
+}
+
+impl std::fmt::Display for VpcRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
+impl Serialize for VpcRange {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -629,10 +689,25 @@ impl Fleet {
         };
         let mut regions = BTreeMap::new();
         let mut store_layouts = BTreeMap::new();
-        for (name, counts) in &raw.regions {
+        let mut vpc_ranges: BTreeMap<Region, VpcRange> = BTreeMap::new();
+        for (i, (name, counts)) in raw.regions.iter().enumerate() {
             let region: Region = name.parse().map_err(|e: hiveseed_proto::NameError| {
                 field(format!("regions.{name}"), e.reason)
             })?;
+            let vpc = match &counts.vpc_cidr {
+                Some(c) => {
+                    VpcRange::parse(c).map_err(|e| field(format!("regions.{name}.vpc_cidr"), e))?
+                }
+                None => VpcRange::parse(&format!("10.{}.0.0/16", 10 + i))
+                    .map_err(|e| field(format!("regions.{name}.vpc_cidr"), e))?,
+            };
+            if let Some((other, _)) = vpc_ranges.iter().find(|(_, r)| r.overlaps(vpc)) {
+                return Err(field(
+                    format!("regions.{name}.vpc_cidr"),
+                    format!("{vpc} overlaps the VPC range of region {other}"),
+                ));
+            }
+            vpc_ranges.insert(region.clone(), vpc);
             for (role, n) in [
                 ("pg", counts.pg),
                 ("peer", counts.peer),
@@ -831,6 +906,7 @@ impl Fleet {
             reranker,
             agent_llm,
             store_layouts,
+            vpc_ranges,
             index,
         })
     }
@@ -1593,11 +1669,61 @@ mod tests {
     }
 
     #[test]
+    fn vpc_ranges_are_fleet_data_with_terraforms_old_default() {
+        let f = Fleet::parse(EXAMPLE).unwrap();
+        let ranges: Vec<(String, String)> = f
+            .vpc_ranges
+            .iter()
+            .map(|(r, c)| (r.to_string(), c.to_string()))
+            .collect();
+        assert_eq!(
+            ranges,
+            [
+                ("fra1".to_owned(), "10.10.0.0/16".to_owned()),
+                ("nyc3".to_owned(), "10.11.0.0/16".to_owned()),
+                ("sgp1".to_owned(), "10.12.0.0/16".to_owned())
+            ]
+        );
+        // Undeclared: the i-th region in name order gets 10.(10+i).0.0/16, what terraform computed.
+        let undeclared = EXAMPLE
+            .lines()
+            .filter(|l| !l.starts_with("vpc_cidr"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert_eq!(Fleet::parse(&undeclared).unwrap().vpc_ranges, f.vpc_ranges);
+        let nyc3 = f.vpc_ranges[&"nyc3".parse::<Region>().unwrap()];
+        assert!(nyc3.contains("10.11.255.254".parse().unwrap()));
+        assert!(!nyc3.contains("10.10.0.5".parse().unwrap()));
+        for (bad, why) in [
+            ("10.11.0.1/16", "host bits"),
+            ("10.11.0.0/4", "prefix"),
+            ("10.11.0.0", "a.b.c.d/prefix"),
+            ("10.10.128.0/24", "overlaps the VPC range of region fra1"),
+        ] {
+            let text = EXAMPLE.replace(
+                "vpc_cidr = \"10.11.0.0/16\"",
+                &format!("vpc_cidr = {bad:?}"),
+            );
+            let err = Fleet::parse(&text).unwrap_err().to_string();
+            assert!(
+                err.contains("regions.nyc3.vpc_cidr") && err.contains(why),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
     fn w_is_clamped_to_the_peer_count() {
         let one_peer = EXAMPLE
             .replace("quorum_w = 2", "quorum_w = 50")
-            .replace("[regions.fra1]\npg = 1\npeer = 3\n", "")
-            .replace("[regions.sgp1]\npg = 1\npeer = 3\n", "")
+            .replace(
+                "[regions.fra1]\npg = 1\npeer = 3\nvpc_cidr = \"10.10.0.0/16\"\n",
+                "",
+            )
+            .replace(
+                "[regions.sgp1]\npg = 1\npeer = 3\nvpc_cidr = \"10.12.0.0/16\"\n",
+                "",
+            )
             .replace(
                 "[regions.nyc3]\npg = 1\npeer = 3",
                 "[regions.nyc3]\npg = 1\npeer = 1",

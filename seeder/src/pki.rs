@@ -1,7 +1,12 @@
 //! The campaign's X.509 PKI: the CA, the seeder's server certificate, and signing node CSRs.
 //!
 //! The seeder decides every certificate's subject, SANs, usages and lifetime; of a CSR only the
-//! public key (after its self-signature verifies) is used.
+//! public key (after its self-signature verifies and its key and signature algorithms agree) is
+//! used. Every certificate issued from a CSR is parsed back and checked before anyone sees it.
+//!
+//! The seeder's own server certificate alone carries [`SEEDER_CERT_NAME`], a DNS name with a dot
+//! that no node name (a single DNS label) can be, and agents require it (bootstrap's client): a node
+//! certificate never authenticates as the seeder, whatever addresses it names.
 
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
@@ -17,8 +22,10 @@ use time::OffsetDateTime;
 pub enum PkiError {
     #[error("CSR is not a valid, self-signed PKCS#10 request: {0}")]
     BadCsr(String),
-    #[error("CSR key algorithm is not allowed (ECDSA P-256/P-384, Ed25519, RSA only)")]
-    BadCsrKey,
+    #[error("CSR key is not allowed: {0} (ECDSA P-256 with SHA-256, P-384 with SHA-384, Ed25519, RSA 2048-4096 with SHA-256 only)")]
+    BadCsrKey(String),
+    #[error("the issued certificate failed its check: {0}")]
+    IssuedMismatch(String),
     #[error("invalid subject alternative name {0:?}")]
     BadSan(String),
     #[error("certificate generation failed")]
@@ -43,6 +50,9 @@ pub struct LeafSpec {
     pub not_before: SystemTime,
     pub lifetime: Duration,
 }
+
+/// The name only the seeder's own server certificate carries; agents require it of the seeder.
+pub use hiveseed_proto::api::SEEDER_CERT_NAME;
 
 fn to_offset(t: SystemTime) -> OffsetDateTime {
     OffsetDateTime::from(t)
@@ -87,6 +97,7 @@ pub fn generate_ca(campaign: &str, now: SystemTime) -> Result<(String, String), 
 pub struct CampaignCa {
     issuer: Issuer<'static, KeyPair>,
     pub cert_pem: String,
+    cert_der: Vec<u8>,
 }
 
 impl std::fmt::Debug for CampaignCa {
@@ -99,9 +110,12 @@ impl CampaignCa {
     pub fn load(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
         let key = KeyPair::from_pem(key_pem).map_err(PkiError::Generate)?;
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(PkiError::Generate)?;
+        let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+            .map_err(|e| PkiError::Parse(e.to_string()))?;
         Ok(Self {
             issuer,
             cert_pem: cert_pem.to_owned(),
+            cert_der: pem.contents,
         })
     }
 
@@ -156,35 +170,142 @@ impl CampaignCa {
         if csr_pem.len() > 16 * 1024 {
             return Err(PkiError::BadCsr("larger than 16 KiB".into()));
         }
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+        let (_, pem) = x509_parser::pem::parse_x509_pem(csr_pem.as_bytes())
             .map_err(|e| PkiError::BadCsr(e.to_string()))?;
-        let alg = csr.public_key.algorithm();
-        let allowed = [
-            &rcgen::PKCS_ECDSA_P256_SHA256,
-            &rcgen::PKCS_ECDSA_P384_SHA384,
-            &rcgen::PKCS_ED25519,
-            &rcgen::PKCS_RSA_SHA256,
-        ];
-        if !allowed.contains(&alg) {
-            return Err(PkiError::BadCsrKey);
+        if pem.label != "CERTIFICATE REQUEST" {
+            return Err(PkiError::BadCsr(format!("PEM label is {:?}", pem.label)));
         }
+        let spki = check_csr(&pem.contents)?;
+        let csr = CertificateSigningRequestParams::from_der(&pem.contents.clone().into())
+            .map_err(|e| PkiError::BadCsr(e.to_string()))?;
         let cert = self
             .leaf_params(spec)?
             .signed_by(&csr.public_key, &self.issuer)
             .map_err(PkiError::Generate)?;
+        self.check_issued(cert.der(), spec, &spki)?;
         use rcgen::PublicKeyData;
         let key_fpr = hiveseed_proto::Sha256::digest(csr.public_key.der_bytes()).to_hex();
         Ok((cert.pem(), cert.der().to_vec(), key_fpr))
     }
+
+    /// Parses an issued leaf back and checks it is exactly what `spec` decided: issued and signed
+    /// by this CA, the CSR's key, the subject, the SANs, the usages, not a CA, and never the
+    /// seeder's name. Nothing is stored or returned unless this passes.
+    fn check_issued(&self, der: &[u8], spec: &LeafSpec, spki: &[u8]) -> Result<(), PkiError> {
+        let bad = |what: &str| PkiError::IssuedMismatch(what.to_owned());
+        let (_, ca) = x509_parser::parse_x509_certificate(&self.cert_der)
+            .map_err(|e| PkiError::Parse(e.to_string()))?;
+        let (rest, cert) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| bad(&format!("unparsable: {e}")))?;
+        if !rest.is_empty() {
+            return Err(bad("trailing bytes"));
+        }
+        if cert.issuer() != ca.subject() {
+            return Err(bad("issuer is not the campaign CA"));
+        }
+        cert.verify_signature(Some(ca.public_key()))
+            .map_err(|e| bad(&format!("signature does not verify with the CA key: {e}")))?;
+        if cert.public_key().raw != spki {
+            return Err(bad("public key is not the CSR's"));
+        }
+        cert.public_key()
+            .parsed()
+            .map_err(|e| bad(&format!("public key does not parse: {e}")))?;
+        let cn = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|c| c.as_str().ok());
+        if cn != Some(spec.common_name.as_str()) {
+            return Err(bad("subject common name"));
+        }
+        let mut got = issued_sans(&cert);
+        got.sort();
+        let mut want = spec.sans.clone();
+        want.sort();
+        if got != want {
+            return Err(bad("subject alternative names"));
+        }
+        if got.iter().any(|n| n == SEEDER_CERT_NAME) {
+            return Err(bad("names the seeder"));
+        }
+        if cert
+            .basic_constraints()
+            .ok()
+            .flatten()
+            .is_some_and(|bc| bc.value.ca)
+        {
+            return Err(bad("is a CA"));
+        }
+        let eku = cert
+            .extended_key_usage()
+            .ok()
+            .flatten()
+            .map(|e| e.value)
+            .ok_or_else(|| bad("no extended key usage"))?;
+        let usage_ok = match spec.usage {
+            LeafUsage::Server => eku.server_auth && !eku.client_auth,
+            LeafUsage::Client => eku.client_auth && !eku.server_auth,
+        };
+        if !usage_ok || eku.any || !eku.other.is_empty() {
+            return Err(bad("extended key usage"));
+        }
+        Ok(())
+    }
 }
 
-/// The SANs (DNS names and IPs, as strings) of a PEM certificate.
-pub fn cert_sans(cert_pem: &str) -> Result<Vec<String>, PkiError> {
-    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
-        .map_err(|e| PkiError::Parse(e.to_string()))?;
-    let cert = pem
-        .parse_x509()
-        .map_err(|e| PkiError::Parse(e.to_string()))?;
+/// Checks a CSR's self-signature, that its key's algorithm and curve or size are allowed, and that
+/// the signature algorithm is the one that key signs with. rcgen takes the key's algorithm from the
+/// signature algorithm, so a P-384 key signed with ecdsa-with-SHA256 would become a P-256 key in
+/// the certificate (malformed): refused here. Returns the subject public key info (DER).
+fn check_csr(der: &[u8]) -> Result<Vec<u8>, PkiError> {
+    use x509_parser::oid_registry as oids;
+    use x509_parser::prelude::FromDer;
+    let (rest, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(der)
+        .map_err(|e| PkiError::BadCsr(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(PkiError::BadCsr("trailing bytes after the request".into()));
+    }
+    csr.verify_signature()
+        .map_err(|_| PkiError::BadCsr("the self-signature does not verify".into()))?;
+    let spki = &csr.certification_request_info.subject_pki;
+    let key_alg = &spki.algorithm.algorithm;
+    let sig_alg = &csr.signature_algorithm.algorithm;
+    let curve = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok());
+    let want_sig = if *key_alg == oids::OID_KEY_TYPE_EC_PUBLIC_KEY {
+        match curve {
+            Some(c) if c == oids::OID_EC_P256 => oids::OID_SIG_ECDSA_WITH_SHA256,
+            Some(c) if c == oids::OID_NIST_EC_P384 => oids::OID_SIG_ECDSA_WITH_SHA384,
+            Some(c) => return Err(PkiError::BadCsrKey(format!("EC curve {c}"))),
+            None => return Err(PkiError::BadCsrKey("EC key without a named curve".into())),
+        }
+    } else if *key_alg == oids::OID_SIG_ED25519 {
+        oids::OID_SIG_ED25519
+    } else if *key_alg == oids::OID_PKCS1_RSAENCRYPTION {
+        let bits = match spki.parsed() {
+            Ok(x509_parser::public_key::PublicKey::RSA(k)) => k.key_size(),
+            _ => return Err(PkiError::BadCsrKey("RSA key does not parse".into())),
+        };
+        if !(2048..=4096).contains(&bits) {
+            return Err(PkiError::BadCsrKey(format!("RSA key of {bits} bits")));
+        }
+        oids::OID_PKCS1_SHA256WITHRSA
+    } else {
+        return Err(PkiError::BadCsrKey(format!("key algorithm {key_alg}")));
+    };
+    if *sig_alg != want_sig {
+        return Err(PkiError::BadCsrKey(format!(
+            "the key signs with {want_sig}, the request is signed with {sig_alg}"
+        )));
+    }
+    Ok(spki.raw.to_vec())
+}
+
+fn issued_sans(cert: &x509_parser::certificate::X509Certificate<'_>) -> Vec<String> {
     let mut out = Vec::new();
     if let Ok(Some(ext)) = cert.subject_alternative_name() {
         for name in &ext.value.general_names {
@@ -196,13 +317,24 @@ pub fn cert_sans(cert_pem: &str) -> Result<Vec<String>, PkiError> {
                     }
                     16 => out
                         .push(IpAddr::from(<[u8; 16]>::try_from(*b).expect("len 16")).to_string()),
-                    _ => {}
+                    // An address of another length is no name we issue: it fails the comparison.
+                    _ => out.push(format!("ip:{}", hex::encode(b))),
                 },
-                _ => {}
+                other => out.push(format!("{other:?}")),
             }
         }
     }
-    Ok(out)
+    out
+}
+
+/// The SANs (DNS names and IPs, as strings) of a PEM certificate.
+pub fn cert_sans(cert_pem: &str) -> Result<Vec<String>, PkiError> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+        .map_err(|e| PkiError::Parse(e.to_string()))?;
+    let cert = pem
+        .parse_x509()
+        .map_err(|e| PkiError::Parse(e.to_string()))?;
+    Ok(issued_sans(&cert))
 }
 
 #[cfg(test)]
@@ -277,6 +409,124 @@ mod tests {
             ca.sign_csr(&pem, &spec(LeafUsage::Server)),
             Err(PkiError::BadCsr(_))
         ));
+    }
+
+    /// A P-384 key whose request is signed with ecdsa-with-SHA256 (made once with
+    /// `openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-384 -sha256 -nodes`).
+    pub(crate) const MISMATCHED_CSR: &str =
+        include_str!("../tests/fixtures/p384-key-ecdsa-sha256.csr");
+
+    #[test]
+    fn a_csr_whose_key_and_signature_algorithms_disagree_is_refused() {
+        let (ca_pem, ca_key) = generate_ca("do-1461", SystemTime::now()).unwrap();
+        let ca = CampaignCa::load(&ca_pem, &ca_key).unwrap();
+        let err = ca
+            .sign_csr(MISMATCHED_CSR, &spec(LeafUsage::Client))
+            .unwrap_err();
+        assert!(
+            matches!(&err, PkiError::BadCsrKey(m) if m.contains("1.2.840.10045.4.3.3")),
+            "{err}"
+        );
+        // The agreeing pairs are all accepted.
+        for alg in [
+            &PKCS_ECDSA_P256_SHA256,
+            &rcgen::PKCS_ECDSA_P384_SHA384,
+            &rcgen::PKCS_ED25519,
+        ] {
+            let key = KeyPair::generate_for(alg).unwrap();
+            let csr = CertificateParams::new(vec![])
+                .unwrap()
+                .serialize_request(&key)
+                .unwrap()
+                .pem()
+                .unwrap();
+            let (_, der, _) = ca.sign_csr(&csr, &spec(LeafUsage::Server)).unwrap();
+            let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+            assert_eq!(
+                &*cert.public_key().subject_public_key.data,
+                key.public_key_raw()
+            );
+        }
+    }
+
+    #[test]
+    fn the_parse_back_check_alone_catches_the_malformed_certificate_of_a_mismatched_csr() {
+        // What issuance did before the CSR check: rcgen takes the key's algorithm from the
+        // signature, so the P-384 key lands in a certificate that calls it P-256.
+        let (ca_pem, ca_key) = generate_ca("do-1461", SystemTime::now()).unwrap();
+        let ca = CampaignCa::load(&ca_pem, &ca_key).unwrap();
+        let der = x509_parser::pem::parse_x509_pem(MISMATCHED_CSR.as_bytes())
+            .unwrap()
+            .1
+            .contents;
+        let csr = CertificateSigningRequestParams::from_der(&der.clone().into()).unwrap();
+        let good = spec(LeafUsage::Client);
+        let cert = ca
+            .leaf_params(&good)
+            .unwrap()
+            .signed_by(&csr.public_key, &ca.issuer)
+            .unwrap();
+        let spki = {
+            use x509_parser::prelude::FromDer;
+            x509_parser::certification_request::X509CertificationRequest::from_der(&der)
+                .unwrap()
+                .1
+                .certification_request_info
+                .subject_pki
+                .raw
+                .to_vec()
+        };
+        let err = ca.check_issued(cert.der(), &good, &spki).unwrap_err();
+        assert!(err.to_string().contains("public key"), "{err}");
+    }
+
+    #[test]
+    fn the_parse_back_check_refuses_a_certificate_other_than_the_spec() {
+        let (ca_pem, ca_key) = generate_ca("do-1461", SystemTime::now()).unwrap();
+        let ca = CampaignCa::load(&ca_pem, &ca_key).unwrap();
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let csr = CertificateParams::new(vec![])
+            .unwrap()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        let good = spec(LeafUsage::Server);
+        let (_, der, _) = ca.sign_csr(&csr, &good).unwrap();
+        let spki = check_csr(
+            &x509_parser::pem::parse_x509_pem(csr.as_bytes())
+                .unwrap()
+                .1
+                .contents,
+        )
+        .unwrap();
+        ca.check_issued(&der, &good, &spki).unwrap();
+        // Another usage, other names, another key, another issuer: each refused.
+        let err = ca
+            .check_issued(&der, &spec(LeafUsage::Client), &spki)
+            .unwrap_err();
+        assert!(err.to_string().contains("extended key usage"), "{err}");
+        let mut other = good.clone();
+        other.sans.push("10.0.0.1".into());
+        let err = ca.check_issued(&der, &other, &spki).unwrap_err();
+        assert!(err.to_string().contains("alternative names"), "{err}");
+        let other_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let other_pem = other_key.public_key_pem();
+        let other_spki = x509_parser::pem::parse_x509_pem(other_pem.as_bytes())
+            .unwrap()
+            .1
+            .contents;
+        let err = ca.check_issued(&der, &good, &other_spki).unwrap_err();
+        assert!(err.to_string().contains("public key"), "{err}");
+        let (ca2_pem, ca2_key) = generate_ca("do-1461", SystemTime::now()).unwrap();
+        let ca2 = CampaignCa::load(&ca2_pem, &ca2_key).unwrap();
+        let err = ca2.check_issued(&der, &good, &spki).unwrap_err();
+        assert!(err.to_string().contains("signature"), "{err}");
+        // A node's certificate never carries the seeder's name, even if a caller asked.
+        let mut seeder = good.clone();
+        seeder.sans.push(SEEDER_CERT_NAME.into());
+        let err = ca.sign_csr(&csr, &seeder).unwrap_err();
+        assert!(err.to_string().contains("names the seeder"), "{err}");
     }
 
     fn pem_encode(tag: &str, der: &[u8]) -> String {

@@ -353,6 +353,16 @@ impl Seeder {
             .store
             .current_certs("client")?
             .into_iter()
+            .filter(|c| {
+                // Only a node whose manifest asks for a client certificate is allowlisted, so a
+                // client certificate issued before its role dropped one (or before purposes
+                // followed roles) lets no one in.
+                self.manifest_wants_certificate(
+                    &c.node,
+                    hiveseed_proto::manifest::CertificatePurpose::Client,
+                )
+                .unwrap_or(false)
+            })
             .filter_map(|c| {
                 let spec = fleet.node(&c.node)?;
                 Some(AllowEntry {
@@ -617,6 +627,20 @@ impl Seeder {
                     && n.owner.agent_id == operator.id
                     && n.owner.public_key == operator.public_key)
         }))
+    }
+
+    /// Whether a node's current manifest has a certificate resource of this purpose: a node gets
+    /// only the certificates its role's manifest asks for (a pg node no client certificate, an
+    /// agent no server certificate).
+    pub fn manifest_wants_certificate(
+        &self,
+        node: &NodeName,
+        purpose: hiveseed_proto::manifest::CertificatePurpose,
+    ) -> Result<bool> {
+        Ok(self
+            .current_resources(node)?
+            .iter()
+            .any(|r| matches!(r, Resource::Certificate(c) if c.purpose == purpose)))
     }
 
     /// Whether a node's current manifest asks for a federation credential for `fed_id`: a node

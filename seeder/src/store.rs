@@ -61,6 +61,8 @@ CREATE TABLE IF NOT EXISTS certs (
     revoked_at INTEGER
 );
 CREATE INDEX IF NOT EXISTS certs_node ON certs(node, purpose);
+CREATE INDEX IF NOT EXISTS enrollments_private_ip ON enrollments(private_ip);
+CREATE INDEX IF NOT EXISTS enrollments_public_ip ON enrollments(public_ip);
 CREATE TABLE IF NOT EXISTS manifests (
     node TEXT PRIMARY KEY,
     generation INTEGER NOT NULL,
@@ -264,6 +266,25 @@ impl Store {
         )
         .optional()?
         .transpose()
+    }
+
+    /// The enrollments of nodes other than `except` that hold `ip` as their private or public
+    /// address (indexed: one lookup per enrollment, however large the fleet).
+    pub fn enrollments_with_address(
+        &self,
+        ip: std::net::Ipv4Addr,
+        except: &NodeName,
+    ) -> Result<Vec<Enrollment>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT node, droplet_id, public_ip, private_ip, identity_fpr, key_fpr, token_nonce, enrolled_at
+             FROM enrollments WHERE private_ip = ?1 AND node != ?2
+             UNION
+             SELECT node, droplet_id, public_ip, private_ip, identity_fpr, key_fpr, token_nonce, enrolled_at
+             FROM enrollments WHERE public_ip = ?1 AND node != ?2",
+        )?;
+        let rows = stmt.query_map(params![ip.to_string(), except.as_str()], row_enrollment)?;
+        rows.map(|r| r?).collect()
     }
 
     pub fn enrollments(&self) -> Result<Vec<Enrollment>> {

@@ -209,6 +209,7 @@ fn tfvars(campaign: &Campaign, nodes: &[NodeFixture]) -> Value {
         "bootstrap_url": campaign.bootstrap_url(),
         "bootstrap_sha256": campaign.bootstrap_sha256,
         "nodes": nodes,
+        "region_cidrs": {"fra1": "10.10.0.0/16", "nyc3": "10.11.0.0/16", "sgp1": "10.12.0.0/16"},
     })
 }
 
@@ -790,6 +791,13 @@ fn user_data_is_byte_identical_across_publishes() {
     };
     let first = user_data();
     assert_eq!(first.len(), 12);
+    // The VPC ranges come from the fleet, the same values the seeder certifies addresses in.
+    let vars: Value = serde_json::from_str(&fs::read_to_string(&tfvars).unwrap()).unwrap();
+    assert_eq!(
+        vars["region_cidrs"],
+        json!({"fra1": "10.10.0.0/16", "nyc3": "10.11.0.0/16", "sgp1": "10.12.0.0/16"})
+    );
+    assert!(read("main.tf").contains("var.region_cidrs[r]"));
     for (node, ud) in &first {
         assert!(
             !ud.contains(LLM_KEY),

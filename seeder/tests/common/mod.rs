@@ -26,6 +26,8 @@ seeder_url = "https://{SEEDER_IP}:8443"
 [regions.r1]
 pg = 1
 peer = 2
+# Every test's private addresses (127.0.x.y); the cert-policy tests claim addresses outside it.
+vpc_cidr = "127.0.0.0/16"
 
 [federation]
 catchup_interval_secs = 30
@@ -59,6 +61,14 @@ id = "file:motd"
 path = "/etc/motd"
 mode = "0644"
 content = { type = "text", text = "pg {{ node.name }} at {{ node.private_ip }}\n" }
+
+[[resource]]
+kind = "certificate"
+id = "cert:pg-server"
+purpose = "pg_server"
+key_path = "/etc/pg/server.key"
+cert_path = "/etc/pg/server.pem"
+key_mode = "0600"
 "#;
 
 pub const PEER_ROLE: &str = r#"
@@ -77,6 +87,22 @@ when = "artifacts.tool is defined"
 path = "/usr/local/bin/tool"
 mode = "0755"
 artifact = "tool"
+
+[[resource]]
+kind = "certificate"
+id = "cert:server"
+purpose = "server"
+key_path = "/etc/peer/server.key"
+cert_path = "/etc/peer/server.pem"
+key_mode = "0400"
+
+[[resource]]
+kind = "certificate"
+id = "cert:client"
+purpose = "client"
+key_path = "/etc/peer/client.key"
+cert_path = "/etc/peer/client.pem"
+key_mode = "0400"
 "#;
 
 pub struct Campaign {

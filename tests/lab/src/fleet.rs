@@ -854,6 +854,40 @@ mod tests {
         assert_eq!(LAB_FLEET.lines().count(), pinned.lines().count());
     }
 
+    /// The seeder certifies a private address only inside its region's VPC range: every lab node's
+    /// address (127.0.R.N) must be inside the range the lab fleet declares, or it gets no
+    /// certificate; the seeder's own address is in none.
+    #[test]
+    fn the_lab_fleets_vpc_ranges_hold_every_lab_address() {
+        for text in [LAB_FLEET, include_str!("../fixtures/smoke/fleet.toml")] {
+            let fleet = hiveseed_seeder::fleet::Fleet::parse(text).unwrap();
+            let roles: BTreeMap<String, (String, String)> = fleet
+                .nodes
+                .iter()
+                .map(|n| {
+                    (
+                        n.name.to_string(),
+                        (n.role.to_string(), n.region.to_string()),
+                    )
+                })
+                .collect();
+            let plan = address_plan(&roles);
+            for n in &fleet.nodes {
+                let (r, num) = plan[n.name.as_str()];
+                let private = crate::addr::NodeAddr::new(r, num).unwrap().private();
+                let range = fleet.vpc_ranges[&n.region];
+                assert!(
+                    range.contains(private),
+                    "{}: {private} outside {range}",
+                    n.name
+                );
+            }
+            for range in fleet.vpc_ranges.values() {
+                assert!(!range.contains(crate::addr::SEEDER_ADDR), "{range}");
+            }
+        }
+    }
+
     #[test]
     fn a_fleet_without_the_pin_is_refused() {
         let text = LAB_FLEET.replace("[pins.ai_memory]", "[pins.other]");
