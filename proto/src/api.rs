@@ -112,6 +112,7 @@ pub enum ErrorKind {
     Revoked,
     Forbidden,
     NotFound,
+    MethodNotAllowed,
     Conflict,
     TooLarge,
     RateLimited,
