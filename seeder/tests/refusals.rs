@@ -420,14 +420,19 @@ async fn a_flood_of_refused_enrollments_stays_a_few_counted_rows() {
         .collect();
     let counted: u64 = rows.iter().map(|r| r.count).sum();
     println!("rows {} counting {counted}", rows.len());
-    assert_eq!(counted, FLOOD as u64, "every refusal counted: {rows:?}");
+    let first = rows.iter().take(4).collect::<Vec<_>>();
+    assert_eq!(counted, FLOOD as u64, "every refusal counted: {first:?}...");
     // Two kinds (the burst's malformed tokens, then rate_limited) per minute the flood spanned.
-    assert!(rows.len() <= 2 * minutes, "{} rows: {rows:?}", rows.len());
+    assert!(
+        rows.len() <= 2 * minutes,
+        "{} rows: {first:?}...",
+        rows.len()
+    );
     let kinds: BTreeSet<_> = rows.iter().map(|r| r.kind.as_str()).collect();
     assert_eq!(
         kinds,
         BTreeSet::from(["rate_limited", "token_malformed"]),
-        "{rows:?}"
+        "{first:?}..."
     );
     // The log shows the flood without repeating it: the first and every power of ten per row.
     let lines = std::fs::read_to_string(&log)
