@@ -10,6 +10,10 @@ use hiveseed_proto::NodeName;
 use crate::error::Error;
 use crate::state::Seeder;
 
+/// At most this many characters of a refusal's message are logged, quoted and escaped (`?`):
+/// parts of a message can come from the request, which must not forge or flood log lines.
+const LOGGED_REASON_CHARS: usize = 240;
+
 /// Whether the `count`th refusal of a row is logged at WARN: the first, then every power of ten,
 /// so a flood shows in the log without filling it (the store keeps every count).
 fn worth_a_warning(count: u64) -> bool {
@@ -28,6 +32,7 @@ impl Seeder {
         error: Error,
     ) -> Error {
         let node_field = node.map_or("-", NodeName::as_str);
+        let reason: String = error.message.chars().take(LOGGED_REASON_CHARS).collect();
         let count = match self.store.record_refusal(self.now(), source, kind, node) {
             Ok(count) => count,
             Err(e) => {
@@ -36,9 +41,9 @@ impl Seeder {
             }
         };
         if worth_a_warning(count) {
-            tracing::warn!(kind = %kind, node = %node_field, source = %source, count, reason = %error.message, "refused");
+            tracing::warn!(kind = %kind, node = %node_field, source = %source, count, reason = ?reason, "refused");
         } else {
-            tracing::debug!(kind = %kind, node = %node_field, source = %source, count, reason = %error.message, "refused");
+            tracing::debug!(kind = %kind, node = %node_field, source = %source, count, reason = ?reason, "refused");
         }
         error
     }

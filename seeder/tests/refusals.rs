@@ -256,6 +256,27 @@ async fn every_refused_enrollment_is_recorded_and_logged_without_the_token() {
         assert_eq!(status, case.status, "{}: {text}", case.what);
     }
 
+    // A body that is not an enrollment request, after a token that verifies.
+    let resp = Agent::new(P1, &ip(33), "10.0.0.11", &c.ca_pem())
+        .anonymous()
+        .post(server.url(&format!("/v1/join/{P1}?token={}", c.token(P1, "peer", 600))))
+        .header("content-type", "application/json")
+        .body(r#"{"csr_pem":"x"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    cases.push(Case {
+        what: "bad body",
+        source: ip(33),
+        path_node: P1,
+        token: c.token(P1, "peer", 600),
+        body: body_from(&ip(33)),
+        status: 400,
+        kind: "bad_body",
+        node: P1,
+    });
+
     // Rate limited: one source past its burst, with a token that would otherwise enroll.
     let p2 = Agent::new(P2, &ip(31), "10.0.0.12", &c.ca_pem());
     let p2_body = EnrollRequest {
