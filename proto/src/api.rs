@@ -117,6 +117,7 @@ pub enum ErrorKind {
     Revoked,
     Forbidden,
     NotFound,
+    MethodNotAllowed,
     Conflict,
     TooLarge,
     RateLimited,

@@ -12,6 +12,8 @@ pub const MAX_RESOURCES: usize = 1024;
 pub const MAX_CHECKS: usize = 1024;
 pub const MAX_SERVICES: usize = 256;
 pub const MAX_TEXT: usize = 4096;
+/// The largest `seq`: the seeder stores it as a signed 64-bit integer, and a larger one would wrap.
+pub const MAX_SEQ: u64 = i64::MAX as u64;
 
 /// The agent's run state; the same states it reports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,6 +163,7 @@ pub struct ServiceRestarts {
 pub struct StatusReport {
     pub node: NodeName,
     /// Per-agent sequence number, strictly increasing across restarts; the seeder drops replays.
+    /// At most [`MAX_SEQ`].
     pub seq: u64,
     /// Unix seconds when the agent produced it.
     pub at: u64,
@@ -202,6 +205,12 @@ impl StatusReport {
             return Err(ReportError {
                 field: "node".into(),
                 problem: format!("report names {} but the caller is {sender}", self.node),
+            });
+        }
+        if self.seq > MAX_SEQ {
+            return Err(ReportError {
+                field: "seq".into(),
+                problem: format!("greater than {MAX_SEQ}"),
             });
         }
         if self.generation.is_some() != self.digest.is_some() {
@@ -322,6 +331,12 @@ mod tests {
         let mut r = report();
         r.checks[0].got = "x".repeat(MAX_TEXT + 1);
         assert_eq!(r.validate(&node()).unwrap_err().field, "checks[0].got");
+
+        let mut r = report();
+        r.seq = MAX_SEQ + 1;
+        assert_eq!(r.validate(&node()).unwrap_err().field, "seq");
+        r.seq = MAX_SEQ;
+        assert!(r.validate(&node()).is_ok());
 
         let mut r = report();
         r.digest = None;

@@ -44,6 +44,16 @@ pub enum TokenError {
     Expired { exp: u64, now: u64 },
     #[error("join token is for campaign {got}, not {expected}")]
     WrongCampaign { expected: Campaign, got: Campaign },
+    /// The signature does not verify and the (unverified) payload names another campaign: most
+    /// likely a token meant for another campaign's seeder. Only the message differs from
+    /// [`TokenError::BadSignature`]; the token is refused all the same.
+    #[error(
+        "join token says it is for campaign {claimed}; this seeder serves campaign {expected}"
+    )]
+    OtherCampaign {
+        expected: Campaign,
+        claimed: Campaign,
+    },
     #[error("join token is for node {got}, not {expected}")]
     WrongNode { expected: NodeName, got: NodeName },
 }
@@ -57,6 +67,7 @@ impl TokenError {
             TokenError::BadSignature => "token_bad_signature",
             TokenError::Expired { .. } => "token_expired",
             TokenError::WrongCampaign { .. } => "token_wrong_campaign",
+            TokenError::OtherCampaign { .. } => "token_other_campaign",
             TokenError::WrongNode { .. } => "token_wrong_node",
         }
     }
@@ -94,6 +105,8 @@ impl JoinToken {
     }
 
     /// Checks, in order: shape, signature, version, campaign, node, expiry. Each refusal is distinct.
+    /// A signature that does not verify is always refused; only then is the unverified payload
+    /// read, and only to tell a token for another campaign from a forged one.
     pub fn verify(
         &self,
         key: &VerifyingKey,
@@ -120,7 +133,7 @@ impl JoinToken {
             &signed_message(CONTEXT, &payload),
             &Signature::from_bytes(&sig),
         )
-        .map_err(|_| TokenError::BadSignature)?;
+        .map_err(|_| unverified_refusal(&payload, campaign))?;
         let claims: JoinClaims = serde_json::from_slice(&payload)
             .map_err(|_| TokenError::Malformed("payload is not valid claims"))?;
         if claims.v != TOKEN_VERSION {
@@ -145,6 +158,19 @@ impl JoinToken {
             });
         }
         Ok(claims)
+    }
+}
+
+/// The refusal for a payload whose signature did not verify: [`TokenError::OtherCampaign`] when
+/// the payload parses as claims naming another campaign, [`TokenError::BadSignature`] otherwise.
+/// Nothing else of the unverified payload is believed or repeated.
+fn unverified_refusal(payload: &[u8], campaign: &Campaign) -> TokenError {
+    match serde_json::from_slice::<JoinClaims>(payload) {
+        Ok(claimed) if &claimed.campaign != campaign => TokenError::OtherCampaign {
+            expected: campaign.clone(),
+            claimed: claimed.campaign,
+        },
+        _ => TokenError::BadSignature,
     }
 }
 
@@ -213,7 +239,23 @@ mod tests {
             Err(TokenError::Expired { .. })
         ));
 
-        // Other campaign.
+        // Another campaign's token, signed by that campaign's key.
+        let mut c = claims();
+        c.campaign = "other".parse().unwrap();
+        let t = JoinToken::sign(&c, &other);
+        assert_eq!(
+            verify(&t, &key),
+            Err(TokenError::OtherCampaign {
+                expected: claims().campaign,
+                claimed: c.campaign.clone(),
+            })
+        );
+        assert_eq!(
+            verify(&t, &key).unwrap_err().to_string(),
+            "join token says it is for campaign other; this seeder serves campaign do-1461"
+        );
+
+        // Other campaign, signed by this campaign's key.
         let mut c = claims();
         c.campaign = "other".parse().unwrap();
         let t = JoinToken::sign(&c, &key);
@@ -269,9 +311,14 @@ mod tests {
                 got: claims().node,
             }
             .tag(),
+            TokenError::OtherCampaign {
+                expected: claims().campaign,
+                claimed: claims().campaign,
+            }
+            .tag(),
         ]
         .into();
-        assert_eq!(tags.len(), 6);
+        assert_eq!(tags.len(), 7);
     }
 
     proptest! {

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -63,6 +63,13 @@ pub fn app(seeder: Arc<Seeder>) -> Router {
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .merge(reports)
         .fallback(|| async { Error::new(ErrorKind::NotFound, "no such route") })
+        // After every route: it applies to the method routers registered so far.
+        .method_not_allowed_fallback(|method: Method, uri: Uri| async move {
+            Error::new(
+                ErrorKind::MethodNotAllowed,
+                format!("{method} is not allowed on {}", uri.path()),
+            )
+        })
         .with_state(seeder)
 }
 
@@ -166,6 +173,37 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<
     }
 }
 
+/// Path parameters whose rejections are answered in the API's error format.
+#[derive(Debug)]
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> ApiResult<Self> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(ApiPath(v)),
+            Err(e) if e.status().is_server_error() => Err(Error::internal(e.body_text())),
+            Err(e) => Err(Error::new(ErrorKind::BadRequest, e.body_text())),
+        }
+    }
+}
+
+/// A query string whose rejections are answered in the API's error format.
+#[derive(Debug)]
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> ApiResult<Self> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(v)| ApiQuery(v))
+            .map_err(|e| Error::new(ErrorKind::BadRequest, e.body_text()))
+    }
+}
+
 fn parse_node(s: &str) -> ApiResult<NodeName> {
     s.parse()
         .map_err(|e: hiveseed_proto::NameError| Error::new(ErrorKind::BadRequest, e.to_string()))
@@ -184,60 +222,87 @@ struct TokenQuery {
     token: String,
 }
 
+/// Every refusal before the identity is issued is recorded and logged through
+/// [`Seeder::refuse`]; the body is read only once the token has verified.
 async fn enroll(
     State(s): State<Arc<Seeder>>,
-    Path(node): Path<String>,
+    path: Result<ApiPath<String>, Error>,
     query: Result<Query<TokenQuery>, axum::extract::rejection::QueryRejection>,
     parts: ConnParts,
-    ApiJson(req): ApiJson<EnrollRequest>,
+    body: Result<ApiJson<EnrollRequest>, Error>,
 ) -> ApiResult<axum::Json<EnrollResponse>> {
     let remote = parts.0.remote;
+    let named: Option<NodeName> = path.as_ref().ok().and_then(|p| p.0.parse().ok());
+    let refuse = |kind: &'static str, e: Error| s.refuse(remote.ip(), kind, named.as_ref(), e);
     if !s.limiter.allow(remote.ip(), Instant::now()) {
-        return Err(Error::new(
-            ErrorKind::RateLimited,
-            "too many enrollments; retry later",
+        return Err(refuse(
+            "rate_limited",
+            Error::new(ErrorKind::RateLimited, "too many enrollments; retry later"),
         ));
     }
-    let node = parse_node(&node)?;
-    let Query(TokenQuery { token }) =
-        query.map_err(|_| Error::new(ErrorKind::BadToken, "the join URL has no token"))?;
+    let node = path
+        .and_then(|ApiPath(node)| parse_node(&node))
+        .map_err(|e| refuse("bad_node_name", e))?;
+    // The rejection's text is not repeated: it could quote the query, and the query is the token.
+    let Query(TokenQuery { token }) = query.map_err(|_| {
+        refuse(
+            "token_missing",
+            Error::new(
+                ErrorKind::BadToken,
+                "the join URL needs exactly one query parameter, token",
+            ),
+        )
+    })?;
     let inputs = s.inputs();
     let fleet = &inputs.fleet;
     let now = s.now();
     let claims = JoinToken::from_text(token)
         .verify(&s.signing.verifying_key(), &fleet.campaign, &node, now)
-        .map_err(|e| Error::new(ErrorKind::BadToken, e.to_string()))?;
+        .map_err(|e| refuse(e.tag(), Error::new(ErrorKind::BadToken, e.to_string())))?;
     let spec = fleet.node(&node).ok_or_else(|| {
-        Error::new(
-            ErrorKind::BadToken,
-            format!("node {node} is not in the fleet"),
+        refuse(
+            "not_in_fleet",
+            Error::new(
+                ErrorKind::BadToken,
+                format!("node {node} is not in the fleet"),
+            ),
         )
     })?;
     if spec.role != claims.role || spec.region != claims.region {
-        return Err(Error::new(
-            ErrorKind::BadToken,
-            format!(
-                "token says {}/{} but the fleet has {node} as {}/{}",
-                claims.role, claims.region, spec.role, spec.region
+        return Err(refuse(
+            "token_role_mismatch",
+            Error::new(
+                ErrorKind::BadToken,
+                format!(
+                    "token says {}/{} but the fleet has {node} as {}/{}",
+                    claims.role, claims.region, spec.role, spec.region
+                ),
             ),
         ));
     }
+    let ApiJson(req) = body.map_err(|e| refuse("bad_body", e))?;
     if req.facts.region != spec.region {
-        return Err(Error::new(
-            ErrorKind::BadRequest,
-            format!(
-                "facts.region is {}, the fleet has {node} in {}",
-                req.facts.region, spec.region
+        return Err(refuse(
+            "region_mismatch",
+            Error::new(
+                ErrorKind::BadRequest,
+                format!(
+                    "facts.region is {}, the fleet has {node} in {}",
+                    req.facts.region, spec.region
+                ),
             ),
         ));
     }
     if s.policy.check_source && remote.ip() != std::net::IpAddr::V4(req.facts.public_ipv4) {
-        return Err(Error::new(
-            ErrorKind::SourceMismatch,
-            format!(
-                "request came from {} but facts.public_ipv4 is {}",
-                remote.ip(),
-                req.facts.public_ipv4
+        return Err(refuse(
+            "source_mismatch",
+            Error::new(
+                ErrorKind::SourceMismatch,
+                format!(
+                    "request came from {} but facts.public_ipv4 is {}",
+                    remote.ip(),
+                    req.facts.public_ipv4
+                ),
             ),
         ));
     }
@@ -259,20 +324,17 @@ async fn enroll(
                 lifetime: Duration::from_secs(fleet.ttl.certificate_secs),
             },
         )
-        .map_err(|e| Error::new(ErrorKind::BadCsr, e.to_string()))?;
+        .map_err(|e| refuse("bad_csr", Error::new(ErrorKind::BadCsr, e.to_string())))?;
     let previous = s.store.enrollment(&node)?;
     if let Some(prev) = &previous {
         if prev.key_fpr != key_fpr && s.policy.reenroll == ReenrollPolicy::Refuse {
-            s.store.event(
-                now,
-                Some(&node),
-                "enroll_refused",
-                "re-enrollment with a new key refused by policy",
-            )?;
-            return Err(Error::new(
-                ErrorKind::Conflict,
-                format!(
-                    "{node} is already enrolled with another key and policy refuses re-enrollment"
+            return Err(refuse(
+                "reenroll_refused",
+                Error::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "{node} is already enrolled with another key and policy refuses re-enrollment"
+                    ),
                 ),
             ));
         }
@@ -406,7 +468,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ConnParts {
 
 async fn bootstrap_binary(
     State(s): State<Arc<Seeder>>,
-    Path(sha): Path<String>,
+    ApiPath(sha): ApiPath<String>,
 ) -> ApiResult<Response> {
     let sha = parse_sha(&sha)?;
     let known = s
@@ -455,7 +517,7 @@ struct WaitQuery {
 async fn get_manifest(
     State(s): State<Arc<Seeder>>,
     id: NodeIdentity,
-    Query(q): Query<WaitQuery>,
+    ApiQuery(q): ApiQuery<WaitQuery>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let inm = headers
@@ -753,7 +815,7 @@ async fn post_attest(
 async fn get_artifact(
     State(s): State<Arc<Seeder>>,
     id: NodeIdentity,
-    Path(sha): Path<String>,
+    ApiPath(sha): ApiPath<String>,
 ) -> ApiResult<Response> {
     let sha = parse_sha(&sha)?;
     if !s.manifest_references(&id.node, &sha)? {
@@ -783,7 +845,7 @@ async fn post_status(
 async fn get_ready(
     State(s): State<Arc<Seeder>>,
     _id: NodeIdentity,
-    Path((node, gate)): Path<(String, String)>,
+    ApiPath((node, gate)): ApiPath<(String, String)>,
 ) -> ApiResult<axum::Json<Readiness>> {
     let node = parse_node(&node)?;
     if gate != "converged" {

@@ -9,6 +9,7 @@ pub mod error;
 pub mod fleet;
 pub mod limit;
 pub mod pki;
+pub mod refusal;
 pub mod render;
 pub mod report;
 pub mod state;

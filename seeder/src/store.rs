@@ -17,6 +17,8 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("state database holds an unreadable value in {what}: {message}")]
     Corrupt { what: &'static str, message: String },
+    #[error("{what} {value} does not fit the state database's signed 64-bit integers")]
+    OutOfRange { what: &'static str, value: u64 },
     #[error("state database {path}")]
     Io {
         path: std::path::PathBuf,
@@ -98,6 +100,18 @@ CREATE TABLE IF NOT EXISTS events (
     kind TEXT NOT NULL,
     message TEXT NOT NULL
 );
+-- Refused requests, one row per source, kind and minute with a count (see `record_refusal`).
+CREATE TABLE IF NOT EXISTS refusals (
+    source TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    minute INTEGER NOT NULL,
+    node TEXT,
+    count INTEGER NOT NULL,
+    first_at INTEGER NOT NULL,
+    last_at INTEGER NOT NULL,
+    PRIMARY KEY (source, kind, minute)
+);
+CREATE INDEX IF NOT EXISTS refusals_last_at ON refusals(last_at);
 CREATE TABLE IF NOT EXISTS tokens (
     node TEXT PRIMARY KEY,
     token TEXT NOT NULL,
@@ -158,6 +172,25 @@ pub struct Event {
     pub kind: String,
     pub message: String,
 }
+
+/// Refusals of one kind from one source within one minute.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Refusal {
+    pub source: std::net::IpAddr,
+    /// A short stable tag such as `token_expired` or `rate_limited`.
+    pub kind: String,
+    /// Start of the minute, Unix seconds.
+    pub minute: u64,
+    /// The node the last of these requests named, when it named a valid one.
+    pub node: Option<String>,
+    pub count: u64,
+    pub first_at: u64,
+    pub last_at: u64,
+}
+
+/// The most refusal rows kept; past it the least recently refused rows are dropped, so a flood
+/// from many sources cannot grow the state database without bound.
+pub const MAX_REFUSAL_ROWS: u64 = 10_000;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PublishedInputs {
@@ -511,12 +544,18 @@ impl Store {
     // ---- reports ----
 
     pub fn put_report(&self, report: &StatusReport, now: u64) -> Result<ReportFate> {
+        // A seq that does not fit would wrap negative and freeze the view; the API refuses it
+        // first (`StatusReport::validate`), this keeps any other caller from storing it.
+        let seq = i64::try_from(report.seq).map_err(|_| StoreError::OutOfRange {
+            what: "report seq",
+            value: report.seq,
+        })?;
         let json = serde_json::to_string(report).map_err(|e| corrupt("report", e))?;
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let inserted = tx.execute(
             "INSERT OR IGNORE INTO report_log (node, seq, received_at, report) VALUES (?1, ?2, ?3, ?4)",
-            params![report.node.as_str(), report.seq as i64, now as i64, json],
+            params![report.node.as_str(), seq, now as i64, json],
         )?;
         if inserted == 0 {
             tx.commit()?;
@@ -527,7 +566,7 @@ impl Store {
             "INSERT INTO reports (node, seq, received_at, report) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT(node) DO UPDATE SET seq=excluded.seq, received_at=excluded.received_at, report=excluded.report
              WHERE excluded.seq > reports.seq",
-            params![report.node.as_str(), report.seq as i64, now as i64, json],
+            params![report.node.as_str(), seq, now as i64, json],
         )?;
         tx.commit()?;
         Ok(ReportFate::Stored)
@@ -597,6 +636,98 @@ impl Store {
             })
         })?;
         rows.map(|r| r.map_err(StoreError::from)).collect()
+    }
+
+    // ---- refusals ----
+
+    /// Counts one refused request of `kind` from `source` (naming `node`, if a valid one) at
+    /// `at`, in the row of its source, kind and minute. Returns that row's count so far.
+    pub fn record_refusal(
+        &self,
+        at: u64,
+        source: std::net::IpAddr,
+        kind: &str,
+        node: Option<&NodeName>,
+    ) -> Result<u64> {
+        self.record_refusal_capped(at, source, kind, node, MAX_REFUSAL_ROWS)
+    }
+
+    fn record_refusal_capped(
+        &self,
+        at: u64,
+        source: std::net::IpAddr,
+        kind: &str,
+        node: Option<&NodeName>,
+        cap: u64,
+    ) -> Result<u64> {
+        let minute = (at - at % 60) as i64;
+        let source = source.to_string();
+        let node = node.map(|n| n.as_str());
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let count: Option<i64> = tx
+            .query_row(
+                "UPDATE refusals SET count = count + 1, last_at = ?4, node = coalesce(?5, node)
+                 WHERE source = ?1 AND kind = ?2 AND minute = ?3 RETURNING count",
+                params![source, kind, minute, at as i64, node],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let count = match count {
+            Some(c) => c as u64,
+            None => {
+                tx.execute(
+                    "INSERT INTO refusals (source, kind, minute, node, count, first_at, last_at)
+                     VALUES (?1, ?2, ?3, ?4, 1, ?5, ?5)",
+                    params![source, kind, minute, node, at as i64],
+                )?;
+                // Only a new row can pass the cap: drop the least recently refused rows.
+                tx.execute(
+                    "DELETE FROM refusals WHERE rowid IN (
+                         SELECT rowid FROM refusals ORDER BY last_at, rowid
+                         LIMIT max(0, (SELECT count(*) FROM refusals) - ?1))",
+                    params![cap as i64],
+                )?;
+                1
+            }
+        };
+        tx.commit()?;
+        Ok(count)
+    }
+
+    /// Refusal rows, most recent first.
+    pub fn refusals(&self, limit: u32) -> Result<Vec<Refusal>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT source, kind, minute, node, count, first_at, last_at FROM refusals
+             ORDER BY last_at DESC, rowid DESC LIMIT ?1",
+        )?;
+        let rows = stmt.query_map(params![limit], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, Option<String>>(3)?,
+                [
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, i64>(6)?,
+                ],
+            ))
+        })?;
+        rows.map(|r| {
+            let (source, kind, minute, node, [count, first_at, last_at]) = r?;
+            Ok(Refusal {
+                source: source.parse().map_err(|e| corrupt("refusal source", e))?,
+                kind,
+                minute: minute as u64,
+                node,
+                count: count as u64,
+                first_at: first_at as u64,
+                last_at: last_at as u64,
+            })
+        })
+        .collect()
     }
 
     // ---- meta ----
@@ -890,5 +1021,60 @@ mod tests {
         let s = Store::open(&path).unwrap();
         assert_eq!(s.latest_report(&node()).unwrap().unwrap().0.seq, 5);
         assert_eq!(s.events(10).unwrap()[0].kind, "enrolled");
+    }
+
+    #[test]
+    fn a_seq_that_does_not_fit_is_refused_and_nothing_is_stored() {
+        let s = Store::open_in_memory().unwrap();
+        s.put_report(&report(1), 1).unwrap();
+        let err = s.put_report(&report(i64::MAX as u64 + 1), 2).unwrap_err();
+        assert!(matches!(err, StoreError::OutOfRange { .. }), "{err}");
+        assert_eq!(s.report_seqs(&node()).unwrap(), [1]);
+        s.put_report(&report(2), 3).unwrap();
+        assert_eq!(s.latest_report(&node()).unwrap().unwrap().0.seq, 2);
+    }
+
+    #[test]
+    fn refusals_are_counted_per_source_kind_and_minute_and_capped() {
+        let s = Store::open_in_memory().unwrap();
+        let a: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+        let b: std::net::IpAddr = "192.0.2.2".parse().unwrap();
+        for at in 600..660 {
+            s.record_refusal(at, a, "rate_limited", Some(&node()))
+                .unwrap();
+        }
+        assert_eq!(s.record_refusal(660, a, "rate_limited", None).unwrap(), 1);
+        s.record_refusal(661, a, "token_expired", None).unwrap();
+        s.record_refusal(662, b, "rate_limited", None).unwrap();
+        let rows = s.refusals(100).unwrap();
+        let counts: Vec<_> = rows
+            .iter()
+            .map(|r| (r.source, r.kind.as_str(), r.minute, r.count))
+            .collect();
+        assert_eq!(
+            counts,
+            [
+                (b, "rate_limited", 660, 1),
+                (a, "token_expired", 660, 1),
+                (a, "rate_limited", 660, 1),
+                (a, "rate_limited", 600, 60),
+            ]
+        );
+        assert_eq!(rows[3].node.as_deref(), Some(node().as_str()));
+        assert_eq!((rows[3].first_at, rows[3].last_at), (600, 659));
+
+        // Past the cap, the least recently refused rows go first.
+        for (i, at) in (700..705).enumerate() {
+            let source = std::net::IpAddr::from([198, 51, 100, i as u8]);
+            s.record_refusal_capped(at, source, "bad_csr", None, 3)
+                .unwrap();
+        }
+        let kept: Vec<_> = s
+            .refusals(100)
+            .unwrap()
+            .iter()
+            .map(|r| r.source.to_string())
+            .collect();
+        assert_eq!(kept, ["198.51.100.4", "198.51.100.3", "198.51.100.2"]);
     }
 }

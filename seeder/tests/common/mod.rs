@@ -202,13 +202,22 @@ impl Campaign {
 
     /// `seeder serve` listening on `listen` (`ip:0` for an ephemeral port).
     pub fn serve_on(&self, listen: &str, extra: &[&str]) -> Server {
+        self.spawn_serve(listen, extra, Stdio::inherit())
+    }
+
+    /// `seeder serve` whose log (stderr, WARN and above) goes to `log`, for tests that read it.
+    pub fn serve_logged(&self, listen: &str, extra: &[&str], log: &Path) -> Server {
+        self.spawn_serve(listen, extra, std::fs::File::create(log).unwrap().into())
+    }
+
+    fn spawn_serve(&self, listen: &str, extra: &[&str], stderr: Stdio) -> Server {
         let mut args = vec!["serve", "--dir", self.dir_str(), "--listen", listen];
         args.extend_from_slice(extra);
         let mut child = Command::new(seeder_bin())
             .args(&args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
