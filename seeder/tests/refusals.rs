@@ -70,7 +70,7 @@ async fn post_report(agent: &Agent, server: &Server, seq: u64) -> (u16, String) 
 async fn a_seq_above_i64_max_is_refused_and_the_view_still_advances() {
     let c = campaign("t1");
     let server = c.serve_on(LISTEN, &[]);
-    let mut p1 = Agent::new(P1, &ip(11), "10.0.0.11", &c.ca_pem());
+    let mut p1 = Agent::new(P1, &ip(11), "127.0.79.11", &c.ca_pem());
     p1.enroll(&server, &c.token(P1, "peer", 600)).await;
     let store = Store::open(&c.dir.join("state.db")).unwrap();
 
@@ -117,7 +117,7 @@ async fn every_refused_enrollment_is_recorded_and_logged_without_the_token() {
     let server = c.serve_logged(LISTEN, &["--reenroll", "refuse"], &log);
     let other_key = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
     let body_from = |source: &str| {
-        let a = Agent::new(P1, source, "10.0.0.11", &c.ca_pem());
+        let a = Agent::new(P1, source, "127.0.79.11", &c.ca_pem());
         EnrollRequest {
             csr_pem: a.csr(),
             facts: a.facts(),
@@ -238,7 +238,7 @@ async fn every_refused_enrollment_is_recorded_and_logged_without_the_token() {
     });
 
     for case in &cases {
-        let agent = Agent::new(case.path_node, &case.source, "10.0.0.11", &c.ca_pem());
+        let agent = Agent::new(case.path_node, &case.source, "127.0.79.11", &c.ca_pem());
         let url = if case.what == "no token" {
             server.url(&format!("/v1/join/{}", case.path_node))
         } else {
@@ -257,7 +257,7 @@ async fn every_refused_enrollment_is_recorded_and_logged_without_the_token() {
     }
 
     // A body that is not an enrollment request, after a token that verifies.
-    let resp = Agent::new(P1, &ip(33), "10.0.0.11", &c.ca_pem())
+    let resp = Agent::new(P1, &ip(33), "127.0.79.11", &c.ca_pem())
         .anonymous()
         .post(server.url(&format!("/v1/join/{P1}?token={}", c.token(P1, "peer", 600))))
         .header("content-type", "application/json")
@@ -278,7 +278,7 @@ async fn every_refused_enrollment_is_recorded_and_logged_without_the_token() {
     });
 
     // Rate limited: one source past its burst, with a token that would otherwise enroll.
-    let p2 = Agent::new(P2, &ip(31), "10.0.0.12", &c.ca_pem());
+    let p2 = Agent::new(P2, &ip(31), "127.0.79.12", &c.ca_pem());
     let p2_body = EnrollRequest {
         csr_pem: p2.csr(),
         facts: p2.facts(),
@@ -303,10 +303,10 @@ async fn every_refused_enrollment_is_recorded_and_logged_without_the_token() {
     });
 
     // Re-enrollment with another key, refused by policy.
-    let mut p1 = Agent::new(P1, &ip(32), "10.0.0.11", &c.ca_pem());
+    let mut p1 = Agent::new(P1, &ip(32), "127.0.79.11", &c.ca_pem());
     let good = c.token(P1, "peer", 600);
     p1.enroll(&server, &good).await;
-    let again = Agent::new(P1, &ip(32), "10.0.0.11", &c.ca_pem());
+    let again = Agent::new(P1, &ip(32), "127.0.79.11", &c.ca_pem());
     let resp = again
         .enroll_raw(
             &server,
@@ -391,7 +391,7 @@ async fn a_flood_of_refused_enrollments_stays_a_few_counted_rows() {
     let log = c.tmp.path().join("seeder.log");
     let server = c.serve_logged(LISTEN, &[], &log);
     let source = ip(40);
-    let flooder = Agent::new(P1, &source, "10.0.0.11", &c.ca_pem());
+    let flooder = Agent::new(P1, &source, "127.0.79.11", &c.ca_pem());
     let client = flooder.anonymous();
     let url = server.url(&format!("/v1/join/{P1}?token=garbage"));
     let body = serde_json::to_string(&EnrollRequest {
@@ -469,7 +469,7 @@ async fn a_flood_of_refused_enrollments_stays_a_few_counted_rows() {
 async fn every_error_answer_is_kind_and_message_json() {
     let c = campaign("t1");
     let server = c.serve_on(LISTEN, &[]);
-    let mut pg = Agent::new(PG, &ip(50), "10.0.0.10", &c.ca_pem());
+    let mut pg = Agent::new(PG, &ip(50), "127.0.79.10", &c.ca_pem());
     pg.enroll(&server, &c.token(PG, "pg", 600)).await;
     let client = pg.mtls();
 
@@ -555,7 +555,7 @@ async fn another_campaigns_token_is_told_apart_from_a_forged_one() {
     let server = c.serve_on(LISTEN, &[]);
     // Another campaign's seeder: its own key, its own campaign name.
     let elsewhere = campaign("t2");
-    let p1 = Agent::new(P1, &ip(60), "10.0.0.11", &c.ca_pem());
+    let p1 = Agent::new(P1, &ip(60), "127.0.79.11", &c.ca_pem());
     let body = EnrollRequest {
         csr_pem: p1.csr(),
         facts: p1.facts(),
