@@ -4,6 +4,7 @@ pub mod api;
 pub mod attest;
 pub mod campaign;
 pub mod cli;
+pub mod conn;
 pub mod credential;
 pub mod error;
 pub mod fleet;
