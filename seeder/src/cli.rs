@@ -62,6 +62,10 @@ pub struct ConnFlags {
     /// Open connections allowed overall; with 256 more it must fit the open-file hard limit.
     #[arg(long, default_value_t = 16_384)]
     max_connections: usize,
+    /// A load balancer's address range (CIDR; repeatable): its connections must start with a
+    /// PROXY protocol v2 header, whose source the per-source cap and the handlers then use.
+    #[arg(long = "proxy-protocol-from", value_name = "CIDR")]
+    proxy_protocol_from: Vec<crate::proxy_protocol::Cidr>,
 }
 
 impl ConnFlags {
@@ -74,6 +78,7 @@ impl ConnFlags {
             min_body_rate: self.min_body_rate,
             max_per_source: self.max_connections_per_source,
             max_total: self.max_connections,
+            proxy_from: self.proxy_protocol_from.clone(),
         }
     }
 }
@@ -442,7 +447,7 @@ pub async fn serve_on(
     policy: Policy,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
-    let limits = policy.conn;
+    let limits = policy.conn.clone();
     let nofile = crate::conn::raise_fd_limit(&limits)?;
     tracing::info!(open_files = nofile, ?limits, "connection limits");
     // One serving seeder per campaign directory.

@@ -18,6 +18,8 @@ use std::future::Future;
 use hyper::body::{Frame, SizeHint};
 use tokio::sync::Notify;
 
+use crate::proxy_protocol::Cidr;
+
 /// Open files kept free for everything that is not a connection: the store, artifacts being
 /// served, the campaign files, the runtime.
 pub const FD_RESERVE: u64 = 256;
@@ -26,7 +28,7 @@ pub const FD_RESERVE: u64 = 256;
 pub const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What `seeder serve` allows a connection; the flags of `seeder serve` fill it.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ConnLimits {
     /// From accept to the end of the TLS handshake.
     pub handshake_timeout: Duration,
@@ -44,6 +46,9 @@ pub struct ConnLimits {
     pub max_per_source: usize,
     /// Open connections overall.
     pub max_total: usize,
+    /// Load balancers: connections from these ranges must start with a PROXY v2 header, whose
+    /// source is then the connection's source; nobody else may send one.
+    pub proxy_from: Vec<Cidr>,
 }
 
 impl Default for ConnLimits {
@@ -56,6 +61,7 @@ impl Default for ConnLimits {
             min_body_rate: 1024,
             max_per_source: 256,
             max_total: 16_384,
+            proxy_from: Vec::new(),
         }
     }
 }
@@ -122,21 +128,33 @@ impl Gate {
         })
     }
 
-    pub fn admit(self: &Arc<Self>, source: IpAddr) -> Result<Slot, Refusal> {
+    /// Takes a place under the overall cap and, with a `source`, under its per-source cap; a
+    /// connection from a load balancer is admitted without one until its PROXY header names it.
+    pub fn admit(self: &Arc<Self>, source: Option<IpAddr>) -> Result<Slot, Refusal> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if open.total >= self.max_total {
             return Err(Refusal::Total);
         }
-        let n = open.per_source.entry(source).or_insert(0);
-        if *n >= self.max_per_source {
-            return Err(Refusal::PerSource);
+        if let Some(source) = source {
+            self.count_source(&mut open, source)?;
         }
-        *n += 1;
         open.total += 1;
         Ok(Slot {
             gate: self.clone(),
             source,
         })
+    }
+
+    fn count_source(&self, open: &mut Open, source: IpAddr) -> Result<(), Refusal> {
+        let n = open.per_source.entry(source).or_insert(0);
+        if *n >= self.max_per_source {
+            if *n == 0 {
+                open.per_source.remove(&source);
+            }
+            return Err(Refusal::PerSource);
+        }
+        *n += 1;
+        Ok(())
     }
 }
 
@@ -144,17 +162,31 @@ impl Gate {
 #[derive(Debug)]
 pub struct Slot {
     gate: Arc<Gate>,
-    source: IpAddr,
+    source: Option<IpAddr>,
+}
+
+impl Slot {
+    /// Counts a connection admitted without a source (from a load balancer) under `source`.
+    pub fn attribute(&mut self, source: IpAddr) -> Result<(), Refusal> {
+        if self.source.is_some() {
+            return Ok(());
+        }
+        let mut open = self.gate.open.lock().unwrap_or_else(|e| e.into_inner());
+        self.gate.count_source(&mut open, source)?;
+        self.source = Some(source);
+        Ok(())
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut open = self.gate.open.lock().unwrap_or_else(|e| e.into_inner());
         open.total = open.total.saturating_sub(1);
-        if let Some(n) = open.per_source.get_mut(&self.source) {
+        let Some(source) = self.source else { return };
+        if let Some(n) = open.per_source.get_mut(&source) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                open.per_source.remove(&self.source);
+                open.per_source.remove(&source);
             }
         }
     }
@@ -406,13 +438,19 @@ mod tests {
         let gate = Gate::new(&limits);
         let a: IpAddr = "127.0.78.1".parse().unwrap();
         let b: IpAddr = "127.0.78.2".parse().unwrap();
-        let a1 = gate.admit(a).unwrap();
-        let _a2 = gate.admit(a).unwrap();
-        assert_eq!(gate.admit(a).unwrap_err(), Refusal::PerSource);
-        let _b1 = gate.admit(b).unwrap();
-        assert_eq!(gate.admit(b).unwrap_err(), Refusal::Total);
+        let a1 = gate.admit(Some(a)).unwrap();
+        let _a2 = gate.admit(Some(a)).unwrap();
+        assert_eq!(gate.admit(Some(a)).unwrap_err(), Refusal::PerSource);
+        let mut balanced = gate.admit(None).unwrap();
+        assert_eq!(balanced.attribute(a).unwrap_err(), Refusal::PerSource);
+        assert_eq!(gate.admit(Some(b)).unwrap_err(), Refusal::Total);
         drop(a1);
-        assert!(gate.admit(a).is_ok(), "a closed connection frees its place");
+        balanced.attribute(a).unwrap();
+        drop(balanced);
+        assert!(
+            gate.admit(Some(a)).is_ok(),
+            "a closed connection frees its place"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod error;
 pub mod fleet;
 pub mod limit;
 pub mod pki;
+pub mod proxy_protocol;
 pub mod render;
 pub mod report;
 pub mod state;

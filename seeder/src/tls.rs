@@ -19,6 +19,7 @@ use tokio_rustls::TlsAcceptor;
 use tower::Service;
 
 use crate::conn::{Activity, ConnLimits, Gate, RateLimited, Tally, Tracked, LOG_INTERVAL};
+use crate::proxy_protocol::read_header;
 
 /// What a handler knows about the connection a request came on.
 #[derive(Debug, Clone)]
@@ -68,7 +69,8 @@ pub async fn serve(
 ) -> Result<()> {
     let acceptor = TlsAcceptor::from(config);
     let gate = Gate::new(&limits);
-    let tally = Tally::default();
+    let limits = Arc::new(limits);
+    let tally = Arc::new(Tally::default());
     let mut summary = tokio::time::interval(LOG_INTERVAL);
     summary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut backoff = ACCEPT_BACKOFF_MIN;
@@ -105,7 +107,9 @@ pub async fn serve(
             }
         };
         backoff = ACCEPT_BACKOFF_MIN;
-        let slot = match gate.admit(remote.ip()) {
+        // A load balancer's connections are counted per source once their PROXY header names it.
+        let balanced = limits.proxy_from.iter().any(|c| c.contains(remote.ip()));
+        let slot = match gate.admit((!balanced).then_some(remote.ip())) {
             Ok(slot) => slot,
             Err(why) => {
                 tally.refused(why);
@@ -116,20 +120,45 @@ pub async fn serve(
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let app = app.clone();
+        let (limits, tally) = (limits.clone(), tally.clone());
         conns.spawn(async move {
-            let _slot = slot;
-            let tls =
-                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => s,
+            let mut slot = slot;
+            let mut tcp = tcp;
+            // The PROXY header and the handshake share one deadline.
+            let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
+            let remote = if balanced {
+                match tokio::time::timeout_at(deadline, read_header(&mut tcp, remote)).await {
+                    Ok(Ok(source)) => {
+                        if let Err(why) = slot.attribute(source.ip()) {
+                            tally.refused(why);
+                            return;
+                        }
+                        source
+                    }
                     Ok(Err(e)) => {
-                        tracing::debug!(%remote, error = %e, "TLS handshake refused");
+                        tracing::debug!(balancer = %remote, error = %e, "PROXY header refused");
                         return;
                     }
                     Err(_) => {
-                        tracing::debug!(%remote, "TLS handshake timed out");
+                        tracing::debug!(balancer = %remote, "PROXY header timed out");
                         return;
                     }
-                };
+                }
+            } else {
+                remote
+            };
+            let _slot = slot;
+            let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%remote, error = %e, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%remote, "TLS handshake timed out");
+                    return;
+                }
+            };
             let client_cert = tls
                 .get_ref()
                 .1
@@ -154,13 +183,13 @@ async fn serve_connection(
     tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     info: ConnInfo,
     app: Router,
-    limits: ConnLimits,
+    limits: Arc<ConnLimits>,
 ) {
     let remote = info.remote;
     let activity = Activity::new();
     let cut = Arc::new(Notify::new());
     let svc = {
-        let (activity, cut) = (activity.clone(), cut.clone());
+        let (activity, cut, limits) = (activity.clone(), cut.clone(), limits.clone());
         hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
             let in_flight = activity.begin();
             let mut req =

@@ -40,9 +40,21 @@ async fn connect(
     ca_pem: &str,
     alpn: &[&[u8]],
 ) -> std::io::Result<TlsStream<TcpStream>> {
+    connect_after(server, source, ca_pem, alpn, &[]).await
+}
+
+/// Like [`connect`], with `prefix` (a PROXY header) sent before the TLS handshake.
+async fn connect_after(
+    server: SocketAddr,
+    source: &str,
+    ca_pem: &str,
+    alpn: &[&[u8]],
+    prefix: &[u8],
+) -> std::io::Result<TlsStream<TcpStream>> {
     let socket = TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(source.parse().unwrap(), 0))?;
-    let tcp = socket.connect(server).await?;
+    let mut tcp = socket.connect(server).await?;
+    tcp.write_all(prefix).await?;
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         roots.add(c.unwrap()).unwrap();
@@ -397,6 +409,103 @@ async fn serve_refuses_to_start_when_the_overall_cap_cannot_fit_the_open_file_li
     assert!(
         err.contains("100000256") && err.contains(&hard.to_string()),
         "the refusal names what the cap needs and the hard limit {hard}: {err}"
+    );
+}
+
+/// A PROXY protocol v2 header as HAProxy's specification lays it out: the 12-byte signature,
+/// version 2 + PROXY command (0x21), TCP over IPv4 (0x11), the address block's length (12), then
+/// source address, destination address, source port, destination port.
+fn proxy_v2(source: std::net::Ipv4Addr, dest: SocketAddr) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.extend_from_slice(&[0x21, 0x11, 0x00, 0x0c]);
+    h.extend_from_slice(&source.octets());
+    let std::net::IpAddr::V4(d) = dest.ip() else {
+        unreachable!()
+    };
+    h.extend_from_slice(&d.octets());
+    h.extend_from_slice(&40_000u16.to_be_bytes());
+    h.extend_from_slice(&dest.port().to_be_bytes());
+    h
+}
+
+#[tokio::test]
+async fn behind_a_balancer_the_per_source_cap_counts_the_proxy_source() {
+    let c = campaign();
+    let balancer = "127.0.78.50";
+    let server = c.serve_on(
+        &format!("{SEEDER}:0"),
+        &[
+            "--proxy-protocol-from",
+            "127.0.78.48/30",
+            "--max-connections-per-source",
+            "2",
+        ],
+    );
+    let ca = c.ca_pem();
+    let (x, y) = ("192.0.2.10".parse().unwrap(), "192.0.2.11".parse().unwrap());
+    let via = |src| proxy_v2(src, server.addr);
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let conn = connect_after(server.addr, balancer, &ca, &[], &via(x)).await;
+        held.push(conn.expect("a client's first two connections through the balancer"));
+    }
+    assert!(
+        connect_after(server.addr, balancer, &ca, &[], &via(x))
+            .await
+            .is_err(),
+        "a 3rd connection of 192.0.2.10 through the balancer got in under a per-source cap of 2"
+    );
+    let other = connect_after(server.addr, balancer, &ca, &[], &via(y)).await;
+    assert!(
+        other.is_ok(),
+        "another client behind the same balancer was refused: {other:?}"
+    );
+    assert!(
+        connect(server.addr, balancer, &ca, &[]).await.is_err(),
+        "a connection from the balancer's range without a PROXY header got in"
+    );
+    let outsider = "127.0.78.60";
+    assert!(
+        connect_after(server.addr, outsider, &ca, &[], &via(y))
+            .await
+            .is_err(),
+        "a PROXY header from outside --proxy-protocol-from was accepted"
+    );
+    let plain = connect(server.addr, outsider, &ca, &[]).await;
+    assert!(plain.is_ok(), "a direct client was refused: {plain:?}");
+
+    // Handlers see the PROXY source too: an enrollment claiming 192.0.2.20 as its public
+    // address passes the source check only if its source is the header's, not the balancer's.
+    let agent = Agent::new(PEER, "192.0.2.20", "127.0.78.120", &ca);
+    let body = serde_json::to_vec(&EnrollRequest {
+        csr_pem: agent.csr(),
+        facts: agent.facts(),
+    })
+    .unwrap();
+    let mut s = connect_after(
+        server.addr,
+        balancer,
+        &ca,
+        &[b"http/1.1"],
+        &via(agent.public_ip),
+    )
+    .await
+    .unwrap();
+    let head = format!(
+        "POST /v1/join/{PEER}?token={} HTTP/1.1\r\nHost: seeder\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        c.token(PEER, "peer", 600),
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&body).await.unwrap();
+    let (_, got) = until_closed(&mut s, Instant::now())
+        .await
+        .expect("the enrollment was answered and the connection closed");
+    let got = String::from_utf8_lossy(&got);
+    assert!(
+        got.starts_with("HTTP/1.1 200"),
+        "enrollment through the balancer from the claimed address: {}",
+        got.lines().last().unwrap_or_default()
     );
 }
 
