@@ -36,6 +36,61 @@ pub enum Reenroll {
     Refuse,
 }
 
+/// The listener's connection limits (README, Trust): timeouts in seconds, fractions allowed.
+#[derive(Debug, clap::Args)]
+pub struct ConnFlags {
+    /// Seconds from accept to the end of the TLS handshake.
+    #[arg(long, default_value = "10", value_parser = parse_secs)]
+    handshake_timeout: Duration,
+    /// Seconds to receive a whole HTTP/1.1 request head (also the wait for the next one on a
+    /// keep-alive connection).
+    #[arg(long, default_value = "10", value_parser = parse_secs)]
+    header_timeout: Duration,
+    /// Seconds a connection may stay open with no request in flight (long-polls and event
+    /// streams in flight do not count as idle).
+    #[arg(long, default_value = "60", value_parser = parse_secs)]
+    idle_timeout: Duration,
+    /// Seconds a request body may take before it must keep up --min-body-rate.
+    #[arg(long, default_value = "10", value_parser = parse_secs)]
+    body_timeout: Duration,
+    /// Bytes per second a request body must average after --body-timeout, or the connection is cut.
+    #[arg(long, default_value_t = 1024)]
+    min_body_rate: u64,
+    /// Open connections allowed from one source address (a NAT counts as one).
+    #[arg(long, default_value_t = 256)]
+    max_connections_per_source: usize,
+    /// Open connections allowed overall; with 256 more it must fit the open-file hard limit.
+    #[arg(long, default_value_t = 16_384)]
+    max_connections: usize,
+    /// A load balancer's address range (CIDR; repeatable): its connections must start with a
+    /// PROXY protocol v2 header, whose source the per-source cap and the handlers then use.
+    #[arg(long = "proxy-protocol-from", value_name = "CIDR")]
+    proxy_protocol_from: Vec<crate::proxy_protocol::Cidr>,
+}
+
+impl ConnFlags {
+    fn limits(&self) -> crate::conn::ConnLimits {
+        crate::conn::ConnLimits {
+            handshake_timeout: self.handshake_timeout,
+            header_timeout: self.header_timeout,
+            idle_timeout: self.idle_timeout,
+            body_timeout: self.body_timeout,
+            min_body_rate: self.min_body_rate,
+            max_per_source: self.max_connections_per_source,
+            max_total: self.max_connections,
+            proxy_from: self.proxy_protocol_from.clone(),
+        }
+    }
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if !(secs > 0.0 && secs <= 86_400.0) {
+        return Err(format!("{s:?}: seconds must be above 0 and at most 86400"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create the campaign directory: CA, seeder and operator certificates, signing keys, fleet
@@ -75,6 +130,8 @@ pub enum Command {
         /// Enrollments per second allowed from one source address (burst twice that).
         #[arg(long, default_value_t = 5.0)]
         enroll_rate_per_source: f64,
+        #[command(flatten)]
+        conn: ConnFlags,
     },
     /// Publish fleet.toml and roles/ as they are on disk: a new generation for every node whose
     /// manifest changes, none for the rest.
@@ -293,6 +350,7 @@ pub fn run(cli: Cli) -> Result<()> {
             reenroll,
             mesh_deadline,
             enroll_rate_per_source,
+            conn,
         } => {
             let policy = Policy {
                 check_source: !no_source_check,
@@ -302,6 +360,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 },
                 mesh_deadline_secs: mesh_deadline,
                 enroll_rate_per_source,
+                conn: conn.limits(),
                 ..Policy::default()
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -388,6 +447,9 @@ pub async fn serve_on(
     policy: Policy,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
+    let limits = policy.conn.clone();
+    let nofile = crate::conn::raise_fd_limit(&limits)?;
+    tracing::info!(open_files = nofile, ?limits, "connection limits");
     // One serving seeder per campaign directory.
     let lock = std::fs::OpenOptions::new()
         .create(true)
@@ -419,7 +481,7 @@ pub async fn serve_on(
     let _ = std::io::stdout().flush();
     let watcher = tokio::spawn(watch_changes(seeder.clone()));
     let app = crate::api::app(seeder.clone());
-    let result = crate::tls::serve(listener, config, app, shutdown).await;
+    let result = crate::tls::serve(listener, config, app, limits, shutdown).await;
     watcher.abort();
     tracing::info!("seeder stopped");
     drop(lock);

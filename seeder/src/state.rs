@@ -51,6 +51,8 @@ pub struct Policy {
     pub enroll_rate_per_source: f64,
     /// Enrollments per second overall (burst = 2x).
     pub enroll_rate_total: f64,
+    /// Caps and timeouts of the listener's connections.
+    pub conn: crate::conn::ConnLimits,
 }
 
 impl Default for Policy {
@@ -61,6 +63,7 @@ impl Default for Policy {
             mesh_deadline_secs: 600,
             enroll_rate_per_source: 5.0,
             enroll_rate_total: 2000.0,
+            conn: crate::conn::ConnLimits::default(),
         }
     }
 }
