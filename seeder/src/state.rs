@@ -51,6 +51,7 @@ pub struct Policy {
     pub enroll_rate_per_source: f64,
     /// Enrollments per second overall (burst = 2x).
     pub enroll_rate_total: f64,
+    pub downloads: crate::artifact::DownloadSettings,
 }
 
 impl Default for Policy {
@@ -61,6 +62,7 @@ impl Default for Policy {
             mesh_deadline_secs: 600,
             enroll_rate_per_source: 5.0,
             enroll_rate_total: 2000.0,
+            downloads: crate::artifact::DownloadSettings::default(),
         }
     }
 }
@@ -117,6 +119,8 @@ pub struct Seeder {
     watchers: Watchers,
     render_lock: tokio::sync::Mutex<RenderMemo>,
     pub limiter: crate::limit::EnrollLimiter,
+    /// Artifact and bootstrap download slots.
+    pub downloads: crate::artifact::Downloads,
     /// Fingerprint of the operator's client certificate (fleet view, admin).
     pub operator_fpr: Option<String>,
     /// Rendering facts, kept in memory and updated as enrollments and certificates happen.
@@ -206,6 +210,7 @@ impl Seeder {
             policy.enroll_rate_per_source,
             policy.enroll_rate_total,
         );
+        let downloads = crate::artifact::Downloads::new(policy.downloads);
         let manifests = store
             .manifests()?
             .into_iter()
@@ -233,6 +238,7 @@ impl Seeder {
             watchers: Mutex::new(HashMap::new()),
             render_lock: tokio::sync::Mutex::new(RenderMemo::default()),
             limiter,
+            downloads,
             operator_fpr,
             facts: Mutex::new(None),
             manifests: RwLock::new(manifests),

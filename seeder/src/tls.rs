@@ -29,6 +29,17 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Closes the connection a request came on (a stalled download). In every request's extensions.
+#[derive(Debug, Clone, Default)]
+pub struct ConnCloser(Arc<tokio::sync::Notify>);
+
+impl ConnCloser {
+    pub fn close(&self) {
+        // notify_one keeps the signal if the connection is not waiting on it at this instant.
+        self.0.notify_one();
+    }
+}
+
 /// Server config: the seeder's certificate, client certificates optional but verified against the
 /// campaign CA when presented.
 pub fn server_config(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Arc<ServerConfig>> {
@@ -108,16 +119,26 @@ pub async fn serve(
                 remote,
                 client_cert,
             };
+            let closer = ConnCloser::default();
+            let closed = closer.clone();
             let svc = hyper::service::service_fn(
                 move |mut req: hyper::Request<hyper::body::Incoming>| {
                     req.extensions_mut().insert(info.clone());
+                    req.extensions_mut().insert(closer.clone());
                     let mut app = app.clone();
                     async move { app.call(req.map(axum::body::Body::new)).await }
                 },
             );
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(e) = builder.serve_connection(TokioIo::new(tls), svc).await {
-                tracing::debug!(%remote, error = %e, "connection ended with an error");
+            tokio::select! {
+                r = builder.serve_connection(TokioIo::new(tls), svc) => {
+                    if let Err(e) = r {
+                        tracing::debug!(%remote, error = %e, "connection ended with an error");
+                    }
+                }
+                () = closed.0.notified() => {
+                    tracing::info!(%remote, "connection closed by the seeder");
+                }
             }
         });
     }
