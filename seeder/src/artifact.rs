@@ -33,7 +33,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use crate::tls::ConnCloser;
 
 /// Bytes read from disk per body frame.
-const CHUNK: usize = 64 * 1024;
+const CHUNK: usize = 32 * 1024;
 
 /// The stored file's identity as `artifact add` left it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

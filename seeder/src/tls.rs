@@ -129,7 +129,10 @@ pub async fn serve(
                     async move { app.call(req.map(axum::body::Body::new)).await }
                 },
             );
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            // hyper buffers up to ~400 KiB of a response per connection by default; a client
+            // that stops reading would pin that much (100 stalled downloads: 40 MiB).
+            builder.http1().max_buf_size(64 * 1024);
             tokio::select! {
                 r = builder.serve_connection(TokioIo::new(tls), svc) => {
                     if let Err(e) = r {
