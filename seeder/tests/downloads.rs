@@ -274,3 +274,31 @@ async fn a_client_that_stops_reading_is_cut_after_the_write_timeout_and_frees_it
         "the stalled client received the whole body ({got} bytes): it was not cut"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_http2_stream_is_cut_after_the_write_timeout_and_frees_its_slot() {
+    let (c, sha) = campaign_with_bootstrap(&artifact_bytes());
+    let server = c.serve_on(
+        &format!("{IP}:0"),
+        &["--max-downloads", "1", "--download-write-timeout", "1"],
+    );
+    // reqwest negotiates HTTP/2; holding the response without reading stops the stream at the
+    // flow-control window while the connection itself stays writable.
+    let stalled = get_bootstrap(&c, &server, &sha).await;
+    assert_eq!(stalled.version(), reqwest::Version::HTTP_2);
+    assert_eq!(stalled.status(), 200);
+    eventually(
+        "the stalled stream's slot to be freed",
+        Duration::from_secs(30),
+        || async {
+            let resp = get_bootstrap(&c, &server, &sha).await;
+            (resp.status() == 200).then_some(())
+        },
+    )
+    .await;
+    let body = stalled.bytes().await;
+    assert!(
+        body.as_ref().map_or(true, |b| b.len() < SIZE),
+        "the stalled stream received the whole body: it was not cut"
+    );
+}
