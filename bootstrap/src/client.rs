@@ -402,8 +402,15 @@ impl SeederClient {
         Ok(r.cert_chain_pem)
     }
 
-    pub async fn artifact(&self, sha256: &Sha256, size: u64) -> Result<Vec<u8>, ClientError> {
-        let resp = self
+    /// Streams an artifact into `out` as it arrives (no whole artifact in memory); refuses a
+    /// response that announces another size. The caller verifies the digest.
+    pub async fn artifact(
+        &self,
+        sha256: &Sha256,
+        size: u64,
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<(), ClientError> {
+        let mut resp = self
             .mtls()?
             .get(self.url(&format!("/v1/artifacts/{sha256}")))
             .timeout(Duration::from_secs(600))
@@ -413,14 +420,17 @@ impl SeederClient {
         if !resp.status().is_success() {
             return Err(refused(resp).await);
         }
-        let bytes = resp.bytes().await.map_err(unreachable)?;
-        if bytes.len() as u64 != size || Sha256::digest(&bytes) != *sha256 {
+        if let Some(len) = resp.content_length().filter(|l| *l != size) {
             return Err(ClientError::Protocol(format!(
-                "artifact {sha256}: got {} bytes that do not match the manifest",
-                bytes.len()
+                "artifact {sha256}: the seeder sends {len} bytes, the manifest names {size}"
             )));
         }
-        Ok(bytes.to_vec())
+        while let Some(chunk) = resp.chunk().await.map_err(unreachable)? {
+            out.write_all(&chunk).map_err(|e| {
+                ClientError::Protocol(format!("artifact {sha256}: writing the download: {e}"))
+            })?;
+        }
+        Ok(())
     }
 
     pub async fn ready(&self, node: &NodeName, gate: &str) -> Result<Readiness, ClientError> {
@@ -445,12 +455,15 @@ impl ArtifactFetcher for SeederClient {
         &'a self,
         sha256: &'a Sha256,
         size: u64,
-    ) -> BoxFuture<'a, Result<Vec<u8>, FetchError>> {
+        out: &'a mut (dyn std::io::Write + Send),
+    ) -> BoxFuture<'a, Result<(), FetchError>> {
         Box::pin(async move {
-            self.artifact(sha256, size).await.map_err(|e| FetchError {
-                retryable: e.retryable(),
-                message: e.to_string(),
-            })
+            self.artifact(sha256, size, out)
+                .await
+                .map_err(|e| FetchError {
+                    retryable: e.retryable(),
+                    message: e.to_string(),
+                })
         })
     }
 }

@@ -121,13 +121,18 @@ pub enum ErrorKind {
     Conflict,
     TooLarge,
     RateLimited,
+    /// The seeder is at a capacity limit (concurrent downloads); retry after `Retry-After`.
+    Busy,
     Internal,
 }
 
 impl ErrorKind {
     /// Whether a client should retry the same request later.
     pub fn retryable(self) -> bool {
-        matches!(self, ErrorKind::RateLimited | ErrorKind::Internal)
+        matches!(
+            self,
+            ErrorKind::RateLimited | ErrorKind::Busy | ErrorKind::Internal
+        )
     }
 }
 

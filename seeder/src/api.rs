@@ -18,7 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::extract::{
+    DefaultBodyLimit, Extension, FromRequest, FromRequestParts, Path, Query, Request, State,
+};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -38,7 +40,7 @@ use crate::error::{ApiResult, Error};
 use crate::pki::{LeafSpec, LeafUsage};
 use crate::state::{fingerprint, Change, ReenrollPolicy, Seeder};
 use crate::store::{CertRecord, Enrollment, ReportFate};
-use crate::tls::ConnInfo;
+use crate::tls::{ConnCloser, ConnInfo};
 
 /// Bodies: 64 KiB for everything but status reports.
 const BODY_LIMIT: usize = 64 * 1024;
@@ -468,6 +470,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ConnParts {
 
 async fn bootstrap_binary(
     State(s): State<Arc<Seeder>>,
+    closer: Option<Extension<ConnCloser>>,
     ApiPath(sha): ApiPath<String>,
 ) -> ApiResult<Response> {
     let sha = parse_sha(&sha)?;
@@ -482,25 +485,39 @@ async fn bootstrap_binary(
             "no bootstrap binary with that sha256",
         ));
     }
-    artifact_response(&s, &sha).await
+    artifact_response(&s, &sha, closer).await
 }
 
-async fn artifact_response(s: &Seeder, sha: &Sha256) -> ApiResult<Response> {
-    let path = s.dir.artifacts_dir().join(sha.to_hex());
-    let bytes = tokio::fs::read(&path).await?;
-    // Served bytes are what was pinned: a file changed behind our back is never served.
-    if Sha256::digest(&bytes) != *sha {
-        return Err(Error::internal(format!(
-            "{} does not match its sha256",
-            path.display()
-        )));
-    }
+/// Streams a stored artifact from disk within a download slot; its digest was computed once, at
+/// `artifact add`, and the file is checked against what `add` recorded (see `artifact`).
+async fn artifact_response(
+    s: &Seeder,
+    sha: &Sha256,
+    closer: Option<Extension<ConnCloser>>,
+) -> ApiResult<Response> {
+    let Some(slot) = s.downloads.try_slot() else {
+        return Err(Error::new(
+            ErrorKind::Busy,
+            format!(
+                "{} downloads are in progress, the most the seeder serves at once; retry later",
+                s.downloads.settings.max_concurrent
+            ),
+        ));
+    };
+    let opened = crate::artifact::open(&s.dir.artifacts_dir(), sha)
+        .await
+        .map_err(|e| Error::internal(format!("{:#}", anyhow::Error::from(e))))?;
+    let size = opened.size;
+    let body = s.downloads.body(opened, slot, closer.map(|Extension(c)| c));
     Ok((
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/octet-stream"),
-        )],
-        bytes,
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            ),
+            (header::CONTENT_LENGTH, HeaderValue::from(size)),
+        ],
+        axum::body::Body::new(body),
     )
         .into_response())
 }
@@ -815,6 +832,7 @@ async fn post_attest(
 async fn get_artifact(
     State(s): State<Arc<Seeder>>,
     id: NodeIdentity,
+    closer: Option<Extension<ConnCloser>>,
     ApiPath(sha): ApiPath<String>,
 ) -> ApiResult<Response> {
     let sha = parse_sha(&sha)?;
@@ -824,7 +842,7 @@ async fn get_artifact(
             "this node's manifest does not name that artifact",
         ));
     }
-    artifact_response(&s, &sha).await
+    artifact_response(&s, &sha, closer).await
 }
 
 async fn post_status(

@@ -15,8 +15,9 @@ use std::time::{Duration, SystemTime};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use hiveseed_proto::token::{JoinClaims, TOKEN_VERSION};
-use hiveseed_proto::{JoinToken, NodeName, Sha256};
+use hiveseed_proto::{JoinToken, NodeName};
 
+use crate::artifact::DownloadSettings;
 use crate::campaign::{self, write_atomic, CampaignDir};
 use crate::fleet::Fleet;
 use crate::report;
@@ -132,6 +133,13 @@ pub enum Command {
         enroll_rate_per_source: f64,
         #[command(flatten)]
         conn: ConnFlags,
+        /// Artifact and bootstrap downloads served at once, over all clients; more get 503 busy.
+        #[arg(long, default_value_t = DownloadSettings::default().max_concurrent)]
+        max_downloads: usize,
+        /// Seconds a download may make no progress (its client stopped reading) before its
+        /// connection is closed.
+        #[arg(long, default_value_t = DownloadSettings::default().write_timeout.as_secs())]
+        download_write_timeout: u64,
     },
     /// Publish fleet.toml and roles/ as they are on disk: a new generation for every node whose
     /// manifest changes, none for the rest.
@@ -351,7 +359,12 @@ pub fn run(cli: Cli) -> Result<()> {
             mesh_deadline,
             enroll_rate_per_source,
             conn,
+            max_downloads,
+            download_write_timeout,
         } => {
+            if max_downloads == 0 || download_write_timeout == 0 {
+                bail!("--max-downloads and --download-write-timeout must be at least 1");
+            }
             let policy = Policy {
                 check_source: !no_source_check,
                 reenroll: match reenroll {
@@ -361,6 +374,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 mesh_deadline_secs: mesh_deadline,
                 enroll_rate_per_source,
                 conn: conn.limits(),
+                downloads: DownloadSettings {
+                    max_concurrent: max_downloads,
+                    write_timeout: Duration::from_secs(download_write_timeout),
+                },
                 ..Policy::default()
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -644,8 +661,9 @@ fn artifact_add(dir: &CampaignDir, name: &str, file: &Path) -> Result<()> {
     {
         bail!("artifact name {name:?}: use letters, digits, '-', '_' and '.'");
     }
-    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-    let sha = Sha256::digest(&bytes);
+    // Copied and hashed in bounded memory; the digest computed here is the one served.
+    let staged = crate::artifact::stage(&dir.artifacts_dir(), file)?;
+    let (sha, size) = (staged.sha, staged.size);
     let fleet = current_fleet(dir, &store)?;
     if let Some((_, pin, field)) = fleet
         .artifact_pins()
@@ -659,12 +677,10 @@ fn artifact_add(dir: &CampaignDir, name: &str, file: &Path) -> Result<()> {
             );
         }
     }
-    let adir = dir.artifacts_dir();
-    std::fs::create_dir_all(&adir)?;
-    write_atomic(&adir.join(sha.to_hex()), &bytes, 0o644)?;
-    store.put_artifact(&sha, name, bytes.len() as u64, unix_now())?;
+    staged.commit()?;
+    store.put_artifact(&sha, name, size, unix_now())?;
     bump_epoch(dir, &store)?;
-    println!("{name} {sha} ({} bytes)", bytes.len());
+    println!("{name} {sha} ({size} bytes)");
     Ok(())
 }
 

@@ -45,6 +45,7 @@ pub fn status_of(kind: ErrorKind) -> StatusCode {
         ErrorKind::Conflict => StatusCode::CONFLICT,
         ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        ErrorKind::Busy => StatusCode::SERVICE_UNAVAILABLE,
         ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -57,7 +58,7 @@ impl IntoResponse for Error {
             message: self.message,
         };
         let mut resp = (status, axum::Json(body)).into_response();
-        if self.kind == ErrorKind::RateLimited {
+        if matches!(self.kind, ErrorKind::RateLimited | ErrorKind::Busy) {
             resp.headers_mut()
                 .insert("retry-after", HeaderValue::from_static("2"));
         }

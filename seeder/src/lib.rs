@@ -1,6 +1,7 @@
 //! The hiveseed seeder: campaign PKI, fleet description, enrollment, signed manifests, status.
 
 pub mod api;
+pub mod artifact;
 pub mod attest;
 pub mod campaign;
 pub mod cli;

@@ -53,6 +53,7 @@ pub struct Policy {
     pub enroll_rate_total: f64,
     /// Caps and timeouts of the listener's connections.
     pub conn: crate::conn::ConnLimits,
+    pub downloads: crate::artifact::DownloadSettings,
 }
 
 impl Default for Policy {
@@ -64,6 +65,7 @@ impl Default for Policy {
             enroll_rate_per_source: 5.0,
             enroll_rate_total: 2000.0,
             conn: crate::conn::ConnLimits::default(),
+            downloads: crate::artifact::DownloadSettings::default(),
         }
     }
 }
@@ -120,6 +122,8 @@ pub struct Seeder {
     watchers: Watchers,
     render_lock: tokio::sync::Mutex<RenderMemo>,
     pub limiter: crate::limit::EnrollLimiter,
+    /// Artifact and bootstrap download slots.
+    pub downloads: crate::artifact::Downloads,
     /// Fingerprint of the operator's client certificate (fleet view, admin).
     pub operator_fpr: Option<String>,
     /// Rendering facts, kept in memory and updated as enrollments and certificates happen.
@@ -209,6 +213,7 @@ impl Seeder {
             policy.enroll_rate_per_source,
             policy.enroll_rate_total,
         );
+        let downloads = crate::artifact::Downloads::new(policy.downloads);
         let manifests = store
             .manifests()?
             .into_iter()
@@ -236,6 +241,7 @@ impl Seeder {
             watchers: Mutex::new(HashMap::new()),
             render_lock: tokio::sync::Mutex::new(RenderMemo::default()),
             limiter,
+            downloads,
             operator_fpr,
             facts: Mutex::new(None),
             manifests: RwLock::new(manifests),

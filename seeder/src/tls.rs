@@ -33,6 +33,17 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Closes the connection a request came on (a stalled download). In every request's extensions.
+#[derive(Debug, Clone, Default)]
+pub struct ConnCloser(Arc<tokio::sync::Notify>);
+
+impl ConnCloser {
+    pub fn close(&self) {
+        // notify_one keeps the signal if the connection is not waiting on it at this instant.
+        self.0.notify_one();
+    }
+}
+
 /// Server config: the seeder's certificate, client certificates optional but verified against the
 /// campaign CA when presented.
 pub fn server_config(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Arc<ServerConfig>> {
@@ -188,13 +199,17 @@ async fn serve_connection(
     let remote = info.remote;
     let activity = Activity::new();
     let cut = Arc::new(Notify::new());
+    // A handler (a stalled download's watchdog) may close the whole connection.
+    let closer = ConnCloser::default();
     let svc = {
-        let (activity, cut, limits) = (activity.clone(), cut.clone(), limits.clone());
+        let (activity, cut, limits, closer) =
+            (activity.clone(), cut.clone(), limits.clone(), closer.clone());
         hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
             let in_flight = activity.begin();
             let mut req =
                 req.map(|b| axum::body::Body::new(RateLimited::new(b, &limits, cut.clone())));
             req.extensions_mut().insert(info.clone());
+            req.extensions_mut().insert(closer.clone());
             let mut app = app.clone();
             async move {
                 let resp = app.call(req).await?;
@@ -208,7 +223,10 @@ async fn serve_connection(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout);
+        .header_read_timeout(limits.header_timeout)
+        // hyper buffers up to ~400 KiB of a response per connection by default; a client that
+        // stops reading would pin that much (100 stalled downloads: 40 MiB).
+        .max_buf_size(64 * 1024);
     let conn = builder.serve_connection(TokioIo::new(tls), svc);
     tokio::pin!(conn);
     let idle = tokio::time::sleep(limits.idle_timeout);
@@ -223,6 +241,10 @@ async fn serve_connection(
             }
             () = cut.notified() => {
                 tracing::debug!(%remote, "request body below the minimum rate: connection closed");
+                return;
+            }
+            () = closer.0.notified() => {
+                tracing::info!(%remote, "connection closed by the seeder");
                 return;
             }
             () = idle.as_mut() => {

@@ -9,7 +9,9 @@ use std::sync::{Mutex, MutexGuard};
 
 use hiveseed_proto::{AbsPath, FileMode};
 
-use super::{Attrs, Exec, ExecOutput, ExitCode, Host, HostError, Owner, RealHost, Stat};
+use super::{
+    Attrs, Exec, ExecOutput, ExitCode, Host, HostError, Owner, RealHost, StagedFile, Stat,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct FakeUnit {
@@ -250,6 +252,12 @@ impl Host for FakeHost {
     }
     fn write_atomic(&self, path: &AbsPath, content: &[u8], attrs: Attrs) -> Result<(), HostError> {
         self.inner.write_atomic(path, content, attrs)
+    }
+    fn stage_file(&self, path: &AbsPath, attrs: Attrs) -> Result<StagedFile, HostError> {
+        self.inner.stage_file(path, attrs)
+    }
+    fn commit_staged(&self, staged: StagedFile) -> Result<(), HostError> {
+        self.inner.commit_staged(staged)
     }
     fn mkdir(&self, path: &AbsPath, attrs: Attrs) -> Result<(), HostError> {
         self.inner.mkdir(path, attrs)

@@ -60,6 +60,39 @@ pub struct Attrs {
     pub owner: Option<Owner>,
 }
 
+/// A file being written beside its destination ([`Host::stage_file`]), created with the final
+/// mode and owner. Nothing is at the destination until [`Host::commit_staged`]; dropped
+/// uncommitted (a refused download, an error), the temp file is removed.
+#[derive(Debug)]
+pub struct StagedFile {
+    path: AbsPath,
+    dir: std::os::fd::OwnedFd,
+    name: String,
+    tmp: String,
+    file: std::fs::File,
+    committed: bool,
+}
+
+impl StagedFile {
+    /// The destination.
+    pub fn path(&self) -> &AbsPath {
+        &self.path
+    }
+
+    pub fn file(&mut self) -> &mut std::fs::File {
+        &mut self.file
+    }
+}
+
+impl Drop for StagedFile {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ =
+                rustix::fs::unlinkat(&self.dir, self.tmp.as_str(), rustix::fs::AtFlags::empty());
+        }
+    }
+}
+
 /// Bytes that must never be printed: stdin of a command, secret file content.
 #[derive(Clone, PartialEq, Eq, Default)]
 pub struct Sensitive(pub Vec<u8>);
@@ -257,6 +290,11 @@ pub trait Host: Send + Sync + fmt::Debug {
     /// Temp file created with the final mode (and owner), content written and fsynced, renamed
     /// over `path`, directory fsynced. The parent must exist.
     fn write_atomic(&self, path: &AbsPath, content: &[u8], attrs: Attrs) -> Result<(), HostError>;
+    /// The first half of `write_atomic` for content that is streamed (downloads): the temp file,
+    /// created with the final mode (and owner) in `path`'s directory. The parent must exist.
+    fn stage_file(&self, path: &AbsPath, attrs: Attrs) -> Result<StagedFile, HostError>;
+    /// The second half: fsync, rename over the destination, fsync the directory.
+    fn commit_staged(&self, staged: StagedFile) -> Result<(), HostError>;
     /// Create one directory (the parent must exist); an existing directory is left alone.
     fn mkdir(&self, path: &AbsPath, attrs: Attrs) -> Result<(), HostError>;
     /// chmod; refuses a final symlink.

@@ -16,7 +16,9 @@ use hiveseed_proto::{AbsPath, FileMode};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
 
-use super::{Attrs, Exec, ExecOutput, ExitCode, FileKind, Host, HostError, Owner, Stat};
+use super::{
+    Attrs, Exec, ExecOutput, ExitCode, FileKind, Host, HostError, Owner, StagedFile, Stat,
+};
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
@@ -270,6 +272,19 @@ impl Host for RealHost {
     }
 
     fn write_atomic(&self, path: &AbsPath, content: &[u8], attrs: Attrs) -> Result<(), HostError> {
+        let mut staged = self.stage_file(path, attrs)?;
+        staged
+            .file()
+            .write_all(content)
+            .map_err(|source| HostError::Io {
+                path: path.clone(),
+                op: "write temp file",
+                source,
+            })?;
+        self.commit_staged(staged)
+    }
+
+    fn stage_file(&self, path: &AbsPath, attrs: Attrs) -> Result<StagedFile, HostError> {
         let (dir, name) = self.parent(path, "open parent directory")?;
         let tmp = format!(
             ".{name}.hiveseed-{}-{}",
@@ -284,33 +299,42 @@ impl Host for RealHost {
             mode,
         )
         .map_err(|e| self.io_err(path, "create temp file", e))?;
-        let result = (|| {
-            // The umask may have narrowed the mode; never widened it, so nothing was exposed.
-            rustix::fs::fchmod(&fd, mode).map_err(|e| self.io_err(path, "chmod temp file", e))?;
-            if let Some(owner) = attrs.owner {
-                let (u, g) = owner_ids(owner);
-                rustix::fs::fchown(&fd, u, g)
-                    .map_err(|e| self.io_err(path, "chown temp file", e))?;
-            }
-            let mut file = std::fs::File::from(fd);
-            file.write_all(content).map_err(|source| HostError::Io {
-                path: path.clone(),
-                op: "write temp file",
-                source,
-            })?;
-            file.sync_all().map_err(|source| HostError::Io {
-                path: path.clone(),
-                op: "fsync temp file",
-                source,
-            })?;
-            rustix::fs::renameat(&dir, tmp.as_str(), &dir, name.as_str())
-                .map_err(|e| self.io_err(path, "rename into place", e))?;
-            rustix::fs::fsync(&dir).map_err(|e| self.io_err(path, "fsync directory", e))
-        })();
-        if result.is_err() {
-            let _ = rustix::fs::unlinkat(&dir, tmp.as_str(), AtFlags::empty());
+        // From here on, dropping `staged` removes the temp file.
+        let staged = StagedFile {
+            path: path.clone(),
+            dir,
+            name,
+            tmp,
+            file: std::fs::File::from(fd),
+            committed: false,
+        };
+        // The umask may have narrowed the mode; never widened it, so nothing was exposed.
+        rustix::fs::fchmod(&staged.file, mode)
+            .map_err(|e| self.io_err(path, "chmod temp file", e))?;
+        if let Some(owner) = attrs.owner {
+            let (u, g) = owner_ids(owner);
+            rustix::fs::fchown(&staged.file, u, g)
+                .map_err(|e| self.io_err(path, "chown temp file", e))?;
         }
-        result
+        Ok(staged)
+    }
+
+    fn commit_staged(&self, mut staged: StagedFile) -> Result<(), HostError> {
+        let path = staged.path.clone();
+        staged.file.sync_all().map_err(|source| HostError::Io {
+            path: path.clone(),
+            op: "fsync temp file",
+            source,
+        })?;
+        rustix::fs::renameat(
+            &staged.dir,
+            staged.tmp.as_str(),
+            &staged.dir,
+            staged.name.as_str(),
+        )
+        .map_err(|e| self.io_err(&path, "rename into place", e))?;
+        staged.committed = true;
+        rustix::fs::fsync(&staged.dir).map_err(|e| self.io_err(&path, "fsync directory", e))
     }
 
     fn mkdir(&self, path: &AbsPath, attrs: Attrs) -> Result<(), HostError> {

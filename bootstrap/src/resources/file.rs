@@ -89,8 +89,9 @@ pub fn plan(f: &File, o: &Observed) -> Result<Vec<Action>, PlanError> {
     ))
 }
 
-/// Writes `content` to `path` atomically with its final mode and owner; artifacts are fetched
-/// and verified against size and digest before anything touches the disk.
+/// Writes `content` to `path` atomically with its final mode and owner. An artifact is streamed
+/// into a temp file beside `path` while it is hashed; only bytes of the manifest's size and digest
+/// are renamed into place, anything else is deleted with the temp file.
 pub async fn ensure_file(
     host: &dyn Host,
     fetcher: &dyn ArtifactFetcher,
@@ -100,31 +101,85 @@ pub async fn ensure_file(
     owner: Option<&Ownership>,
 ) -> Result<(), ResourceError> {
     let owner = super::directory::resolve(host, path, owner)?;
-    let fetched;
-    let bytes: &[u8] = match content {
-        Content::Text(t) => &t.0,
+    super::ensure_parents(host, path)?;
+    match content {
+        Content::Text(t) => host.write_atomic(path, &t.0, Attrs { mode, owner })?,
         Content::Artifact { sha256, size } => {
-            fetched =
-                fetcher
-                    .fetch(sha256, *size)
-                    .await
-                    .map_err(|source| ResourceError::Fetch {
-                        sha256: *sha256,
-                        source,
-                    })?;
-            let got = Sha256::digest(&fetched);
-            if got != *sha256 || fetched.len() as u64 != *size {
+            // Dropped on every early return, which removes the temp file.
+            let mut staged = host.stage_file(path, Attrs { mode, owner })?;
+            let mut sink = ArtifactSink::new(staged.file(), *size);
+            let fetched = fetcher.fetch(sha256, *size, &mut sink).await;
+            let (got, got_len) = sink.finish();
+            if got_len > *size {
                 return Err(ResourceError::ArtifactMismatch {
                     expected: *sha256,
                     expected_len: *size,
                     got,
-                    got_len: fetched.len() as u64,
+                    got_len,
                 });
             }
-            &fetched
+            fetched.map_err(|source| ResourceError::Fetch {
+                sha256: *sha256,
+                source,
+            })?;
+            if got != *sha256 || got_len != *size {
+                return Err(ResourceError::ArtifactMismatch {
+                    expected: *sha256,
+                    expected_len: *size,
+                    got,
+                    got_len,
+                });
+            }
+            host.commit_staged(staged)?;
         }
-    };
-    super::ensure_parents(host, path)?;
-    host.write_atomic(path, bytes, Attrs { mode, owner })?;
+    }
     Ok(())
+}
+
+/// Where a download is written: hashes what it passes to the temp file and refuses a byte past
+/// the expected size (a seeder cannot make the agent fill its disk).
+struct ArtifactSink<'a> {
+    file: &'a mut std::fs::File,
+    limit: u64,
+    /// Bytes offered, including any refused past the limit.
+    offered: u64,
+    hasher: sha2::Sha256,
+}
+
+impl<'a> ArtifactSink<'a> {
+    fn new(file: &'a mut std::fs::File, limit: u64) -> Self {
+        Self {
+            file,
+            limit,
+            offered: 0,
+            hasher: sha2::Digest::new(),
+        }
+    }
+
+    /// The digest of the bytes kept and the number of bytes offered.
+    fn finish(self) -> (Sha256, u64) {
+        (
+            Sha256(sha2::Digest::finalize(self.hasher).into()),
+            self.offered,
+        )
+    }
+}
+
+impl std::io::Write for ArtifactSink<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.offered += buf.len() as u64;
+        if self.offered > self.limit {
+            return Err(std::io::Error::other(format!(
+                "more than the manifest's {} bytes",
+                self.limit
+            )));
+        }
+        self.file.write_all(buf)?;
+        sha2::Digest::update(&mut self.hasher, buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
 }

@@ -93,14 +93,16 @@ pub enum ResourceError {
     NoSupervisor { unit: String },
 }
 
-/// Fetches content-addressed artifacts (the seeder's artifact store). The caller verifies size
-/// and digest; an implementation may stop reading after `size` bytes.
+/// Fetches content-addressed artifacts (the seeder's artifact store), writing the bytes to `out`
+/// as they arrive so no artifact is held in memory. `out` refuses more than `size` bytes; the
+/// caller verifies size and digest.
 pub trait ArtifactFetcher: Send + Sync {
     fn fetch<'a>(
         &'a self,
         sha256: &'a Sha256,
         size: u64,
-    ) -> BoxFuture<'a, Result<Vec<u8>, FetchError>>;
+        out: &'a mut (dyn std::io::Write + Send),
+    ) -> BoxFuture<'a, Result<(), FetchError>>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -167,7 +169,12 @@ pub struct ReadinessError {
 pub struct Unavailable;
 
 impl ArtifactFetcher for Unavailable {
-    fn fetch<'a>(&'a self, _: &'a Sha256, _: u64) -> BoxFuture<'a, Result<Vec<u8>, FetchError>> {
+    fn fetch<'a>(
+        &'a self,
+        _: &'a Sha256,
+        _: u64,
+        _: &'a mut (dyn std::io::Write + Send),
+    ) -> BoxFuture<'a, Result<(), FetchError>> {
         Box::pin(async {
             Err(FetchError {
                 message: "no artifact fetcher configured".into(),

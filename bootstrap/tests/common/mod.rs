@@ -227,10 +227,12 @@ impl ArtifactFetcher for MemFetcher {
         &'a self,
         sha256: &'a Sha256,
         _size: u64,
-    ) -> BoxFuture<'a, Result<Vec<u8>, FetchError>> {
+        out: &'a mut (dyn std::io::Write + Send),
+    ) -> BoxFuture<'a, Result<(), FetchError>> {
         Box::pin(async move {
             self.fetches.fetch_add(1, Ordering::SeqCst);
-            self.blobs
+            let blob = self
+                .blobs
                 .lock()
                 .unwrap()
                 .get(sha256)
@@ -238,7 +240,11 @@ impl ArtifactFetcher for MemFetcher {
                 .ok_or_else(|| FetchError {
                     message: format!("no artifact {sha256}"),
                     retryable: false,
-                })
+                })?;
+            out.write_all(&blob).map_err(|e| FetchError {
+                message: e.to_string(),
+                retryable: false,
+            })
         })
     }
 }
