@@ -202,8 +202,12 @@ async fn serve_connection(
     // A handler (a stalled download's watchdog) may close the whole connection.
     let closer = ConnCloser::default();
     let svc = {
-        let (activity, cut, limits, closer) =
-            (activity.clone(), cut.clone(), limits.clone(), closer.clone());
+        let (activity, cut, limits, closer) = (
+            activity.clone(),
+            cut.clone(),
+            limits.clone(),
+            closer.clone(),
+        );
         hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
             let in_flight = activity.begin();
             let mut req =
