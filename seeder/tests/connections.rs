@@ -108,22 +108,26 @@ async fn trickle(
     let mut tick = tokio::time::interval(pace);
     let mut next = trickle.iter();
     let mut buf = [0u8; 4096];
-    loop {
-        let left = DEADLINE.checked_sub(started.elapsed())?;
-        tokio::select! {
-            _ = tick.tick() => {
-                let Some(b) = next.next() else { continue };
-                if s.write_all(&[*b]).await.is_err() || s.flush().await.is_err() {
-                    return Some(started.elapsed());
+    let until_cut = async {
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let Some(b) = next.next() else { continue };
+                    if s.write_all(&[*b]).await.is_err() || s.flush().await.is_err() {
+                        return started.elapsed();
+                    }
                 }
+                r = s.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => return started.elapsed(),
+                    Ok(_) => {}
+                },
             }
-            r = s.read(&mut buf) => match r {
-                Ok(0) | Err(_) => return Some(started.elapsed()),
-                Ok(_) => {}
-            },
-            () = tokio::time::sleep(left) => return None,
         }
-    }
+    };
+    // Not cut within the deadline: None.
+    tokio::time::timeout(DEADLINE.checked_sub(started.elapsed())?, until_cut)
+        .await
+        .ok()
 }
 
 #[tokio::test]
