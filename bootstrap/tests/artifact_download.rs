@@ -35,6 +35,8 @@ seeder_url = "https://127.0.94.1:8443"
 [regions.r1]
 pg = 1
 peer = 1
+# The node claims 127.0.94.10 as its private address.
+vpc_cidr = "127.0.94.0/24"
 
 [ttl]
 report_interval_secs = 5
