@@ -5,6 +5,8 @@
 pub mod api;
 pub mod credential;
 pub mod envelope;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod join;
 pub mod manifest;
 pub mod names;

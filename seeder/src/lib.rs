@@ -9,6 +9,8 @@ pub mod conn;
 pub mod credential;
 pub mod error;
 pub mod fleet;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod limit;
 pub mod pki;
 pub mod proxy_protocol;
