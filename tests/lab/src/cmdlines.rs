@@ -3,8 +3,9 @@
 //! a moment (a `psql "postgres://u:secret@..."` that lives 200 ms) is caught, not only what is
 //! still running when the scan happens.
 //!
-//! A background thread reads `/proc/<pid>/cmdline` of every process in [`Scope`] on each tick
-//! and keeps each distinct command line once (with the first pid and time it was seen). What is
+//! On each tick a background thread reads `/proc/<pid>/cmdline` of every process in [`Scope`]
+//! (a scan held up by one slow read leaves the next tick to another thread, which skips that
+//! pid) and keeps each distinct command line once (with the first pid and time it was seen). What is
 //! matched is decided at the end ([`Sampler::leaks`]): secrets created later (the `llm key`
 //! scenario's keys) are looked for in everything sampled before. The thread's own CPU time and
 //! scan times are kept, so its cost can be printed next to the bring-up figure.
@@ -14,6 +15,7 @@ use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::io::Read;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -51,8 +53,9 @@ struct Samples {
     scan_max: Duration,
     /// Longest time between the starts of two consecutive scans.
     gap_max: Duration,
-    /// CPU time of the sampling thread (user + system) when it last updated.
-    cpu: Duration,
+    last_start: Option<Instant>,
+    /// CPU time (user + system) of each scanning thread when it last finished a scan.
+    cpu_by_thread: HashMap<i32, Duration>,
     running_for: Duration,
 }
 
@@ -141,16 +144,25 @@ impl Sampler {
     /// Starts sampling now; the first scan runs before this returns, so anything already
     /// running is in it.
     pub fn start(scope: Scope) -> std::io::Result<Self> {
+        Self::start_with(scope, Box::new(read_cmdline))
+    }
+
+    /// [`Sampler::start`] with the command-line read given (a test holds one up).
+    fn start_with(scope: Scope, read: Reader) -> std::io::Result<Self> {
         let samples = Arc::new(Mutex::new(Samples::default()));
         let (tx, rx) = mpsc::channel();
         let (first_tx, first_rx) = mpsc::channel();
-        let thread = {
-            let scope = scope.clone();
-            let samples = Arc::clone(&samples);
-            std::thread::Builder::new()
-                .name("cmdline-sampler".into())
-                .spawn(move || run(&scope, &samples, &rx, first_tx))?
-        };
+        let shared = Arc::new(Shared {
+            scope: scope.clone(),
+            samples: Arc::clone(&samples),
+            in_flight: Mutex::new(HashSet::new()),
+            read,
+            started: Instant::now(),
+            me: std::process::id() as i32,
+        });
+        let thread = std::thread::Builder::new()
+            .name("cmdline-sampler".into())
+            .spawn(move || run(&shared, &rx, first_tx))?;
         // The thread reports its first scan (or is gone, which the channel shows as well).
         let _ = first_rx.recv();
         Ok(Self {
@@ -188,7 +200,7 @@ impl Sampler {
             },
             scan_max: s.scan_max,
             gap_max: s.gap_max,
-            cpu: s.cpu,
+            cpu: s.cpu_by_thread.values().sum(),
             running_for: s.running_for,
         }
     }
@@ -226,53 +238,131 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-/// The sampling loop: a scan per tick on a fixed schedule; once told to stop (or once the
-/// [`Sampler`] is gone), one last scan and out.
-fn run(
-    scope: &Scope,
-    samples: &Mutex<Samples>,
-    stop: &mpsc::Receiver<()>,
-    first: mpsc::Sender<()>,
-) {
+/// Most scans running at once. A scan waits while the kernel reads a command line under the
+/// target's mmap lock; on a loaded machine a process holding that lock while descheduled held a
+/// single-threaded scan for 223 ms (a CI bring-up). The next tick's scan then runs on another
+/// thread and skips the pid the held one is reading, so one slow read no longer stops sampling.
+const MAX_SCANNERS: usize = 4;
+
+/// What every scanning thread shares.
+struct Shared {
+    scope: Scope,
+    samples: Arc<Mutex<Samples>>,
+    /// Pids a scan is handling right now: another scan that comes to one skips it (the first
+    /// one records what it reads).
+    in_flight: Mutex<HashSet<i32>>,
+    read: Reader,
+    started: Instant,
+    me: i32,
+}
+
+/// Reads one pid's command line into the buffer (cleared first).
+type Reader = Box<dyn Fn(i32, &mut Vec<u8>) -> std::io::Result<()> + Send + Sync>;
+
+fn read_cmdline(pid: i32, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    buf.clear();
+    std::fs::File::open(format!("/proc/{pid}/cmdline"))?.read_to_end(buf)?;
+    Ok(())
+}
+
+/// A scanning thread and whether it is in a scan.
+struct Scanner {
+    /// A scan to run, with whom to tell when it is done.
+    tick: mpsc::Sender<Option<mpsc::Sender<()>>>,
+    busy: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+/// The ticker: a scan per tick on a fixed schedule, each on an idle scanning thread (up to
+/// [`MAX_SCANNERS`]); once told to stop (or once the [`Sampler`] is gone), one last scan and out.
+fn run(shared: &Arc<Shared>, stop: &mpsc::Receiver<()>, first: mpsc::Sender<()>) {
     realtime();
-    let started = Instant::now();
-    let me = std::process::id() as i32;
     let mut buf = Vec::with_capacity(4096);
-    let mut next = started;
-    let mut previous: Option<Instant> = None;
+    let mut scanners: Vec<Scanner> = Vec::new();
+    // The first scan reports when it is done, so start() returns once it is.
     let mut first = Some(first);
+    let mut next = Instant::now();
     loop {
-        let t = Instant::now();
-        let seen = scan(scope, me, &mut buf);
-        record(
-            samples,
-            seen,
-            t - started,
-            t.elapsed(),
-            previous.map(|p| t - p),
-        );
-        previous = Some(t);
-        if let Some(tx) = first.take() {
-            let _ = tx.send(());
-        }
+        dispatch(shared, &mut scanners, first.take());
         // A late tick is not made up for: the next scan starts at once.
         next = (next + INTERVAL).max(Instant::now());
         match stop.recv_timeout(next.saturating_duration_since(Instant::now())) {
             Err(RecvTimeoutError::Timeout) => {}
-            Ok(()) | Err(RecvTimeoutError::Disconnected) => {
-                let t = Instant::now();
-                let seen = scan(scope, me, &mut buf);
-                record(
-                    samples,
-                    seen,
-                    t - started,
-                    t.elapsed(),
-                    previous.map(|p| t - p),
-                );
-                return;
-            }
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
         }
     }
+    scan_once(shared, &mut buf);
+    for s in scanners {
+        let busy = s.busy.load(Ordering::Acquire);
+        drop(s.tick);
+        // A scanner still held by a read finishes it on its own; the rest are waited for.
+        if !busy && s.thread.join().is_err() {
+            tracing::error!("a command-line scanner panicked");
+        }
+    }
+}
+
+/// Hands this tick's scan to an idle scanner, or a new one; with [`MAX_SCANNERS`] all busy the
+/// tick is lost, which the longest gap shows.
+fn dispatch(shared: &Arc<Shared>, scanners: &mut Vec<Scanner>, mut done: Option<mpsc::Sender<()>>) {
+    if let Some(s) = scanners.iter().find(|s| !s.busy.load(Ordering::Acquire)) {
+        s.busy.store(true, Ordering::Release);
+        match s.tick.send(done) {
+            Ok(()) => return,
+            Err(mpsc::SendError(back)) => done = back,
+        }
+        s.busy.store(false, Ordering::Release);
+    }
+    if scanners.len() >= MAX_SCANNERS {
+        return;
+    }
+    let (tx, rx) = mpsc::channel::<Option<mpsc::Sender<()>>>();
+    let busy = Arc::new(AtomicBool::new(true));
+    let spawned = {
+        let shared = Arc::clone(shared);
+        let busy = Arc::clone(&busy);
+        std::thread::Builder::new()
+            .name(format!("cmdline-scan-{}", scanners.len()))
+            .spawn(move || {
+                realtime();
+                let mut buf = Vec::with_capacity(4096);
+                while let Ok(done) = rx.recv() {
+                    scan_once(&shared, &mut buf);
+                    busy.store(false, Ordering::Release);
+                    if let Some(done) = done {
+                        let _ = done.send(());
+                    }
+                }
+            })
+    };
+    match spawned {
+        Ok(thread) => {
+            let _ = tx.send(done);
+            scanners.push(Scanner {
+                tick: tx,
+                busy,
+                thread,
+            });
+        }
+        Err(e) => tracing::warn!("command-line sampler: starting a scanner: {e}"),
+    }
+}
+
+/// One scan, with its start (for the gap since the previous scan began) and cost recorded.
+fn scan_once(shared: &Shared, buf: &mut Vec<u8>) {
+    let t = Instant::now();
+    {
+        let mut s = shared
+            .samples
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(p) = s.last_start {
+            s.gap_max = s.gap_max.max(t.saturating_duration_since(p));
+        }
+        s.last_start = Some(s.last_start.map_or(t, |p| p.max(t)));
+    }
+    let seen = scan(shared, buf);
+    record(&shared.samples, seen, t - shared.started, t.elapsed());
 }
 
 /// Makes the calling thread SCHED_FIFO (priority 1). While 14 nodes install packages on 2 cores
@@ -300,13 +390,7 @@ fn realtime() {
 }
 
 /// Adds one scan's command lines (seen `at` since the start) and its cost to `samples`.
-fn record(
-    samples: &Mutex<Samples>,
-    seen: Vec<(i32, Vec<u8>)>,
-    at: Duration,
-    took: Duration,
-    gap: Option<Duration>,
-) {
+fn record(samples: &Mutex<Samples>, seen: Vec<(i32, Vec<u8>)>, at: Duration, took: Duration) {
     let mut s = samples.lock().unwrap_or_else(PoisonError::into_inner);
     for (pid, raw) in seen {
         let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -317,14 +401,17 @@ fn record(
     s.ticks += 1;
     s.scan_total += took;
     s.scan_max = s.scan_max.max(took);
-    s.gap_max = s.gap_max.max(gap.unwrap_or_default());
-    s.cpu = thread_cpu().unwrap_or(s.cpu);
-    s.running_for = at + took;
+    if let Some(cpu) = thread_cpu() {
+        s.cpu_by_thread
+            .insert(rustix::thread::gettid().as_raw_nonzero().get(), cpu);
+    }
+    s.running_for = s.running_for.max(at + took);
 }
 
 /// One pass over /proc: (pid, raw command line) of every process in scope with a non-empty
-/// command line (kernel threads have none). Never this process itself.
-fn scan(scope: &Scope, me: i32, buf: &mut Vec<u8>) -> Vec<(i32, Vec<u8>)> {
+/// command line (kernel threads have none). Never this process itself, nor a pid another scan
+/// is handling.
+fn scan(shared: &Shared, buf: &mut Vec<u8>) -> Vec<(i32, Vec<u8>)> {
     let mut out = Vec::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return out;
@@ -337,15 +424,25 @@ fn scan(scope: &Scope, me: i32, buf: &mut Vec<u8>) -> Vec<(i32, Vec<u8>)> {
         else {
             continue;
         };
-        if pid == me || !in_scope(scope, pid) {
+        if pid == shared.me {
             continue;
         }
-        buf.clear();
-        let read = std::fs::File::open(format!("/proc/{pid}/cmdline"))
-            .and_then(|mut f| f.read_to_end(buf));
-        if read.is_ok() && !buf.is_empty() {
+        if !shared
+            .in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(pid)
+        {
+            continue;
+        }
+        if in_scope(&shared.scope, pid) && (shared.read)(pid, buf).is_ok() && !buf.is_empty() {
             out.push((pid, buf.clone()));
         }
+        shared
+            .in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&pid);
     }
     out
 }
@@ -425,6 +522,49 @@ mod tests {
         // The message names the secret's label, never the secret.
         assert!(!leaks[0].to_string().contains(&present), "{}", leaks[0]);
         assert!(stats.ticks >= 2 && stats.processes >= 1, "{stats}");
+    }
+
+    /// A command-line read the kernel holds up (the target's mmap lock held by a descheduled
+    /// process, as in a loaded CI bring-up) holds up that pid only: the other scans go on, the
+    /// longest gap stays under the 200 ms a planted process lives, and it is caught.
+    #[test]
+    fn a_read_held_up_for_300_ms_holds_up_only_its_pid() {
+        let mut held = std::process::Command::new("/bin/sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn the process whose reads are held up");
+        let held_pid = held.id() as i32;
+        let sampler = Sampler::start_with(
+            Scope {
+                roots_under: PathBuf::from("/nonexistent/hiveseed-lab"),
+                children_of: Some(std::process::id() as i32),
+            },
+            Box::new(move |pid, buf| {
+                if pid == held_pid {
+                    // The stand-in for the kernel's wait on the lock.
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                read_cmdline(pid, buf)
+            }),
+        )
+        .expect("start the sampler");
+        let present = secret();
+        let mut child = planted(&present);
+        let pid = child.id() as i32;
+        assert!(child.wait().expect("wait for it").success());
+        sampler.stop();
+        let _ = held.kill();
+        let _ = held.wait();
+        let stats = sampler.stats();
+        eprintln!("{stats}");
+        let leaks = sampler.leaks(&[("planted".to_owned(), present)]);
+        assert_eq!(
+            leaks.iter().map(|l| l.pid).collect::<Vec<_>>(),
+            [pid],
+            "{leaks:?}"
+        );
+        assert!(stats.scan_max >= Duration::from_millis(300), "{stats}");
+        assert!(stats.gap_max < Duration::from_millis(200), "{stats}");
     }
 
     #[test]
