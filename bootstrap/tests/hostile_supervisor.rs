@@ -175,10 +175,15 @@ impl Fixture {
     }
 
     fn supervisor(&self) -> Supervisor {
+        self.supervisor_with(true)
+    }
+
+    fn supervisor_with(&self, cgroups: bool) -> Supervisor {
         Supervisor::new(
             self.host.clone(),
             SupervisorSettings {
                 launcher: env!("CARGO_BIN_EXE_bootstrap").into(),
+                cgroups,
                 ..SupervisorSettings::default()
             },
         )
@@ -242,27 +247,44 @@ async fn wait_status(
     got
 }
 
+/// The unit `escape.service`: its main process sleeps; one grandchild stays in the unit's
+/// process group (pid in out/stayer.pid), another leaves the unit's session and process group
+/// (`setsid -f` forks, then setsid), is reparented to init when its parent exits, and records its
+/// pid in out/escapee.pid.
+fn escape_unit(fx: &Fixture) {
+    let (esc, stay) = (fx.path("out/escapee.pid"), fx.path("out/stayer.pid"));
+    let script = fx.script(
+        "escape.sh",
+        &format!(
+            "(/usr/bin/setsid -f /bin/sh -c 'echo $$ > {e}.tmp && mv {e}.tmp {e}; exec sleep 1000' &)\n\
+             (/bin/sh -c 'echo $$ > {s}.tmp && mv {s}.tmp {s}; exec sleep 1000' &)\n\
+             exec sleep 1000\n",
+            e = esc.display(),
+            s = stay.display()
+        ),
+    );
+    fx.unit("escape.service", &format!("/bin/sh {script}"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_that_double_forks_into_its_own_session_is_killed_on_stop() {
     let fx = Fixture::new();
     let mut reaper = Reaper::default();
-    let marker = fx.path("out/escapee.pid");
-    // The grandchild leaves the unit's session and process group (setsid -f forks, then
-    // setsid), is reparented to init when its parent exits, and records its pid.
-    let script = fx.script(
-        "escape.sh",
-        &format!(
-            "(/usr/bin/setsid -f /bin/sh -c 'echo $$ > {m}.tmp && mv {m}.tmp {m}; exec sleep 1000' &)\nexec sleep 1000\n",
-            m = marker.display()
-        ),
-    );
-    fx.unit("escape.service", &format!("/bin/sh {script}"));
+    escape_unit(&fx);
     let sup = fx.supervisor();
     sup.start("escape.service").await.unwrap();
     let main = sup.status("escape.service").unwrap().pid.unwrap();
     reaper.watch(main);
+    let marker = fx.path("out/escapee.pid");
     let escapee: u32 = read_when_written(&marker).await.trim().parse().unwrap();
     reaper.watch(escapee);
+    // The unit's processes are in its own cgroup (what makes the kill complete).
+    let cg = std::fs::read_to_string(format!("/proc/{escapee}/cgroup")).unwrap();
+    assert!(
+        cg.lines()
+            .any(|l| l.starts_with("0::/hiveseed/") && l.ends_with("/escape.service")),
+        "escapee {escapee} is not in the unit's cgroup: {cg}"
+    );
     // The premise: it runs as the service user, in a session and group of its own.
     eventually("the escapee to exec sleep", DEADLINE, || async {
         std::fs::read_to_string(format!("/proc/{escapee}/comm")).is_ok_and(|c| c == "sleep\n")
@@ -290,6 +312,46 @@ async fn a_process_that_double_forks_into_its_own_session_is_killed_on_stop() {
         || async { !alive(escapee) },
     )
     .await;
+}
+
+/// Where cgroup v2 is not usable (a lab chroot has no /sys), a stop reaches the unit's process
+/// group only. This pins down exactly what remains then: a process that left the group by
+/// `setsid` survives; one that stayed does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_cgroups_a_stop_kills_the_process_group_and_a_setsid_escapee_remains() {
+    let fx = Fixture::new();
+    let mut reaper = Reaper::default();
+    escape_unit(&fx);
+    let sup = fx.supervisor_with(false);
+    sup.start("escape.service").await.unwrap();
+    let main = sup.status("escape.service").unwrap().pid.unwrap();
+    reaper.watch(main);
+    let escapee: u32 = read_when_written(&fx.path("out/escapee.pid"))
+        .await
+        .trim()
+        .parse()
+        .unwrap();
+    reaper.watch(escapee);
+    let stayer: u32 = read_when_written(&fx.path("out/stayer.pid"))
+        .await
+        .trim()
+        .parse()
+        .unwrap();
+    reaper.watch(stayer);
+    let cg = std::fs::read_to_string(format!("/proc/{main}/cgroup")).unwrap();
+    assert!(!cg.contains("/hiveseed/"), "cgroups were off: {cg}");
+    sup.stop("escape.service").await.unwrap();
+    assert!(!alive(main), "main process {main} survived the stop");
+    eventually(
+        &format!("group member {stayer} killed"),
+        DEADLINE,
+        || async { !alive(stayer) },
+    )
+    .await;
+    assert!(
+        alive(escapee),
+        "the setsid escapee {escapee} was killed without cgroups: update the supervisor's docs"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
