@@ -153,6 +153,22 @@ pub fn run(cli: Cli) -> ExitCode {
 
 /// Execs the unit; returns only when that failed (the message goes to the unit's log).
 fn launch_unit(cmd: &Command) -> ExitCode {
+    let spec = match launch_spec(cmd) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("bootstrap launch-unit: {e}");
+            return ExitCode::from(127);
+        }
+    };
+    let e = crate::supervisor::launch::launch(&spec);
+    eprintln!("bootstrap launch-unit: {}: {e}", spec.argv[0]);
+    ExitCode::from(127)
+}
+
+/// The launcher's arguments as the supervisor wrote them ([`LaunchSpec::to_args`]).
+///
+/// [`LaunchSpec::to_args`]: crate::supervisor::launch::LaunchSpec::to_args
+pub fn launch_spec(cmd: &Command) -> Result<crate::supervisor::launch::LaunchSpec, String> {
     let Command::LaunchUnit {
         cgroup,
         uid,
@@ -163,16 +179,14 @@ fn launch_unit(cmd: &Command) -> ExitCode {
         argv,
     } = cmd
     else {
-        return ExitCode::from(127);
+        return Err("not launch-unit".into());
     };
-    let nofile = match nofile.as_deref().map(crate::unit::parse_limit).transpose() {
-        Ok(n) => n,
-        Err(e) => {
-            eprintln!("bootstrap launch-unit: --nofile: {e}");
-            return ExitCode::from(127);
-        }
-    };
-    let spec = crate::supervisor::launch::LaunchSpec {
+    let nofile = nofile
+        .as_deref()
+        .map(crate::unit::parse_limit)
+        .transpose()
+        .map_err(|e| format!("--nofile: {e}"))?;
+    Ok(crate::supervisor::launch::LaunchSpec {
         cgroup: cgroup.clone(),
         creds: uid
             .zip(*gid)
@@ -184,10 +198,7 @@ fn launch_unit(cmd: &Command) -> ExitCode {
         nofile,
         nice: *nice,
         argv: argv.clone(),
-    };
-    let e = crate::supervisor::launch::launch(&spec);
-    eprintln!("bootstrap launch-unit: {}: {e}", argv[0]);
-    ExitCode::from(127)
+    })
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

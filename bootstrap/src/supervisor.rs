@@ -565,8 +565,13 @@ async fn spawn(
         source,
     };
     let (exe, exe_dev, exe_ino) = record::program_identity(&p.argv[0]).map_err(spawn_err)?;
-    let launcher_id = record::program_identity(&settings.launcher.display().to_string())
-        .map(|(_, dev, ino)| (dev, ino))
+    // stat, not canonicalize: `/proc/self/exe` of a binary replaced on disk reads
+    // "… (deleted)" but still leads to the inode we run from.
+    let launcher_id = std::fs::metadata(&settings.launcher)
+        .map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino())
+        })
         .map_err(spawn_err)?;
     let cgroup = match cgroup_base(cgroups, host, settings) {
         Some(base) => {
@@ -656,12 +661,13 @@ async fn spawn(
         exe,
         exe_dev,
         exe_ino,
+        launcher_dev: launcher_id.0,
+        launcher_ino: launcher_id.1,
         inputs: p.inputs.clone(),
         cgroup: cgroup.clone(),
     };
     #[allow(deprecated)] // see find_adoptable
     let pidfd = AsyncFd::with_interest(pidfd, tokio::io::Interest::READABLE).map_err(spawn_err)?;
-    wait_for_exec(pid, &pidfd, launcher_id).await;
     let running = Running {
         pid,
         pidfd,
@@ -694,29 +700,6 @@ async fn spawn(
     Ok(running)
 }
 
-/// Until the launcher has exec'd the unit's program (or exited): "started" means the program
-/// runs, in its cgroup, and an agent restarted right after finds the recorded executable.
-async fn wait_for_exec(pid: u32, pidfd: &AsyncFd<OwnedFd>, launcher: (u64, u64)) {
-    use std::os::unix::fs::MetadataExt;
-    let until = Instant::now() + Duration::from_secs(10);
-    let mut pause = Duration::from_micros(200);
-    loop {
-        let exe = std::fs::metadata(format!("/proc/{pid}/exe")).map(|m| (m.dev(), m.ino()));
-        if exe.is_ok_and(|id| id != launcher) || !record::alive(pidfd.get_ref()) {
-            return;
-        }
-        if Instant::now() >= until {
-            tracing::warn!(
-                pid,
-                "the unit launcher has not exec'd its program after 10s"
-            );
-            return;
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(20));
-    }
-}
-
 enum Adoptable {
     /// Same inputs: the very process we would start.
     Matched(Running),
@@ -727,7 +710,7 @@ enum Adoptable {
 /// The process named by the unit's pid file, if it is provably the one a previous agent
 /// started (start time, uid and executable as recorded); a pid file naming anything else is
 /// logged and removed, and that process is left alone.
-fn find_adoptable(
+async fn find_adoptable(
     host: &dyn Host,
     settings: &SupervisorSettings,
     name: &str,
@@ -744,7 +727,7 @@ fn find_adoptable(
         Ok(r) => r,
         Err(e) => return refuse(format!("{path}: not a pid record ({e})")),
     };
-    let fd = match record::verify(&rec) {
+    let fd = match record::verify(&rec).await {
         Ok(fd) => fd,
         Err(why) => return refuse(why),
     };
@@ -1021,7 +1004,7 @@ impl Supervisor {
         // A previous agent's count continues while its crash loop does (its child adopted, or
         // started again where the previous agent was waiting to restart it).
         let mut restarts = persisted_restarts(host, &self.settings, unit);
-        let (running, outcome) = match find_adoptable(host, &self.settings, unit, &prepared) {
+        let (running, outcome) = match find_adoptable(host, &self.settings, unit, &prepared).await {
             Some(Adoptable::Matched(r)) => {
                 tracing::info!(unit, pid = r.pid, "adopted running service");
                 let pid = r.pid;

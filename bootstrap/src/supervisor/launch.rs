@@ -55,8 +55,10 @@ impl LaunchSpec {
         if let Some(c) = &self.creds {
             a.push(format!("--uid={}", c.uid));
             a.push(format!("--gid={}", c.gid));
-            let groups: Vec<String> = c.groups.iter().map(u32::to_string).collect();
-            a.push(format!("--groups={}", groups.join(",")));
+            if !c.groups.is_empty() {
+                let groups: Vec<String> = c.groups.iter().map(u32::to_string).collect();
+                a.push(format!("--groups={}", groups.join(",")));
+            }
         }
         if let Some(l) = self.nofile {
             a.push(format!(
@@ -198,5 +200,35 @@ pub fn log_stdin(dir: &Path, name: &str, max_bytes: u64) -> std::io::Result<()> 
         }
         file.write_all(&buf[..n])?;
         size += n as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// What the supervisor writes is what the launcher reads back, hyphens and all.
+    #[test]
+    fn launch_args_round_trip_through_the_cli() {
+        let spec = LaunchSpec {
+            cgroup: Some("/sys/fs/cgroup/hiveseed/ai-memory.service".into()),
+            creds: Some(Creds {
+                uid: 998,
+                gid: 997,
+                groups: vec![4, 997],
+            }),
+            nofile: Some(Limit {
+                soft: Some(65536),
+                hard: None,
+            }),
+            nice: Some(-5),
+            argv: vec!["/usr/local/bin/x".into(), "--root".into(), "-v".into()],
+        };
+        let args = ["bootstrap".to_owned(), "launch-unit".to_owned()]
+            .into_iter()
+            .chain(spec.to_args());
+        let cli = crate::cli::Cli::try_parse_from(args).unwrap();
+        assert_eq!(crate::cli::launch_spec(&cli.command), Ok(spec));
     }
 }

@@ -23,6 +23,10 @@ pub struct Record {
     pub exe: PathBuf,
     pub exe_dev: u64,
     pub exe_ino: u64,
+    /// The launcher's file identity: what `/proc/<pid>/exe` shows until the launcher has
+    /// exec'd the program (an agent restarted right after a start can see that).
+    pub launcher_dev: u64,
+    pub launcher_ino: u64,
     /// sha256 over everything the unit was started with (argv, environment, credentials,
     /// working directory): equal means the process is the one we would start now.
     pub inputs: String,
@@ -150,11 +154,23 @@ pub fn alive(pidfd: &OwnedFd) -> bool {
 
 /// Opens a pidfd for the recorded pid and checks the process is the recorded one. Errors say
 /// why it is not (the caller logs them and does not touch that process).
-pub fn verify(rec: &Record) -> Result<OwnedFd, String> {
+pub async fn verify(rec: &Record) -> Result<OwnedFd, String> {
     let pid = Pid::from_raw(rec.pid as i32).ok_or("pid 0")?;
     let fd = rustix::process::pidfd_open(pid, PidfdFlags::empty())
         .map_err(|e| format!("pid {} is gone ({e})", rec.pid))?;
-    let got = observe(rec.pid).map_err(|e| format!("pid {}: {e}", rec.pid))?;
+    let until = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut pause = std::time::Duration::from_millis(1);
+    let got = loop {
+        let got = observe(rec.pid).map_err(|e| format!("pid {}: {e}", rec.pid))?;
+        // Still the launcher, about to exec the program: wait for that, briefly.
+        let launching = (got.exe_dev, got.exe_ino) == (rec.launcher_dev, rec.launcher_ino)
+            && got.start_time == rec.start_time;
+        if !launching || tokio::time::Instant::now() >= until {
+            break got;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_millis(50));
+    };
     if !alive(&fd) {
         return Err(format!("pid {} exited while being checked", rec.pid));
     }
@@ -180,6 +196,8 @@ mod tests {
             exe: "/usr/local/bin/ai-memory".into(),
             exe_dev: 1,
             exe_ino: 2,
+            launcher_dev: 1,
+            launcher_ino: 9,
             inputs: String::new(),
             cgroup: None,
         }
