@@ -10,12 +10,15 @@
 //! What a unit's processes cannot do to the agent (issue #15): each unit starts through
 //! [`launch`] in its own session and, where cgroup v2 is usable, its own cgroup ([`cgroup`]),
 //! with the unit user's supplementary groups. Its main process is signalled only through a
-//! pidfd opened while it was still our unreaped child, and its process group only while that
-//! leader is unreaped (so the group's number cannot have been reused); the rest of the unit is
-//! killed through `cgroup.kill`. Without cgroups, a process that leaves the unit's process group
-//! (`setpgid`/`setsid`) survives a stop. Adoption after an agent restart checks the process's
-//! start time, uid and executable against [`record`], never its command line. Output goes
-//! through a pipe to a logger that rotates `<unit>.log` at [`SupervisorSettings::log_max_bytes`].
+//! pidfd (opened while it was our unreaped child, or when adopting, checked against its record
+//! after opening), and its process group only while that leader is our unreaped child or, when
+//! adopted, still running, so the group's number has not been reused. The rest of the unit is
+//! killed through `cgroup.kill` once the main process has exited or been stopped. Without
+//! cgroups, a process that leaves the unit's process group (`setpgid`/`setsid`) survives a stop,
+//! and so does the whole group of an adopted unit whose leader exited first. Adoption after an
+//! agent restart checks the process's boot, start time, uid and executable against [`record`],
+//! never its command line. Output goes through a pipe to a logger that rotates `<unit>.log` at
+//! [`SupervisorSettings::log_max_bytes`].
 
 mod cgroup;
 pub mod launch;
