@@ -39,6 +39,35 @@ pub enum Command {
     Plan,
     /// Print the agent's local state and its last report.
     Status,
+    /// Internal: the supervisor's unit launcher (see `supervisor::launch`).
+    #[command(hide = true)]
+    LaunchUnit {
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        #[arg(long, requires = "gid")]
+        uid: Option<u32>,
+        #[arg(long, requires = "uid")]
+        gid: Option<u32>,
+        #[arg(long, value_delimiter = ',')]
+        groups: Vec<u32>,
+        /// `soft:hard`, each a number or `infinity`.
+        #[arg(long)]
+        nofile: Option<String>,
+        #[arg(long, allow_hyphen_values = true)]
+        nice: Option<i32>,
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
+    /// Internal: the supervisor's size-rotating unit logger (stdin to `<dir>/<name>`).
+    #[command(hide = true)]
+    UnitLog {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        max_bytes: u64,
+    },
 }
 
 pub const AGENT_UNIT: &str = "[Unit]
@@ -95,6 +124,13 @@ pub fn run(cli: Cli) -> ExitCode {
         }
         Command::Plan => runtime().and_then(|rt| rt.block_on(dry_run(config(&cli)))),
         Command::Status => status(&config(&cli)),
+        Command::LaunchUnit { .. } => return launch_unit(&cli.command),
+        Command::UnitLog {
+            dir,
+            name,
+            max_bytes,
+        } => crate::supervisor::launch::log_stdin(dir, name, *max_bytes)
+            .with_context(|| format!("logging to {}/{name}", dir.display())),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -113,6 +149,56 @@ pub fn run(cli: Cli) -> ExitCode {
             })
         }
     }
+}
+
+/// Execs the unit; returns only when that failed (the message goes to the unit's log).
+fn launch_unit(cmd: &Command) -> ExitCode {
+    let spec = match launch_spec(cmd) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("bootstrap launch-unit: {e}");
+            return ExitCode::from(127);
+        }
+    };
+    let e = crate::supervisor::launch::launch(&spec);
+    eprintln!("bootstrap launch-unit: {}: {e}", spec.argv[0]);
+    ExitCode::from(127)
+}
+
+/// The launcher's arguments as the supervisor wrote them ([`LaunchSpec::to_args`]).
+///
+/// [`LaunchSpec::to_args`]: crate::supervisor::launch::LaunchSpec::to_args
+pub fn launch_spec(cmd: &Command) -> Result<crate::supervisor::launch::LaunchSpec, String> {
+    let Command::LaunchUnit {
+        cgroup,
+        uid,
+        gid,
+        groups,
+        nofile,
+        nice,
+        argv,
+    } = cmd
+    else {
+        return Err("not launch-unit".into());
+    };
+    let nofile = nofile
+        .as_deref()
+        .map(crate::unit::parse_limit)
+        .transpose()
+        .map_err(|e| format!("--nofile: {e}"))?;
+    Ok(crate::supervisor::launch::LaunchSpec {
+        cgroup: cgroup.clone(),
+        creds: uid
+            .zip(*gid)
+            .map(|(uid, gid)| crate::supervisor::launch::Creds {
+                uid,
+                gid,
+                groups: groups.clone(),
+            }),
+        nofile,
+        nice: *nice,
+        argv: argv.clone(),
+    })
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

@@ -11,6 +11,7 @@ pub mod facts;
 pub mod host;
 pub mod plan;
 pub mod resources;
+pub mod spawn;
 pub mod spool;
 pub mod state_file;
 pub mod supervisor;

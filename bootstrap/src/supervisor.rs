@@ -6,13 +6,32 @@
 //! One tokio task per service owns its process; the `Supervisor` talks to it over a channel and
 //! reads its state from a watch channel, so tests (and the agent) wait on state, never on time.
 //! Dropping the `Supervisor` detaches: children keep running, to be adopted by the next agent.
+//!
+//! What a unit's processes cannot do to the agent (issue #15): each unit starts through
+//! [`launch`] in its own session and, where cgroup v2 is usable, its own cgroup ([`cgroup`]),
+//! with the unit user's supplementary groups. Its main process is signalled only through a
+//! pidfd (opened while it was our unreaped child, or when adopting, checked against its record
+//! after opening), and its process group only while that leader is our unreaped child or, when
+//! adopted, still running, so the group's number has not been reused. The rest of the unit is
+//! killed through `cgroup.kill` once the main process has exited or been stopped. Without
+//! cgroups, a process that leaves the unit's process group (`setpgid`/`setsid`) survives a stop,
+//! and so does the whole group of an adopted unit whose leader exited first. Adoption after an
+//! agent restart checks the process's boot, start time, uid and executable against [`record`],
+//! never its command line. Output goes through a pipe to a logger that rotates `<unit>.log` at
+//! [`SupervisorSettings::log_max_bytes`].
+
+mod cgroup;
+pub mod launch;
+mod record;
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
+
+use sha2::{Digest, Sha256};
 
 use hiveseed_proto::{AbsPath, FileMode};
 use rustix::process::{Pid, Signal};
@@ -24,8 +43,6 @@ use crate::host::{Attrs, Host, HostError};
 use crate::resources::service::{unit_path, valid_unit_name, UNIT_DIR};
 use crate::unit::{ExitMatch, KillSignal, RestartPolicy, Unit, UnitError};
 
-/// PATH for children, as systemd sets it.
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const HISTORY: usize = 32;
 
 #[derive(Debug, Clone)]
@@ -39,6 +56,14 @@ pub struct SupervisorSettings {
     pub backoff_cap: Duration,
     /// A child that ran at least this long resets the backoff to `RestartSec=`.
     pub stable_after: Duration,
+    /// The agent's own binary, run as `launch-unit` and `unit-log` (see [`launch`]).
+    /// `/proc/self/exe` works even after the binary was replaced on disk.
+    pub launcher: PathBuf,
+    /// `<unit>.log` is renamed to `<unit>.log.1` (the one old file kept, replacing the previous
+    /// one) before a write would take it past this size: at most twice this per unit on disk.
+    pub log_max_bytes: u64,
+    /// Put each unit in its own cgroup where cgroup v2 is usable.
+    pub cgroups: bool,
 }
 
 impl Default for SupervisorSettings {
@@ -49,6 +74,9 @@ impl Default for SupervisorSettings {
             log_dir: "/var/log/hiveseed".parse().expect("static path"),
             backoff_cap: Duration::from_secs(60),
             stable_after: Duration::from_secs(30),
+            launcher: PathBuf::from("/proc/self/exe"),
+            log_max_bytes: 10 * 1024 * 1024,
+            cgroups: true,
         }
     }
 }
@@ -157,6 +185,8 @@ struct Handle {
 pub struct Supervisor {
     host: Arc<dyn Host>,
     settings: SupervisorSettings,
+    /// Where unit cgroups go, found at the first start.
+    cgroups: Arc<OnceLock<Option<PathBuf>>>,
     services: Mutex<BTreeMap<String, Handle>>,
 }
 
@@ -178,51 +208,86 @@ struct Prepared {
     env: BTreeMap<String, String>,
     uid: Option<u32>,
     gid: Option<u32>,
+    /// Supplementary groups: every `/etc/group` entry listing the user, as `initgroups(3)`.
+    groups: Vec<u32>,
     cwd: PathBuf,
+    /// sha256 of all of the above that reaches the process (see [`record::Record::inputs`]).
+    inputs: String,
 }
 
 struct Running {
     pid: u32,
-    proc: Proc,
+    /// Opened while the process was our unreaped child (or, adopted, checked against its
+    /// record after opening): it names this process and no other, whatever happens to the pid.
+    pidfd: AsyncFd<OwnedFd>,
+    /// `None` for an adopted process, whose exit status goes to its real parent.
+    child: Option<tokio::process::Child>,
+    cgroup: Option<PathBuf>,
     since: Instant,
     adopted: bool,
 }
 
-enum Proc {
-    Child(tokio::process::Child),
-    Adopted(AsyncFd<OwnedFd>),
-}
+/// How long a stop waits for SIGKILLed processes of the unit's cgroup to be gone.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
 impl Running {
-    /// Resolves when the process has exited (cancel-safe).
-    async fn wait(&mut self) -> Exit {
-        match &mut self.proc {
-            Proc::Child(c) => match c.wait().await {
-                Ok(st) => {
-                    use std::os::unix::process::ExitStatusExt;
-                    match (st.code(), st.signal()) {
-                        (Some(c), _) => Exit::Code(c),
-                        (None, Some(s)) => Exit::Signal(s),
-                        _ => Exit::Unknown,
-                    }
-                }
-                Err(_) => Exit::Unknown,
-            },
-            // A pidfd turns readable when its process exits.
-            Proc::Adopted(fd) => {
-                let _ = fd.readable().await;
-                Exit::Unknown
+    /// Resolves once the main process has exited (cancel-safe). An own child is not reaped yet,
+    /// so its pid, and the process group it leads, cannot be reused until [`Self::finish`].
+    async fn exited(&self) {
+        // A pidfd turns readable when its process exits, and stays so.
+        let _ = self.pidfd.readable().await;
+    }
+
+    /// The leader's pid cannot name anything else: our child not reaped yet, or (adopted)
+    /// still running.
+    fn pinned(&self) -> bool {
+        self.child.is_some() || record::alive(self.pidfd.get_ref())
+    }
+
+    /// `sig` to the main process by pidfd, and to its process group while the leader pins the
+    /// group's number (as systemd's KillMode=control-group signals the whole unit).
+    fn signal(&self, sig: Signal) {
+        let _ = rustix::process::pidfd_send_signal(self.pidfd.get_ref(), sig);
+        if self.pinned() {
+            if let Some(pid) = Pid::from_raw(self.pid as i32) {
+                let _ = rustix::process::kill_process_group(pid, sig);
             }
         }
     }
 
-    /// Signals the whole process group (children are spawned as group leaders), as systemd's
-    /// default KillMode=control-group signals the whole cgroup.
-    fn signal(&self, sig: Signal) {
-        if let Some(pid) = Pid::from_raw(self.pid as i32) {
-            if rustix::process::kill_process_group(pid, sig).is_err() {
-                let _ = rustix::process::kill_process(pid, sig);
+    /// After the main process exited: SIGKILL what is left of the unit (its cgroup, or its
+    /// process group while the leader is unreaped), then reap the leader.
+    async fn finish(&mut self, unit: &str) -> Exit {
+        match &self.cgroup {
+            Some(cg) => {
+                if let Err(e) = cgroup::kill(cg) {
+                    tracing::warn!(unit, cgroup = %cg.display(), error = %e, "cgroup.kill failed");
+                }
+                if !cgroup::drain_and_remove(cg, DRAIN_DEADLINE).await {
+                    tracing::warn!(unit, cgroup = %cg.display(), "processes left after SIGKILL");
+                }
             }
+            None => {
+                if self.pinned() {
+                    if let Some(pid) = Pid::from_raw(self.pid as i32) {
+                        let _ = rustix::process::kill_process_group(pid, Signal::KILL);
+                    }
+                }
+            }
+        }
+        let Some(mut child) = self.child.take() else {
+            return Exit::Unknown;
+        };
+        match child.wait().await {
+            Ok(st) => {
+                use std::os::unix::process::ExitStatusExt;
+                match (st.code(), st.signal()) {
+                    (Some(c), _) => Exit::Code(c),
+                    (None, Some(s)) => Exit::Signal(s),
+                    _ => Exit::Unknown,
+                }
+            }
+            Err(_) => Exit::Unknown,
         }
     }
 }
@@ -239,21 +304,19 @@ fn rustix_signal(s: KillSignal) -> Signal {
     }
 }
 
-/// `KillSignal=`, then SIGKILL after `TimeoutStopSec=`; then SIGKILL to what is left of the group.
-async fn stop_process(r: &mut Running, unit: &Unit) -> Exit {
+/// `KillSignal=`, then SIGKILL after `TimeoutStopSec=`; then SIGKILL to what is left of the unit.
+async fn stop_process(r: &mut Running, name: &str, unit: &Unit) -> Exit {
     r.signal(rustix_signal(unit.kill_signal));
-    let exit = match unit.timeout_stop {
-        Some(t) => match tokio::time::timeout(t, r.wait()).await {
-            Ok(e) => e,
-            Err(_) => {
-                r.signal(Signal::KILL);
-                r.wait().await
+    if let Some(t) = unit.timeout_stop {
+        if tokio::time::timeout(t, r.exited()).await.is_err() {
+            r.signal(Signal::KILL);
+            if let Some(cg) = &r.cgroup {
+                let _ = cgroup::kill(cg);
             }
-        },
-        None => r.wait().await,
-    };
-    r.signal(Signal::KILL);
-    exit
+        }
+    }
+    r.exited().await;
+    r.finish(name).await
 }
 
 /// systemd's `Restart=` rules; SIGHUP/SIGINT/SIGTERM/SIGPIPE count as clean exits.
@@ -325,12 +388,6 @@ fn persist_restarts(host: &dyn Host, settings: &SupervisorSettings, unit: &str, 
     }
 }
 
-fn log_path(settings: &SupervisorSettings, unit: &str) -> AbsPath {
-    format!("{}/{unit}.log", settings.log_dir)
-        .parse()
-        .expect("valid unit name makes a valid path")
-}
-
 fn ensure_dir(host: &dyn Host, path: &AbsPath) -> Result<(), HostError> {
     crate::resources::ensure_parents(host, path)?;
     host.mkdir(
@@ -386,7 +443,7 @@ fn prepare(
         return Err(SupervisorError::EmptyCommand { unit: name.into() });
     }
     let mut env: BTreeMap<String, String> = BTreeMap::new();
-    env.insert("PATH".into(), DEFAULT_PATH.into());
+    env.insert("PATH".into(), crate::spawn::PATH.into());
     let (mut uid, mut gid) = (None, None);
     if let Some(user) = &unit.user {
         let e = host.lookup_user(user).map_err(host_err)?.ok_or_else(|| {
@@ -419,19 +476,85 @@ fn prepare(
     let cwd = host
         .dir_path(unit.working_directory.as_ref().unwrap_or(&root))
         .map_err(host_err)?;
+    let groups = match (&unit.user, uid) {
+        (Some(user), Some(_)) => {
+            // Looked up again for the primary gid: `Group=` replaces gid, not the user's own.
+            let primary = host
+                .lookup_user(user)
+                .map_err(host_err)?
+                .map_or(0, |e| e.gid);
+            supplementary_groups(host, user, primary).map_err(host_err)?
+        }
+        _ => gid.into_iter().collect(),
+    };
+    let inputs = {
+        let mut h = Sha256::new();
+        let fields = serde_json::json!([
+            argv,
+            env,
+            uid,
+            gid,
+            groups,
+            cwd,
+            unit.limit_nofile.map(|l| (l.soft, l.hard)),
+            unit.nice
+        ]);
+        h.update(fields.to_string().as_bytes());
+        hex::encode(h.finalize())
+    };
     Ok(Prepared {
         unit,
         argv,
         env,
         uid,
         gid,
+        groups,
         cwd,
+        inputs,
     })
 }
 
-fn spawn(
+/// The user's primary group and every root's `/etc/group` entry listing the user, as
+/// `initgroups(3)` gives them.
+fn supplementary_groups(host: &dyn Host, user: &str, primary: u32) -> Result<Vec<u32>, HostError> {
+    let path: AbsPath = "/etc/group".parse().expect("static path");
+    let db = host.read(&path)?.unwrap_or_default();
+    let mut gids = crate::spawn::member_groups(&String::from_utf8_lossy(&db), user);
+    gids.push(primary);
+    gids.sort_unstable();
+    gids.dedup();
+    Ok(gids)
+}
+
+/// The cgroup base for this supervisor's root, found once; `None` (logged once) where cgroups
+/// are not usable.
+fn cgroup_base(
+    cell: &OnceLock<Option<PathBuf>>,
     host: &dyn Host,
     settings: &SupervisorSettings,
+) -> Option<PathBuf> {
+    cell.get_or_init(|| {
+        if !settings.cgroups {
+            return None;
+        }
+        let root = host
+            .dir_path(&"/".parse().expect("static path"))
+            .map_err(|e| e.to_string());
+        match root.and_then(|r| cgroup::base_for_root(&r)) {
+            Ok(base) => Some(base),
+            Err(why) => {
+                tracing::warn!(%why, "units run without cgroups: a stop kills the unit's process group only");
+                None
+            }
+        }
+    })
+    .clone()
+}
+
+async fn spawn(
+    host: &dyn Host,
+    settings: &SupervisorSettings,
+    cgroups: &OnceLock<Option<PathBuf>>,
     name: &str,
     p: &Prepared,
 ) -> Result<Running, SupervisorError> {
@@ -439,131 +562,201 @@ fn spawn(
         unit: name.to_owned(),
         source,
     };
+    let spawn_err = |source| SupervisorError::Spawn {
+        unit: name.into(),
+        program: p.argv[0].clone(),
+        source,
+    };
+    let (exe, exe_dev, exe_ino) = record::program_identity(&p.argv[0]).map_err(spawn_err)?;
+    // stat, not canonicalize: `/proc/self/exe` of a binary replaced on disk reads
+    // "… (deleted)" but still leads to the inode we run from.
+    let launcher_id = std::fs::metadata(&settings.launcher)
+        .map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino())
+        })
+        .map_err(spawn_err)?;
+    let cgroup = match cgroup_base(cgroups, host, settings) {
+        Some(base) => {
+            let dir = cgroup::create(&base, name).map_err(spawn_err)?;
+            // Processes left from an instance not adopted: ours by construction (only root
+            // can move a process into this directory), and in the way of a clean start.
+            if cgroup::populated(&dir) {
+                tracing::info!(
+                    unit = name,
+                    "killing leftover processes of the unit's cgroup"
+                );
+                cgroup::kill(&dir).map_err(spawn_err)?;
+                cgroup::drain_and_remove(&dir, DRAIN_DEADLINE).await;
+                cgroup::create(&base, name).map_err(spawn_err)?;
+            }
+            Some(dir)
+        }
+        None => None,
+    };
     ensure_dir(host, &settings.log_dir).map_err(host_err)?;
-    let log = host
-        .open_append(
-            &log_path(settings, name),
-            FileMode::new(0o640).expect("valid"),
-        )
-        .map_err(host_err)?;
-    let log2 = log.try_clone().map_err(|source| SupervisorError::Spawn {
-        unit: name.into(),
-        program: p.argv[0].clone(),
-        source,
-    })?;
-    let mut cmd = tokio::process::Command::new(&p.argv[0]);
-    cmd.args(&p.argv[1..])
-        .env_clear()
-        .envs(&p.env)
-        .current_dir(&p.cwd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(log))
-        .stderr(Stdio::from(log2))
-        .process_group(0)
-        .kill_on_drop(false);
-    if let Some(gid) = p.gid {
-        cmd.gid(gid);
-    }
-    if let Some(uid) = p.uid {
-        cmd.uid(uid);
-    }
-    let child = cmd.spawn().map_err(|source| SupervisorError::Spawn {
-        unit: name.into(),
-        program: p.argv[0].clone(),
-        source,
-    })?;
+    let log_dir = host.dir_path(&settings.log_dir).map_err(host_err)?;
+    let (log_r, log_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| spawn_err(e.into()))?;
+    let launcher = settings.launcher.display().to_string();
+    let helper = |args: Vec<String>, env: &[(String, String)]| {
+        let argv: Vec<String> = std::iter::once(launcher.clone()).chain(args).collect();
+        crate::spawn::command(&argv, None, env)
+            .map(tokio::process::Command::from)
+            .map_err(host_err)
+    };
+    // Dropped at once: the runtime reaps it when it exits (at EOF, after the unit's last
+    // process closed the pipe).
+    helper(
+        vec![
+            "unit-log".into(),
+            format!("--dir={}", log_dir.display()),
+            format!("--name={name}.log"),
+            format!("--max-bytes={}", settings.log_max_bytes),
+        ],
+        &[],
+    )?
+    .current_dir("/")
+    .stdin(Stdio::from(log_r))
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .kill_on_drop(false)
+    .spawn()
+    .map_err(spawn_err)?;
+    let creds = (p.uid.is_some() || p.gid.is_some()).then(|| launch::Creds {
+        uid: p.uid.unwrap_or(0),
+        gid: p.gid.unwrap_or(0),
+        groups: p.groups.clone(),
+    });
+    let spec = launch::LaunchSpec {
+        cgroup: cgroup.clone(),
+        creds,
+        nofile: p.unit.limit_nofile,
+        nice: p.unit.nice,
+        argv: p.argv.clone(),
+    };
+    let log_w2 = log_w.try_clone().map_err(spawn_err)?;
+    let env: Vec<(String, String)> = p.env.clone().into_iter().collect();
+    let child = helper(
+        std::iter::once("launch-unit".to_owned())
+            .chain(spec.to_args())
+            .collect(),
+        &env,
+    )?
+    .current_dir(&p.cwd)
+    .stdin(Stdio::null())
+    .stdout(Stdio::from(log_w))
+    .stderr(Stdio::from(log_w2))
+    .kill_on_drop(false)
+    .spawn()
+    .map_err(spawn_err)?;
     let pid = child.id().unwrap_or(0);
-    // Applied right after the spawn: std offers no safe pre-exec hook, and `unsafe` is
-    // forbidden here. The daemons we run open their files long after this point.
-    if let Some(rpid) = Pid::from_raw(pid as i32) {
-        if let Some(limit) = p.unit.limit_nofile {
-            let r = rustix::process::prlimit(
-                Some(rpid),
-                rustix::process::Resource::Nofile,
-                rustix::process::Rlimit {
-                    current: limit.soft,
-                    maximum: limit.hard,
-                },
-            );
-            if let Err(e) = r {
-                tracing::warn!(unit = name, error = %e, "LimitNOFILE not applied");
-            }
-        }
-        if let Some(nice) = p.unit.nice {
-            if let Err(e) = rustix::process::setpriority_process(Some(rpid), nice) {
-                tracing::warn!(unit = name, error = %e, "Nice not applied");
-            }
-        }
-    }
-    ensure_dir(host, &settings.pid_dir).map_err(host_err)?;
-    host.write_atomic(
-        &pid_path(settings, name),
-        format!("{pid}\n").as_bytes(),
-        Attrs {
-            mode: FileMode::new(0o644).expect("valid"),
-            owner: None,
-        },
-    )
-    .map_err(host_err)?;
-    tracing::info!(unit = name, pid, "service started");
-    Ok(Running {
+    // Our unreaped child: the pid names it until we wait for it, so this pidfd is its.
+    let rpid =
+        Pid::from_raw(pid as i32).ok_or_else(|| spawn_err(std::io::Error::other("no pid")))?;
+    let pidfd = rustix::process::pidfd_open(rpid, rustix::process::PidfdFlags::empty())
+        .map_err(|e| spawn_err(e.into()))?;
+    let rec = record::Record {
         pid,
-        proc: Proc::Child(child),
+        boot_id: record::boot_id().map_err(spawn_err)?,
+        start_time: record::start_time(pid).map_err(spawn_err)?,
+        uid: p.uid.unwrap_or(0),
+        exe,
+        exe_dev,
+        exe_ino,
+        launcher_dev: launcher_id.0,
+        launcher_ino: launcher_id.1,
+        inputs: p.inputs.clone(),
+        cgroup: cgroup.clone(),
+    };
+    #[allow(deprecated)] // see find_adoptable
+    let pidfd = AsyncFd::with_interest(pidfd, tokio::io::Interest::READABLE).map_err(spawn_err)?;
+    let running = Running {
+        pid,
+        pidfd,
+        child: Some(child),
+        cgroup,
         since: Instant::now(),
         adopted: false,
-    })
+    };
+    let written = ensure_dir(host, &settings.pid_dir).and_then(|()| {
+        host.write_atomic(
+            &pid_path(settings, name),
+            serde_json::to_string(&rec)
+                .expect("serializable")
+                .as_bytes(),
+            Attrs {
+                mode: FileMode::new(0o600).expect("valid"),
+                owner: None,
+            },
+        )
+    });
+    if let Err(e) = written {
+        // Not adoptable later, and not to be left running untracked either.
+        let mut running = running;
+        running.signal(Signal::KILL);
+        running.exited().await;
+        running.finish(name).await;
+        return Err(host_err(e));
+    }
+    tracing::info!(unit = name, pid, "service started");
+    Ok(running)
 }
 
 enum Adoptable {
-    /// Same argv: the very process we would start.
+    /// Same inputs: the very process we would start.
     Matched(Running),
-    /// Our program, other arguments (its inputs changed while no agent ran): replace it.
+    /// Our process, other inputs (they changed while no agent ran): replace it.
     Stale(Running),
 }
 
-/// The process named by the unit's pid file, if it is still ours.
-fn find_adoptable(
+/// The process named by the unit's pid file, if it is provably the one a previous agent
+/// started (start time, uid and executable as recorded); a pid file naming anything else is
+/// logged and removed, and that process is left alone.
+async fn find_adoptable(
     host: &dyn Host,
     settings: &SupervisorSettings,
     name: &str,
     p: &Prepared,
 ) -> Option<Adoptable> {
-    let text = host.read(&pid_path(settings, name)).ok()??;
-    let pid: i32 = String::from_utf8_lossy(&text).trim().parse().ok()?;
-    let rpid = Pid::from_raw(pid)?;
-    // Open the pidfd first, then read cmdline: the pidfd pins the process, so a recycled pid
-    // cannot slip in between the check and the watch.
-    let fd = rustix::process::pidfd_open(rpid, rustix::process::PidfdFlags::empty()).ok()?;
-    // /proc is the kernel's view of our own pid namespace, not a file under the root.
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let args: Vec<&[u8]> = cmdline
-        .strip_suffix(&[0])
-        .unwrap_or(&cmdline)
-        .split(|b| *b == 0)
-        .collect();
-    let want: Vec<&[u8]> = p.argv.iter().map(|a| a.as_bytes()).collect();
+    let path = pid_path(settings, name);
+    let text = host.read(&path).ok()??;
+    let refuse = |why: String| {
+        tracing::warn!(unit = name, %why, "not adopting");
+        let _ = host.remove(&path);
+        None
+    };
+    let rec: record::Record = match serde_json::from_slice(&text) {
+        Ok(r) => r,
+        Err(e) => return refuse(format!("{path}: not a pid record ({e})")),
+    };
+    let fd = match record::verify(&rec).await {
+        Ok(fd) => fd,
+        Err(why) => return refuse(why),
+    };
     // The safe constructor is deprecated because a borrowed fd could be closed while
     // registered; this one is an OwnedFd moved into the AsyncFd, closed only when it drops.
     #[allow(deprecated)]
     let fd = AsyncFd::with_interest(fd, tokio::io::Interest::READABLE).ok()?;
     let running = Running {
-        pid: pid as u32,
-        proc: Proc::Adopted(fd),
+        pid: rec.pid,
+        pidfd: fd,
+        child: None,
+        cgroup: rec.cgroup.clone(),
         since: Instant::now(),
         adopted: true,
     };
-    if args == want {
+    if rec.inputs == p.inputs {
         Some(Adoptable::Matched(running))
-    } else if args.first() == want.first() {
-        Some(Adoptable::Stale(running))
     } else {
-        None
+        Some(Adoptable::Stale(running))
     }
 }
 
 struct Monitor {
     host: Arc<dyn Host>,
     settings: SupervisorSettings,
+    cgroups: Arc<OnceLock<Option<PathBuf>>>,
     name: String,
     prepared: Prepared,
     status: watch::Sender<ServiceStatus>,
@@ -593,22 +786,22 @@ impl Monitor {
         persist_restarts(self.host.as_ref(), &self.settings, &self.name, n);
     }
 
-    fn gone(&self, pid: u32) {
-        if let Some(p) = Pid::from_raw(pid as i32) {
-            let _ = rustix::process::kill_process_group(p, Signal::KILL);
-        }
+    /// The main process is reaped and the rest of the unit killed: forget the pid record.
+    fn gone(&self) {
         let _ = self.host.remove(&pid_path(&self.settings, &self.name));
     }
 
     /// Re-reads the unit from disk and starts it (a restart picks up changed inputs).
-    fn respawn(&mut self) -> Result<Running, SupervisorError> {
+    async fn respawn(&mut self) -> Result<Running, SupervisorError> {
         self.prepared = prepare(self.host.as_ref(), &self.settings, &self.name)?;
         spawn(
             self.host.as_ref(),
             &self.settings,
+            &self.cgroups,
             &self.name,
             &self.prepared,
         )
+        .await
     }
 
     async fn run(mut self, mut running: Option<Running>, mut rx: mpsc::UnboundedReceiver<Cmd>) {
@@ -617,10 +810,11 @@ impl Monitor {
         loop {
             let cmd = if let Some(r) = running.as_mut() {
                 tokio::select! {
-                    exit = r.wait() => {
+                    () = r.exited() => {
+                        let exit = r.finish(&self.name).await;
                         let (pid, ran) = (r.pid, r.since.elapsed());
                         running = None;
-                        self.gone(pid);
+                        self.gone();
                         tracing::info!(unit = %self.name, pid, ?exit, "service exited");
                         if should_restart(&self.prepared.unit, exit) {
                             if ran >= self.settings.stable_after {
@@ -664,7 +858,7 @@ impl Monitor {
                         // Counted when the restart is attempted, as systemd counts NRestarts.
                         let n = self.status.borrow().restarts.saturating_add(1);
                         self.set_restarts(n);
-                        match spawn(self.host.as_ref(), &self.settings, &self.name, &self.prepared) {
+                        match spawn(self.host.as_ref(), &self.settings, &self.cgroups, &self.name, &self.prepared).await {
                             Ok(r) => {
                                 self.running(&r);
                                 running = Some(r);
@@ -691,8 +885,8 @@ impl Monitor {
                 None => return,
                 Some(Cmd::Stop(reply)) => {
                     if let Some(mut r) = running.take() {
-                        let exit = stop_process(&mut r, &self.prepared.unit).await;
-                        self.gone(r.pid);
+                        let exit = stop_process(&mut r, &self.name, &self.prepared.unit).await;
+                        self.gone();
                         self.update(|s| s.last_exit = Some(exit));
                     }
                     persist_restarts(self.host.as_ref(), &self.settings, &self.name, 0);
@@ -705,15 +899,15 @@ impl Monitor {
                 }
                 Some(Cmd::Restart(reply)) => {
                     if let Some(mut r) = running.take() {
-                        let exit = stop_process(&mut r, &self.prepared.unit).await;
-                        self.gone(r.pid);
+                        let exit = stop_process(&mut r, &self.name, &self.prepared.unit).await;
+                        self.gone();
                         self.update(|s| s.last_exit = Some(exit));
                     }
                     next_start = None;
                     consecutive = 0;
                     // A restart on request starts the count afresh, as systemd's does.
                     self.set_restarts(0);
-                    match self.respawn() {
+                    match self.respawn().await {
                         Ok(r) => {
                             self.running(&r);
                             let _ = reply.send(Ok(r.pid));
@@ -741,6 +935,7 @@ impl Supervisor {
         Self {
             host,
             settings,
+            cgroups: Arc::new(OnceLock::new()),
             services: Mutex::new(BTreeMap::new()),
         }
     }
@@ -812,7 +1007,7 @@ impl Supervisor {
         // A previous agent's count continues while its crash loop does (its child adopted, or
         // started again where the previous agent was waiting to restart it).
         let mut restarts = persisted_restarts(host, &self.settings, unit);
-        let (running, outcome) = match find_adoptable(host, &self.settings, unit, &prepared) {
+        let (running, outcome) = match find_adoptable(host, &self.settings, unit, &prepared).await {
             Some(Adoptable::Matched(r)) => {
                 tracing::info!(unit, pid = r.pid, "adopted running service");
                 let pid = r.pid;
@@ -820,16 +1015,16 @@ impl Supervisor {
             }
             Some(Adoptable::Stale(mut old)) => {
                 tracing::info!(unit, pid = old.pid, "replacing a stale instance");
-                stop_process(&mut old, &prepared.unit).await;
+                stop_process(&mut old, unit, &prepared.unit).await;
                 // Replaced because its inputs changed: a restart on request.
                 restarts = 0;
                 persist_restarts(host, &self.settings, unit, 0);
-                let r = spawn(host, &self.settings, unit, &prepared)?;
+                let r = spawn(host, &self.settings, &self.cgroups, unit, &prepared).await?;
                 let pid = r.pid;
                 (r, StartOutcome::Started { pid })
             }
             None => {
-                let r = spawn(host, &self.settings, unit, &prepared)?;
+                let r = spawn(host, &self.settings, &self.cgroups, unit, &prepared).await?;
                 let pid = r.pid;
                 (r, StartOutcome::Started { pid })
             }
@@ -847,6 +1042,7 @@ impl Supervisor {
         let monitor = Monitor {
             host: self.host.clone(),
             settings: self.settings.clone(),
+            cgroups: self.cgroups.clone(),
             name: unit.to_owned(),
             prepared,
             status: status_tx,

@@ -346,7 +346,7 @@ pub fn parse_timespan(s: &str) -> Result<Option<Duration>, String> {
     Ok(Some(total))
 }
 
-fn parse_limit(s: &str) -> Result<Limit, String> {
+pub fn parse_limit(s: &str) -> Result<Limit, String> {
     let one = |v: &str| -> Result<Option<u64>, String> {
         if v == "infinity" {
             Ok(None)

@@ -212,8 +212,10 @@ impl Node {
     }
 
     fn service_pid(&self, unit: &str) -> Option<u32> {
-        self.read(&format!("run/hiveseed/{unit}.pid"))
-            .and_then(|s| s.trim().parse().ok())
+        // The supervisor's pid record (JSON, `pid` among the process's recorded identity).
+        let rec: serde_json::Value =
+            serde_json::from_str(&self.read(&format!("run/hiveseed/{unit}.pid"))?).ok()?;
+        rec["pid"].as_u64().and_then(|p| u32::try_from(p).ok())
     }
 
     fn spooled(&self) -> usize {

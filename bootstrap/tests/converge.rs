@@ -643,7 +643,13 @@ async fn a_unit_with_an_unknown_key_is_refused_before_anything_is_written() {
 async fn supervised_service_starts_once_and_restarts_only_on_change() {
     let root = temp_root();
     let host: Arc<dyn Host> = Arc::new(RealHost::new(root.path()).unwrap());
-    let sup = Supervisor::new(host.clone(), SupervisorSettings::default());
+    let sup = Supervisor::new(
+        host.clone(),
+        SupervisorSettings {
+            launcher: env!("CARGO_BIN_EXE_bootstrap").into(),
+            ..SupervisorSettings::default()
+        },
+    );
     let mut env = Env::new(host.as_ref());
     env.supervisor = Some(&sup);
     let m = service_manifest("A=1\n", UNIT);

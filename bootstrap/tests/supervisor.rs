@@ -53,6 +53,7 @@ impl Fixture {
             self.host.clone(),
             SupervisorSettings {
                 backoff_cap: Duration::from_millis(500),
+                launcher: env!("CARGO_BIN_EXE_bootstrap").into(),
                 ..SupervisorSettings::default()
             },
         )
@@ -144,7 +145,8 @@ async fn crash_loop_restarts_with_exponential_backoff_and_respects_prevent_statu
         sup.start("crash.service").await.unwrap(),
         StartOutcome::Started { .. }
     ));
-    let s = wait_status(&sup, "crash.service", "4 starts", |s| s.starts >= 4).await;
+    // The 5th start follows the 4th run's exit, so 4 runs have written their line.
+    let s = wait_status(&sup, "crash.service", "5 starts", |s| s.starts >= 5).await;
     let ms: Vec<u128> = s.restart_delays.iter().map(Duration::as_millis).collect();
     assert_eq!(&ms[..3], [20, 40, 80], "{ms:?}");
     assert_eq!(s.last_exit, Some(Exit::Code(1)));
@@ -190,7 +192,8 @@ async fn stop_uses_the_units_kill_signal_and_escalates_to_sigkill() {
     wait_file(&ready).await;
     let pid = sup.status("graceful.service").unwrap().pid.unwrap();
     let pidfile = std::fs::read_to_string(fx.path("run/hiveseed/graceful.service.pid")).unwrap();
-    assert_eq!(pidfile.trim(), pid.to_string());
+    let rec: serde_json::Value = serde_json::from_str(&pidfile).unwrap();
+    assert_eq!(rec["pid"], pid, "{pidfile}");
     sup.stop("graceful.service").await.unwrap();
     assert_eq!(wait_file(&marker).await, "stopped-by-sigint\n");
     let s = sup.status("graceful.service").unwrap();

@@ -109,9 +109,9 @@ pub struct Exec {
     pub argv: Vec<String>,
     /// Fed on stdin: the only way a secret reaches a command.
     pub stdin: Option<Sensitive>,
-    /// Run as this user of the root's passwd (uid, primary gid, no supplementary groups).
+    /// Run as this user of the root's passwd (uid, gid and groups as `initgroups` sets them).
     pub user: Option<String>,
-    /// Added to the agent's environment.
+    /// Added to the fixed environment every child starts with ([`crate::spawn::command`]).
     pub env: Vec<(String, String)>,
 }
 
@@ -266,6 +266,8 @@ pub enum HostError {
     },
     #[error("empty argv")]
     EmptyArgv,
+    #[error("{program:?} is neither an absolute path nor a program in the fixed PATH {path}")]
+    ProgramNotFound { program: String, path: &'static str },
     #[error("root {root} cannot be opened")]
     Root {
         root: PathBuf,

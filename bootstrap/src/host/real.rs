@@ -1,24 +1,20 @@
 //! The real host: file operations relative to a root directory fd, resolved with `openat2`
 //! (`RESOLVE_BENEATH` when the root is not `/`, so a symlink can never lead a write out of the
-//! root), and commands spawned by argv.
+//! root), and commands spawned by argv (prepared in [`crate::spawn`]).
 //!
 //! Commands run in the agent's own mount namespace: on a droplet and inside a lab chroot the
 //! root is `/`, so the two agree. With a temp-dir root (tests) only files are rooted.
 
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use hiveseed_proto::{AbsPath, FileMode};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
 
-use super::{
-    Attrs, Exec, ExecOutput, ExitCode, FileKind, Host, HostError, Owner, StagedFile, Stat,
-};
+use super::{Attrs, Exec, ExecOutput, FileKind, Host, HostError, Owner, StagedFile, Stat};
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
@@ -426,59 +422,10 @@ impl Host for RealHost {
     }
 
     fn exec(&self, exec: &Exec) -> Result<ExecOutput, HostError> {
-        let (program, args) = exec.argv.split_first().ok_or(HostError::EmptyArgv)?;
-        let mut cmd = Command::new(program);
-        cmd.args(args)
-            .envs(exec.env.iter().map(|(k, v)| (k, v)))
-            .stdin(if exec.stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        if let Some(user) = &exec.user {
-            let ctx: AbsPath = "/etc/passwd".parse().expect("static path");
-            let entry = self
-                .lookup_user(user)?
-                .ok_or_else(|| HostError::UnknownName {
-                    path: ctx,
-                    what: "user",
-                    name: user.clone(),
-                    db: "/etc/passwd",
-                })?;
-            // std drops supplementary groups when root switches uid.
-            cmd.uid(entry.uid).gid(entry.gid).env("HOME", &entry.home);
-            cmd.env("USER", &entry.name).env("LOGNAME", &entry.name);
-        }
-        let spawn_err = |source| HostError::Spawn {
-            argv: exec.display(),
-            source,
+        let user = match &exec.user {
+            Some(name) => Some(crate::spawn::Credentials::lookup(self, name)?),
+            None => None,
         };
-        let mut child = cmd.spawn().map_err(spawn_err)?;
-        // Feed stdin from a thread so a chatty child cannot deadlock us on a full pipe.
-        let feeder = match (child.stdin.take(), &exec.stdin) {
-            (Some(mut pipe), Some(bytes)) => {
-                let bytes = bytes.0.clone();
-                Some(std::thread::spawn(move || {
-                    let _ = pipe.write_all(&bytes);
-                }))
-            }
-            _ => None,
-        };
-        let out = child
-            .wait_with_output()
-            .map_err(|source| HostError::Spawn {
-                argv: exec.display(),
-                source,
-            })?;
-        if let Some(f) = feeder {
-            let _ = f.join();
-        }
-        Ok(ExecOutput {
-            status: ExitCode::from_status(out.status),
-            stdout: out.stdout,
-            stderr: out.stderr,
-        })
+        crate::spawn::run(exec, user.as_ref())
     }
 }
