@@ -15,7 +15,7 @@ use hiveseed_proto::{
     AbsPath, FedId, FileMode, Generation, Manifest, NodeName, Resource, ResourceId, Sha256,
 };
 
-use crate::host::{display_argv, Host, HostError, Sensitive};
+use crate::host::{display_argv, Host, HostError, Sensitive, Stat};
 use crate::resources::{
     certificate, command, directory, federation, file, package, service, standard, user, wait,
     NodeReadiness,
@@ -160,13 +160,17 @@ pub enum Action {
         owner: Option<Ownership>,
         secret: bool,
     },
+    /// Applied only to the object `observed` saw (same device and inode).
     Chmod {
         path: AbsPath,
         mode: FileMode,
+        observed: Stat,
     },
+    /// Applied only to the object `observed` saw (same device and inode).
     Chown {
         path: AbsPath,
         owner: Ownership,
+        observed: Stat,
     },
     CreateUser {
         argv: Vec<String>,
@@ -282,8 +286,8 @@ impl fmt::Display for Action {
                     }
                 }
             }
-            Action::Chmod { path, mode } => write!(f, "chmod {mode} {path}"),
-            Action::Chown { path, owner } => {
+            Action::Chmod { path, mode, .. } => write!(f, "chmod {mode} {path}"),
+            Action::Chown { path, owner, .. } => {
                 write!(f, "chown {}:{} {path}", owner.owner, owner.group)
             }
             Action::CreateUser { argv } => f.write_str(&display_argv(argv)),
