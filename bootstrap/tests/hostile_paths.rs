@@ -398,6 +398,92 @@ async fn a_file_swapped_for_a_symlink_before_chmod_leaves_the_target_alone() {
     }
 }
 
+/// The race of item 2: while the agent chmods and chowns the file it observed, the service keeps
+/// exchanging it with a link to a root-owned file (`renameat2(RENAME_EXCHANGE)` in a tight
+/// loop). A check by path followed by a change by path loses this race; a change on the fd that
+/// was checked cannot.
+#[test]
+fn a_final_component_raced_with_a_symlink_never_changes_the_target() {
+    let attacker = Attacker::new();
+    let node = Node::new(&attacker);
+    let shadow = shadow(&node);
+    let dir = node.service_dir("srv/svc", &attacker);
+    std::fs::write(dir.join("server.pem"), "pem\n").unwrap();
+    std::fs::set_permissions(
+        dir.join("server.pem"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    // Relative, so that even code that follows it stays inside the test root.
+    symlink("../../etc/shadow", dir.join("alt")).unwrap();
+    attacker.chown(&dir.join("alt"));
+    let path = p("/srv/svc/server.pem");
+    for (how, host) in node.hosts() {
+        let observed = host.stat(&path).unwrap().unwrap();
+        assert_eq!(observed.kind, FileKind::File, "{how}");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let swapper = {
+            let (stop, dir, uid, gid) = (stop.clone(), dir.clone(), attacker.uid, attacker.gid);
+            // This thread alone becomes the service user (Linux credentials are per thread).
+            std::thread::spawn(move || {
+                rustix::thread::set_thread_groups(&[]).unwrap();
+                let gid = rustix::process::Gid::from_raw(gid);
+                rustix::thread::set_thread_res_gid(gid, gid, gid).unwrap();
+                let uid = rustix::process::Uid::from_raw(uid);
+                rustix::thread::set_thread_res_uid(uid, uid, uid).unwrap();
+                let fd = rustix::fs::open(
+                    &dir,
+                    rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY,
+                    rustix::fs::Mode::empty(),
+                )
+                .unwrap();
+                let mut swaps = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    rustix::fs::renameat_with(
+                        &fd,
+                        "server.pem",
+                        &fd,
+                        "alt",
+                        rustix::fs::RenameFlags::EXCHANGE,
+                    )
+                    .unwrap();
+                    swaps += 1;
+                }
+                swaps
+            })
+        };
+        let mut changed = 0;
+        for _ in 0..20_000 {
+            let mode = FileMode::new(0o640).unwrap();
+            changed += u32::from(host.chmod(&path, mode, &observed).is_ok());
+            let _ = host.chown(&path, attacker.owner(), &observed);
+            if mode_of(&shadow) != 0o600 {
+                break;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let swaps = swapper.join().unwrap();
+        assert!(swaps > 1000, "{how}: the race barely ran ({swaps} swaps)");
+        assert_untouched(&shadow);
+        eprintln!("{how}: {swaps} swaps, {changed} chmods reached the file itself");
+        // Leave server.pem the file again for the next host.
+        if std::fs::symlink_metadata(dir.join("server.pem"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+        {
+            rustix::fs::renameat_with(
+                rustix::fs::CWD,
+                dir.join("server.pem").as_path(),
+                rustix::fs::CWD,
+                dir.join("alt").as_path(),
+                rustix::fs::RenameFlags::EXCHANGE,
+            )
+            .unwrap();
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_file_replaced_by_another_since_the_plan_is_refused() {
     let attacker = Attacker::new();
