@@ -179,7 +179,19 @@ async fn run(action: &Action, env: &ApplyEnv<'_>) -> Result<(), ResourceError> {
             mode,
             owner,
             secret: _,
-        } => file::ensure_file(host, env.fetcher, path, content, *mode, owner.as_ref()).await?,
+            observed,
+        } => {
+            file::ensure_file(
+                host,
+                env.fetcher,
+                path,
+                content,
+                *mode,
+                owner.as_ref(),
+                observed.as_ref(),
+            )
+            .await?
+        }
         Action::Chmod {
             path,
             mode,

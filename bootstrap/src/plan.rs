@@ -153,12 +153,14 @@ pub enum Action {
         mode: FileMode,
         owner: Option<Ownership>,
     },
+    /// Refused when `path` is no longer the object (or the absence) `observed` saw.
     WriteFile {
         path: AbsPath,
         content: Content,
         mode: FileMode,
         owner: Option<Ownership>,
         secret: bool,
+        observed: Option<Stat>,
     },
     /// Applied only to the object `observed` saw (same device and inode).
     Chmod {
@@ -271,6 +273,7 @@ impl fmt::Display for Action {
                 mode,
                 owner,
                 secret,
+                observed: _,
             } => {
                 write!(f, "write {path} {mode}{} ", owner_str(owner))?;
                 match (content, secret) {

@@ -507,6 +507,30 @@ async fn a_file_replaced_by_another_since_the_plan_is_refused() {
         );
         let m = std::fs::metadata(&pem).unwrap();
         assert_eq!((m.mode() & 0o7777, m.uid()), (0o600, 0), "{how}");
+
+        // A write planned over one file is refused when another has taken its name, and when
+        // something appeared where nothing was.
+        std::fs::write(&pem, "stale\n").unwrap();
+        let plan = observe_and_plan(&host, &pem_manifest()).await.unwrap();
+        assert!(
+            plan.actions()
+                .any(|a| matches!(a, Action::WriteFile { .. })),
+            "{plan}"
+        );
+        attacker.run(&["rm", "-f", pem.to_str().unwrap()]);
+        attacker.run(&["touch", pem.to_str().unwrap()]);
+        let err = apply_plan(&host, &plan).await.unwrap_err();
+        assert!(
+            err.contains("refusing /srv/svc/server.pem: it is not the object observed"),
+            "{how}: {err}"
+        );
+        std::fs::remove_file(&pem).unwrap();
+        let plan = observe_and_plan(&host, &pem_manifest()).await.unwrap();
+        attacker.run(&["touch", pem.to_str().unwrap()]);
+        let err = apply_plan(&host, &plan).await.unwrap_err();
+        assert!(err.contains("observed nothing, found File"), "{how}: {err}");
+        assert_eq!(std::fs::read(&pem).unwrap(), b"", "{how}");
+        std::fs::remove_file(&pem).unwrap();
     }
 }
 

@@ -81,6 +81,28 @@ pub(crate) fn attr_actions(
     out
 }
 
+/// Refuses `path` when it is no longer what the plan observed: another object (device, inode,
+/// kind), or something where nothing was. The plan's decision was about that object.
+pub(crate) fn check_unchanged(
+    host: &dyn Host,
+    path: &AbsPath,
+    observed: Option<&Stat>,
+) -> Result<(), HostError> {
+    let now = host.stat(path)?;
+    let id = |s: Option<&Stat>| s.map(|s| (s.kind, s.dev, s.ino));
+    if id(now.as_ref()) == id(observed) {
+        return Ok(());
+    }
+    let show = |s: Option<&Stat>| match s {
+        Some(s) => format!("{:?} device {} inode {}", s.kind, s.dev, s.ino),
+        None => "nothing".to_owned(),
+    };
+    Err(HostError::Changed {
+        path: path.clone(),
+        detail: format!("observed {}, found {}", show(observed), show(now.as_ref())),
+    })
+}
+
 pub(crate) fn expect_kind(
     id: &ResourceId,
     path: &AbsPath,
