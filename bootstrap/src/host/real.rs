@@ -838,3 +838,70 @@ impl Host for RealHost {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+
+    fn p(s: &str) -> AbsPath {
+        s.parse().expect("valid path")
+    }
+
+    #[test]
+    fn every_step_is_opened_with_no_symlinks_no_magiclinks_no_xdev() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let safe = ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS | ResolveFlags::NO_XDEV;
+        let system = RealHost::with_system_resolution(dir.path()).expect("root");
+        assert_eq!(system.resolve_flags(), safe);
+        let beneath = RealHost::new(dir.path()).expect("root");
+        assert_eq!(beneath.resolve_flags(), safe | ResolveFlags::BENEATH);
+        assert_eq!(RealHost::new("/").expect("root").resolve_flags(), safe);
+    }
+
+    /// Under the machine's own `/`: `/proc` is a mount point and `/proc/self` a symlink, both in
+    /// root-owned, non-writable directories, so both are passed; `/dev/null` is no file to read.
+    #[test]
+    fn the_real_root_crosses_trusted_mounts_and_links() {
+        let host = RealHost::new("/").expect("root");
+        let status = host.read(&p("/proc/self/status")).expect("read");
+        let status = String::from_utf8(status.expect("exists")).expect("text");
+        assert!(
+            status.contains(&format!("Pid:\t{}", std::process::id())),
+            "{status}"
+        );
+        assert!(matches!(
+            host.read(&p("/dev/null")),
+            Err(HostError::WrongKind {
+                found: FileKind::Other,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_symlink_loop_ends_in_an_error_and_dotdot_stays_in_the_root() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("etc")).expect("mkdir");
+        std::fs::write(dir.path().join("etc/x"), "x").expect("write");
+        symlink("b", dir.path().join("a")).expect("symlink");
+        symlink("a", dir.path().join("b")).expect("symlink");
+        symlink("../../../../etc", dir.path().join("up")).expect("symlink");
+        let system = RealHost::with_system_resolution(dir.path()).expect("root");
+        let beneath = RealHost::new(dir.path()).expect("root");
+        for host in [&system, &beneath] {
+            let err = host.read(&p("/a/x")).expect_err("loop");
+            assert!(
+                matches!(&err, HostError::Io { source, .. } if source.raw_os_error() == Some(Errno::LOOP.raw_os_error())),
+                "{err}"
+            );
+        }
+        // `..` past the root: the root itself under `/` (as the kernel does), an escape otherwise.
+        assert_eq!(system.read(&p("/up/x")).expect("read"), Some(b"x".to_vec()));
+        assert!(matches!(
+            beneath.read(&p("/up/x")),
+            Err(HostError::Escape { .. })
+        ));
+    }
+}
