@@ -179,9 +179,29 @@ async fn run(action: &Action, env: &ApplyEnv<'_>) -> Result<(), ResourceError> {
             mode,
             owner,
             secret: _,
-        } => file::ensure_file(host, env.fetcher, path, content, *mode, owner.as_ref()).await?,
-        Action::Chmod { path, mode } => directory::ensure_mode(host, path, *mode)?,
-        Action::Chown { path, owner } => directory::ensure_owner(host, path, owner)?,
+            observed,
+        } => {
+            file::ensure_file(
+                host,
+                env.fetcher,
+                path,
+                content,
+                *mode,
+                owner.as_ref(),
+                observed.as_ref(),
+            )
+            .await?
+        }
+        Action::Chmod {
+            path,
+            mode,
+            observed,
+        } => directory::ensure_mode(host, path, *mode, observed)?,
+        Action::Chown {
+            path,
+            owner,
+            observed,
+        } => directory::ensure_owner(host, path, owner, observed)?,
         Action::CreateUser { argv } => user::ensure_user(host, argv)?,
         Action::GenerateKey { path, mode, owner } => {
             certificate::generate_key(host, path, *mode, owner.as_ref())?

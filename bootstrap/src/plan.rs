@@ -15,7 +15,7 @@ use hiveseed_proto::{
     AbsPath, FedId, FileMode, Generation, Manifest, NodeName, Resource, ResourceId, Sha256,
 };
 
-use crate::host::{display_argv, Host, HostError, Sensitive};
+use crate::host::{display_argv, Host, HostError, Sensitive, Stat};
 use crate::resources::{
     certificate, command, directory, federation, file, package, service, standard, user, wait,
     NodeReadiness,
@@ -153,20 +153,26 @@ pub enum Action {
         mode: FileMode,
         owner: Option<Ownership>,
     },
+    /// Refused when `path` is no longer the object (or the absence) `observed` saw.
     WriteFile {
         path: AbsPath,
         content: Content,
         mode: FileMode,
         owner: Option<Ownership>,
         secret: bool,
+        observed: Option<Stat>,
     },
+    /// Applied only to the object `observed` saw (same device and inode).
     Chmod {
         path: AbsPath,
         mode: FileMode,
+        observed: Stat,
     },
+    /// Applied only to the object `observed` saw (same device and inode).
     Chown {
         path: AbsPath,
         owner: Ownership,
+        observed: Stat,
     },
     CreateUser {
         argv: Vec<String>,
@@ -267,6 +273,7 @@ impl fmt::Display for Action {
                 mode,
                 owner,
                 secret,
+                observed: _,
             } => {
                 write!(f, "write {path} {mode}{} ", owner_str(owner))?;
                 match (content, secret) {
@@ -282,8 +289,8 @@ impl fmt::Display for Action {
                     }
                 }
             }
-            Action::Chmod { path, mode } => write!(f, "chmod {mode} {path}"),
-            Action::Chown { path, owner } => {
+            Action::Chmod { path, mode, .. } => write!(f, "chmod {mode} {path}"),
+            Action::Chown { path, owner, .. } => {
                 write!(f, "chown {}:{} {path}", owner.owner, owner.group)
             }
             Action::CreateUser { argv } => f.write_str(&display_argv(argv)),

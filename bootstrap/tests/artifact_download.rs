@@ -190,6 +190,8 @@ impl Setup {
     async fn download(&self) -> Result<(), ResourceError> {
         let host = RealHost::new(&self.root).unwrap();
         let path: AbsPath = "/usr/local/bin/tool".parse().unwrap();
+        // Observed right before the write, as a plan would have.
+        let observed = hiveseed_bootstrap::Host::stat(&host, &path).unwrap();
         ensure_file(
             &host,
             &self.client,
@@ -200,6 +202,7 @@ impl Setup {
             },
             FileMode::new(0o755).unwrap(),
             None,
+            observed.as_ref(),
         )
         .await
     }

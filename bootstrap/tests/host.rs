@@ -8,12 +8,33 @@ mod common;
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 
 use common::temp_root;
-use hiveseed_bootstrap::host::{Attrs, Exec, ExitCode, FileKind, Owner};
+use hiveseed_bootstrap::host::{Attrs, Exec, ExitCode, FileKind, Owner, Stat};
 use hiveseed_bootstrap::{Host, HostError, RealHost};
 use hiveseed_proto::{AbsPath, FileMode};
 
 fn p(s: &str) -> AbsPath {
     s.parse().expect("valid path")
+}
+
+/// What a plan would have observed at `path` (read outside the host, as `lstat`).
+fn observed(path: &std::path::Path) -> Stat {
+    let m = std::fs::symlink_metadata(path).unwrap();
+    Stat {
+        kind: if m.file_type().is_symlink() {
+            FileKind::Symlink
+        } else if m.is_dir() {
+            FileKind::Directory
+        } else {
+            FileKind::File
+        },
+        mode: m.mode() & 0o7777,
+        uid: m.uid(),
+        gid: m.gid(),
+        size: m.size(),
+        dev: m.dev(),
+        ino: m.ino(),
+        nlink: m.nlink(),
+    }
 }
 
 fn attrs(mode: u32) -> Attrs {
@@ -43,8 +64,13 @@ fn symlink_components_pointing_outside_the_root_are_refused_without_side_effects
     escape(host.write_atomic(&p("/etc/evil/new"), b"x", attrs(0o644)));
     escape(host.write_atomic(&p("/etc/evil/victim"), b"x", attrs(0o644)));
     escape(host.mkdir(&p("/etc/evil/dir"), attrs(0o755)));
-    escape(host.chmod(&p("/etc/evil/victim"), FileMode::new(0o666).unwrap()));
-    escape(host.chown(&p("/etc/evil/victim"), Owner { uid: 1, gid: 1 }));
+    let victim = observed(&outside.path().join("victim"));
+    escape(host.chmod(
+        &p("/etc/evil/victim"),
+        FileMode::new(0o666).unwrap(),
+        &victim,
+    ));
+    escape(host.chown(&p("/etc/evil/victim"), Owner { uid: 1, gid: 1 }, &victim));
     escape(host.remove(&p("/etc/evil/victim")));
     escape(host.write_atomic(&p("/etc/up/tmp/escaped"), b"x", attrs(0o644)));
     assert!(matches!(
@@ -91,7 +117,11 @@ fn a_final_symlink_is_replaced_never_followed() {
         FileKind::Symlink
     );
     assert!(matches!(
-        host.chmod(&p("/etc/link"), FileMode::new(0o777).unwrap()),
+        host.chmod(
+            &p("/etc/link"),
+            FileMode::new(0o777).unwrap(),
+            &host.stat(&p("/etc/link")).unwrap().unwrap()
+        ),
         Err(HostError::WrongKind { .. })
     ));
     host.write_atomic(&p("/etc/link"), b"replaced", attrs(0o640))

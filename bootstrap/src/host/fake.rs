@@ -244,8 +244,11 @@ impl FakeSystem {
 }
 
 impl Host for FakeHost {
-    fn read(&self, path: &AbsPath) -> Result<Option<Vec<u8>>, HostError> {
-        self.inner.read(path)
+    fn read_limited(&self, path: &AbsPath, cap: u64) -> Result<Option<Vec<u8>>, HostError> {
+        self.inner.read_limited(path, cap)
+    }
+    fn sha256(&self, path: &AbsPath) -> Result<Option<hiveseed_proto::Sha256>, HostError> {
+        self.inner.sha256(path)
     }
     fn stat(&self, path: &AbsPath) -> Result<Option<Stat>, HostError> {
         self.inner.stat(path)
@@ -262,11 +265,11 @@ impl Host for FakeHost {
     fn mkdir(&self, path: &AbsPath, attrs: Attrs) -> Result<(), HostError> {
         self.inner.mkdir(path, attrs)
     }
-    fn chmod(&self, path: &AbsPath, mode: FileMode) -> Result<(), HostError> {
-        self.inner.chmod(path, mode)
+    fn chmod(&self, path: &AbsPath, mode: FileMode, observed: &Stat) -> Result<(), HostError> {
+        self.inner.chmod(path, mode, observed)
     }
-    fn chown(&self, path: &AbsPath, owner: Owner) -> Result<(), HostError> {
-        self.inner.chown(path, owner)
+    fn chown(&self, path: &AbsPath, owner: Owner, observed: &Stat) -> Result<(), HostError> {
+        self.inner.chown(path, owner, observed)
     }
     fn remove(&self, path: &AbsPath) -> Result<(), HostError> {
         self.inner.remove(path)

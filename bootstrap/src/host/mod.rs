@@ -25,7 +25,8 @@ pub enum FileKind {
     Other,
 }
 
-/// `lstat` of one path.
+/// `lstat` of one path. Device and inode say which object it was: an action planned from a
+/// `Stat` is refused when the path names another object by the time it runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stat {
     pub kind: FileKind,
@@ -34,7 +35,14 @@ pub struct Stat {
     pub uid: u32,
     pub gid: u32,
     pub size: u64,
+    pub dev: u64,
+    pub ino: u64,
+    pub nlink: u64,
 }
+
+/// The most [`Host::read`] reads: every file the agent reads whole is small (PEM, passwd,
+/// units); a larger one is refused, never loaded.
+pub const READ_LIMIT: u64 = 16 * 1024 * 1024;
 
 /// Numeric ownership, resolved from the root's own `/etc/passwd` and `/etc/group`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -232,6 +240,31 @@ pub fn truncate_stderr(bytes: &[u8]) -> String {
 pub enum HostError {
     #[error("{path}: resolves outside the root {root} (symlink escape refused)")]
     Escape { path: AbsPath, root: PathBuf },
+    #[error(
+        "refusing {path}: {what} {at} is in directory {dir}, owned by uid {uid} with mode \
+         {mode:04o}; a {what} is only followed through root-owned directories that group and \
+         others cannot write"
+    )]
+    Unsafe {
+        path: AbsPath,
+        /// `symlink` or `mount point`.
+        what: &'static str,
+        /// The symlink or mount point, as reached from the root.
+        at: String,
+        /// The first directory on the way that is not root-owned or is group/other-writable.
+        dir: String,
+        uid: u32,
+        mode: u32,
+    },
+    #[error("refusing {path}: it is not the object observed when the plan was made ({detail})")]
+    Changed { path: AbsPath, detail: String },
+    #[error(
+        "refusing {path}: it has {links} hard links, so changing it could change another path's \
+         file"
+    )]
+    HardLinked { path: AbsPath, links: u64 },
+    #[error("{path}: larger than the {cap} bytes the agent reads")]
+    TooLarge { path: AbsPath, cap: u64 },
     #[error("{path}: {op}")]
     Io {
         path: AbsPath,
@@ -279,8 +312,13 @@ pub enum HostError {
 /// Every host side effect the agent has. Paths are [`AbsPath`]s relative to the host's root;
 /// the implementation joins them to the root in exactly one place.
 pub trait Host: Send + Sync + fmt::Debug {
-    /// The whole file, `None` when it does not exist.
-    fn read(&self, path: &AbsPath) -> Result<Option<Vec<u8>>, HostError>;
+    /// The whole regular file, `None` when it does not exist; at most [`READ_LIMIT`] bytes.
+    fn read(&self, path: &AbsPath) -> Result<Option<Vec<u8>>, HostError> {
+        self.read_limited(path, READ_LIMIT)
+    }
+    /// The whole regular file, `None` when it does not exist; a FIFO, device, directory or a file
+    /// over `cap` bytes is an error naming the path.
+    fn read_limited(&self, path: &AbsPath, cap: u64) -> Result<Option<Vec<u8>>, HostError>;
     /// `lstat`, `None` when it does not exist.
     fn stat(&self, path: &AbsPath) -> Result<Option<Stat>, HostError>;
     /// SHA-256 of the whole file, `None` when it does not exist. An implementation may remember
@@ -297,12 +335,14 @@ pub trait Host: Send + Sync + fmt::Debug {
     fn stage_file(&self, path: &AbsPath, attrs: Attrs) -> Result<StagedFile, HostError>;
     /// The second half: fsync, rename over the destination, fsync the directory.
     fn commit_staged(&self, staged: StagedFile) -> Result<(), HostError>;
-    /// Create one directory (the parent must exist); an existing directory is left alone.
+    /// Create one directory (the parent must exist); an existing directory (one made since it
+    /// was observed missing) gets `attrs` set on it too, by fd.
     fn mkdir(&self, path: &AbsPath, attrs: Attrs) -> Result<(), HostError>;
-    /// chmod; refuses a final symlink.
-    fn chmod(&self, path: &AbsPath, mode: FileMode) -> Result<(), HostError>;
-    /// lchown; refuses a final symlink.
-    fn chown(&self, path: &AbsPath, owner: Owner) -> Result<(), HostError>;
+    /// chmod of the object `observed` saw (same device and inode, one link if a file), by fd;
+    /// refuses a final symlink.
+    fn chmod(&self, path: &AbsPath, mode: FileMode, observed: &Stat) -> Result<(), HostError>;
+    /// chown of the object `observed` saw, as [`Host::chmod`].
+    fn chown(&self, path: &AbsPath, owner: Owner, observed: &Stat) -> Result<(), HostError>;
     /// Remove a file (not a directory); a missing file counts as removed.
     fn remove(&self, path: &AbsPath) -> Result<(), HostError>;
     /// Open for appending (created with `mode` when missing): service logs.

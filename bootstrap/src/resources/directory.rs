@@ -53,7 +53,8 @@ pub fn observe(
     Ok(Observed { stat, owner })
 }
 
-/// chmod/chown actions that bring an existing path to the desired mode and owner.
+/// chown/chmod actions that bring an existing path to the desired mode and owner, each carrying
+/// the `stat` it was planned from. The owner comes first: a chown clears set-id bits.
 pub(crate) fn attr_actions(
     path: &AbsPath,
     stat: &Stat,
@@ -62,22 +63,44 @@ pub(crate) fn attr_actions(
     resolved: Option<Owner>,
 ) -> Vec<Action> {
     let mut out = Vec::new();
-    if stat.mode != mode.bits() {
+    let chown = want_owner
+        .filter(|_| !resolved.is_some_and(|r| r.uid == stat.uid && r.gid == stat.gid))
+        .map(|o| Action::Chown {
+            path: path.clone(),
+            owner: o.clone(),
+            observed: *stat,
+        });
+    out.extend(chown);
+    if stat.mode != mode.bits() || (!out.is_empty() && mode.bits() & 0o6000 != 0) {
         out.push(Action::Chmod {
             path: path.clone(),
             mode,
+            observed: *stat,
         });
     }
-    if let Some(o) = want_owner {
-        let matches = resolved.is_some_and(|r| r.uid == stat.uid && r.gid == stat.gid);
-        if !matches {
-            out.push(Action::Chown {
-                path: path.clone(),
-                owner: o.clone(),
-            });
-        }
-    }
     out
+}
+
+/// Refuses `path` when it is no longer what the plan observed: another object (device, inode,
+/// kind), or something where nothing was. The plan's decision was about that object.
+pub(crate) fn check_unchanged(
+    host: &dyn Host,
+    path: &AbsPath,
+    observed: Option<&Stat>,
+) -> Result<(), HostError> {
+    let now = host.stat(path)?;
+    let id = |s: Option<&Stat>| s.map(|s| (s.kind, s.dev, s.ino));
+    if id(now.as_ref()) == id(observed) {
+        return Ok(());
+    }
+    let show = |s: Option<&Stat>| match s {
+        Some(s) => format!("{:?} device {} inode {}", s.kind, s.dev, s.ino),
+        None => "nothing".to_owned(),
+    };
+    Err(HostError::Changed {
+        path: path.clone(),
+        detail: format!("observed {}, found {}", show(observed), show(now.as_ref())),
+    })
 }
 
 pub(crate) fn expect_kind(
@@ -138,11 +161,21 @@ pub fn ensure_directory(
     host.mkdir(path, Attrs { mode, owner })
 }
 
-pub fn ensure_mode(host: &dyn Host, path: &AbsPath, mode: FileMode) -> Result<(), HostError> {
-    host.chmod(path, mode)
+pub fn ensure_mode(
+    host: &dyn Host,
+    path: &AbsPath,
+    mode: FileMode,
+    observed: &Stat,
+) -> Result<(), HostError> {
+    host.chmod(path, mode, observed)
 }
 
-pub fn ensure_owner(host: &dyn Host, path: &AbsPath, owner: &Ownership) -> Result<(), HostError> {
+pub fn ensure_owner(
+    host: &dyn Host,
+    path: &AbsPath,
+    owner: &Ownership,
+    observed: &Stat,
+) -> Result<(), HostError> {
     let ids = host.resolve_owner(path, &owner.owner, &owner.group)?;
-    host.chown(path, ids)
+    host.chown(path, ids, observed)
 }

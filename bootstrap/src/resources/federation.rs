@@ -54,10 +54,13 @@ pub enum KeyState {
     },
 }
 
-/// Reads a raw seed; the bytes are wiped once the public half is derived.
+/// Reads a raw seed (nothing past 32 bytes is read); the bytes are wiped once the public half
+/// is derived.
 fn read_seed(host: &dyn Host, path: &AbsPath) -> Result<Option<SigningKey>, HostError> {
-    let Some(mut bytes) = host.read(path)? else {
-        return Ok(None);
+    let mut bytes = match host.read_limited(path, 32) {
+        Ok(Some(b)) => b,
+        Ok(None) | Err(HostError::TooLarge { .. }) => return Ok(None),
+        Err(e) => return Err(e),
     };
     let key = <[u8; 32]>::try_from(bytes.as_slice()).ok().map(|mut seed| {
         let key = SigningKey::from_bytes(&seed);
@@ -124,7 +127,12 @@ pub fn observe_key(
     let (key, key_stat) = observe_seed(host, &key_path)?;
     let pub_stat = host.stat(&pub_path)?;
     let public_file = match &pub_stat {
-        Some(s) if s.kind == FileKind::File && s.size == 32 => host.read(&pub_path)?,
+        Some(s) if s.kind == FileKind::File && s.size == 32 => {
+            match host.read_limited(&pub_path, 32) {
+                Err(HostError::TooLarge { .. }) => None,
+                r => r?,
+            }
+        }
         _ => None,
     };
     Ok(KeyObserved {
@@ -297,11 +305,14 @@ pub fn observe_credential(
     let file = match &stat {
         None => CredentialFile::Missing,
         Some(s) if s.kind == FileKind::File && s.size <= CREDENTIAL_MAX_BYTES => {
-            match host.read(&c.credential_path)? {
-                None => CredentialFile::Missing,
-                Some(b) => String::from_utf8(b)
+            match host.read_limited(&c.credential_path, CREDENTIAL_MAX_BYTES) {
+                Ok(None) => CredentialFile::Missing,
+                Ok(Some(b)) => String::from_utf8(b)
                     .map(CredentialFile::Text)
                     .unwrap_or(CredentialFile::NotACredential),
+                // Grew since it was stat'ed.
+                Err(HostError::TooLarge { .. }) => CredentialFile::NotACredential,
+                Err(e) => return Err(e),
             }
         }
         Some(_) => CredentialFile::NotACredential,
@@ -635,6 +646,9 @@ mod tests {
             uid: 0,
             gid: 0,
             size,
+            dev: 1,
+            ino: 2,
+            nlink: 1,
         })
     }
 

@@ -68,6 +68,7 @@ pub fn plan(f: &File, o: &Observed) -> Result<Vec<Action>, PlanError> {
         mode: f.mode,
         owner: f.owner.clone(),
         secret: f.secret,
+        observed: o.stat,
     };
     let Some(stat) = &o.stat else {
         return Ok(vec![write()]);
@@ -99,7 +100,9 @@ pub async fn ensure_file(
     content: &Content,
     mode: FileMode,
     owner: Option<&Ownership>,
+    observed: Option<&Stat>,
 ) -> Result<(), ResourceError> {
+    super::directory::check_unchanged(host, path, observed)?;
     let owner = super::directory::resolve(host, path, owner)?;
     super::ensure_parents(host, path)?;
     match content {
