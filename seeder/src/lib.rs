@@ -12,6 +12,7 @@ pub mod fleet;
 pub mod limit;
 pub mod pki;
 pub mod proxy_protocol;
+pub mod quote;
 pub mod refusal;
 pub mod render;
 pub mod report;

@@ -421,8 +421,8 @@ pub fn llm_key(f: &Fleet, rec: &mut Record) -> Result<()> {
         format!("{}/{} nodes", when.len(), targets.len()),
         when.len() == targets.len(),
     );
-    // Each node: `<var>=<key>` a line of its 0400 ai-memory.env; its config.toml names `<var>`
-    // and does not hold the key.
+    // Each node: `<var>='<key>'` (single-quoted: read literally) a line of its 0400
+    // ai-memory.env; its config.toml names `<var>` and does not hold the key.
     let delivered = |role: &str, config: &str, var: &str, key: &str| -> Vec<String> {
         let mut bad = Vec::new();
         for n in f.with_role(role) {
@@ -431,7 +431,7 @@ pub fn llm_key(f: &Fleet, rec: &mut Record) -> Result<()> {
             let mode = std::fs::metadata(&env)
                 .map(|m| m.mode() & 0o777)
                 .unwrap_or(0);
-            if !text.lines().any(|l| l == format!("{var}={key}")) {
+            if !text.lines().any(|l| l == format!("{var}='{key}'")) {
                 bad.push(format!("{}: no {var} line with the key", n.name));
             }
             if mode != 0o400 {
@@ -469,7 +469,7 @@ pub fn llm_key(f: &Fleet, rec: &mut Record) -> Result<()> {
     rec.check(
         S,
         "agents: key in their 0400 environment file only",
-        "XAI_API_KEY=<key>, 0400; config.toml names the variable",
+        "XAI_API_KEY='<key>', 0400; config.toml names the variable",
         got,
         ok,
     );
@@ -486,7 +486,7 @@ pub fn llm_key(f: &Fleet, rec: &mut Record) -> Result<()> {
     rec.check(
         S,
         "key in each peer's 0400 environment file only",
-        "OPENROUTER_API_KEY=<key>, 0400; config.toml names the variable",
+        "OPENROUTER_API_KEY='<key>', 0400; config.toml names the variable",
         got,
         ok,
     );
