@@ -1099,9 +1099,8 @@ fn tree_diff(before: &BTreeMap<String, String>, after: &BTreeMap<String, String>
         .collect()
 }
 
-/// SIGKILL a node's agent, wait until it is gone, and start it again (what `Restart=always`
-/// does): its first pass converges the current manifest at once, as a drift pass would.
-fn restart_agent(f: &Fleet, node: &str) -> Result<()> {
+/// SIGKILL a node's agent and wait until it is gone.
+fn kill_agent(f: &Fleet, node: &str) {
     if let Some(pid) = f.agent_pid(node) {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
@@ -1116,7 +1115,6 @@ fn restart_agent(f: &Fleet, node: &str) -> Result<()> {
             Duration::from_secs(10),
         );
     }
-    f.start_agent(node)
 }
 
 /// A node's latest report as the seeder stored it, with when it arrived (Unix seconds).
@@ -1143,13 +1141,6 @@ fn report_errors(r: &hiveseed_proto::StatusReport) -> Vec<String> {
             .map(|x| format!("{}: {}", x.id, x.message.as_deref().unwrap_or(""))),
     );
     out
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// `hostile service` (issue #15): on one peer, the `ai-memory` account (a shell as that user
@@ -1219,12 +1210,14 @@ pub fn hostile_service(f: &Fleet, rec: &mut Record) -> Result<()> {
             as_service(&["mv", &p.link, &p.aside])?;
         }
         as_service(&["ln", "-s", p.target, &p.link])?;
-        let started = unix_now();
-        restart_agent(f, &victim)?;
-        // The first report after the restart that has finished its pass: refused or converged.
+        // The agent's next pass, now: a restarted agent converges its manifest at once (what a
+        // drift pass does on its interval). Only reports the new agent sent count.
+        kill_agent(f, &victim);
+        let seq_before = latest_report(f, &victim).map_or(0, |(r, _)| r.seq);
+        f.start_agent(&victim)?;
         let outcome = poll(Duration::from_secs(120), || {
-            let (r, at) = latest_report(f, &victim)?;
-            if at < started {
+            let (r, _) = latest_report(f, &victim)?;
+            if r.seq <= seq_before {
                 return None;
             }
             use hiveseed_proto::status::Phase;
@@ -1274,7 +1267,8 @@ pub fn hostile_service(f: &Fleet, rec: &mut Record) -> Result<()> {
             let _ = std::fs::remove_file(root.join(path.trim_start_matches('/')));
         }
     }
-    restart_agent(f, &victim)?;
+    kill_agent(f, &victim);
+    f.start_agent(&victim)?;
     let (ok, out) = report_green(f, Duration::from_secs(120));
     rec.check(
         S,
