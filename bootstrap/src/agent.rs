@@ -485,8 +485,8 @@ impl Agent {
             match observe(&manifest, &env).await {
                 Ok(o) => o,
                 Err(e) => {
-                    self.fail(FailureKind::Apply, true, format!("observing: {e}"), vec![])
-                        .await;
+                    // The whole chain: the host's error names the path (a refused link, say).
+                    self.fail(FailureKind::Apply, true, chain(&e), vec![]).await;
                     return false;
                 }
             }

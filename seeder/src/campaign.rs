@@ -212,15 +212,36 @@ fn read_operator_key(path: &Path, needed_by: &str) -> Result<String> {
     if key.len() > 1024 {
         bail!("{shown} holds more than 1024 bytes; it must be one API key (withheld)");
     }
-    if !key
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"-_.~+/=:".contains(&b))
-    {
-        bail!(
-            "{shown} must be one line of letters, digits and - _ . ~ + / = : (it holds another character; the key is withheld)"
-        );
-    }
+    check_secret_chars(&shown.to_string(), key)?;
     Ok(key.to_owned())
+}
+
+/// The characters a secret may hold, checked where secrets enter (`seeder publish`, and every
+/// render of a running seeder): letters, digits and `- _ . ~ + / = :`. Every secret lands in a
+/// line-oriented environment file, a SQL statement or an HTTP header, where a newline, a quote, a
+/// `$` or a backslash means something; none of those is in the set. The error names the file and
+/// the class of the first character outside it, never the value.
+pub fn check_secret_chars(shown: &str, value: &str) -> Result<()> {
+    let Some(bad) = value
+        .chars()
+        .find(|&c| !(c.is_ascii_alphanumeric() || "-_.~+/=:".contains(c)))
+    else {
+        return Ok(());
+    };
+    let class = match bad {
+        '\n' => "a newline",
+        '\r' => "a carriage return",
+        ' ' | '\t' => "whitespace",
+        c if c.is_control() => "a control character",
+        '\'' | '"' | '`' => "a quote",
+        '$' => "a dollar sign",
+        '\\' => "a backslash",
+        c if !c.is_ascii() => "a non-ASCII character",
+        _ => "punctuation other than - _ . ~ + / = :",
+    };
+    bail!(
+        "{shown} holds {class}; a secret must be one line of letters, digits and - _ . ~ + / = : (the value is withheld)"
+    )
 }
 
 fn read_text(path: &Path) -> Result<String> {
@@ -658,6 +679,39 @@ mod tests {
 
     /// The operator's key: refused with the file's name and never its content when missing,
     /// empty, loose, not a regular file, or not one line of key characters; 0600 and 0400 work.
+    #[test]
+    fn a_secret_outside_the_safe_set_is_refused_by_class_never_shown() {
+        let generated = [alphanumeric(48), hex::encode([0xa5u8; 32])];
+        for ok in generated
+            .iter()
+            .map(String::as_str)
+            .chain(["sk-or-v1_a.b~c+d/e=f:g"])
+        {
+            check_secret_chars("secrets/x", ok).unwrap();
+        }
+        for (bad, class) in [
+            ("Sv3t\nAI_MEMORY_FED_REQUIRE_SIG=0", "a newline"),
+            ("Sv3t\r", "a carriage return"),
+            ("Sv3t\0", "a control character"),
+            ("Sv3t Sv3t", "whitespace"),
+            ("Sv3t\tSv3t", "whitespace"),
+            ("Sv3t'", "a quote"),
+            ("Sv3t\"", "a quote"),
+            ("Sv3t$$", "a dollar sign"),
+            ("Sv3t\\", "a backslash"),
+            ("Sv3t\u{e9}", "a non-ASCII character"),
+            ("Sv3t#", "punctuation"),
+        ] {
+            let err = format!(
+                "{:#}",
+                check_secret_chars("secrets/pg-password", bad).unwrap_err()
+            );
+            assert!(err.contains("secrets/pg-password"), "{bad:?}: {err}");
+            assert!(err.contains(class), "{bad:?}: {err}");
+            assert!(!err.contains("Sv3t"), "{bad:?}: the value leaked: {err}");
+        }
+    }
+
     #[test]
     fn the_operator_key_file_is_strict_and_never_quoted() {
         const KEY: &str = "sk-or-v1-FakeTestKey0123456789abcdef";

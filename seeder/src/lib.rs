@@ -14,6 +14,7 @@ pub mod fuzz;
 pub mod limit;
 pub mod pki;
 pub mod proxy_protocol;
+pub mod quote;
 pub mod refusal;
 pub mod render;
 pub mod report;

@@ -9,8 +9,10 @@
 //!
 //! A string starting with `=` is rendered and then parsed as JSON, for typed values (numbers,
 //! lists): `port = "={{ fleet.federation.port }}"`. Undefined variables are errors, so a typo in a
-//! role never renders silently. Everything concrete (IPs, peer list, stores, allowlist, secrets) is
-//! decided here; the agent never computes fleet topology.
+//! role never renders silently. Everything concrete (IPs, peer list, stores, allowlist, secrets)
+//! is decided here; the agent never computes fleet topology. Two filters quote a value into the
+//! formats secrets land in: `env_value` (an environment file line) and `pg_string` (a SQL
+//! constant), see [`crate::quote`].
 //!
 //! A resource whose `when` is false does not exist in the node's manifest, and neither do the
 //! `notify` / `refresh_on` edges that name it: a role lists every input a service may have (the
@@ -237,6 +239,8 @@ impl<'a> Renderer<'a> {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
         env.set_keep_trailing_newline(true);
+        env.add_filter("env_value", |v: &str| crate::quote::env_value(v));
+        env.add_filter("pg_string", |v: &str| crate::quote::pg_string(v));
         for (path, text) in roles {
             if let Some(name) = path.strip_prefix("templates/") {
                 // Errors surface when the template is used, naming it.

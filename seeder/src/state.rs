@@ -685,12 +685,31 @@ fn read_secret(path: &std::path::Path) -> Result<String> {
     if s.is_empty() {
         bail!("{} is empty", path.display());
     }
+    crate::campaign::check_secret_chars(&path.display().to_string(), &s)?;
     Ok(s)
 }
 
 /// Renders every node of the fleet with placeholder facts, so a broken role is refused at publish
 /// time rather than when a node enrolls.
 pub fn validate_roles(fleet: &Fleet, roles: &RoleTree) -> Result<()> {
+    let secrets = ["pg_password", "api_key"]
+        .into_iter()
+        .chain(fleet.llm_key_env().map(|_| "llm_api_key"))
+        .chain(fleet.agent_llm_key_env().map(|_| "agent_llm_api_key"))
+        .map(|name| (name.to_owned(), "x".to_owned()))
+        .collect();
+    let facts = placeholder_facts(fleet, secrets);
+    let r = render::Renderer::new(fleet, roles);
+    for n in &fleet.nodes {
+        r.resources(n, &facts)?;
+    }
+    Ok(())
+}
+
+/// Facts for rendering without a running seeder: every node enrolled at a documentation address,
+/// stand-in keys with the campaign's real ids, placeholder artifacts, the mesh released; the
+/// secrets are the caller's.
+pub fn placeholder_facts(fleet: &Fleet, secrets: BTreeMap<String, String>) -> FleetFacts {
     let enrollments = fleet
         .nodes
         .iter()
@@ -712,29 +731,14 @@ pub fn validate_roles(fleet: &Fleet, roles: &RoleTree) -> Result<()> {
             )
         })
         .collect();
-    let facts = FleetFacts {
+    FleetFacts {
         enrollments,
         allowlist: vec![AllowEntry {
             fpr: "0".repeat(64),
             node: "placeholder".into(),
             role: "ctrl".into(),
         }],
-        secrets: [
-            ("pg_password".to_string(), "x".to_string()),
-            ("api_key".to_string(), "x".to_string()),
-        ]
-        .into_iter()
-        .chain(
-            fleet
-                .llm_key_env()
-                .map(|_| ("llm_api_key".to_string(), "x".to_string())),
-        )
-        .chain(
-            fleet
-                .agent_llm_key_env()
-                .map(|_| ("agent_llm_api_key".to_string(), "x".to_string())),
-        )
-        .collect(),
+        secrets,
         artifacts: BTreeMap::new(),
         // A stand-in key with the campaign's real issuer id and domain.
         federation: Issuer::new(SigningKey::from_bytes(&[1; 32]), &fleet.campaign)
@@ -746,10 +750,5 @@ pub fn validate_roles(fleet: &Fleet, roles: &RoleTree) -> Result<()> {
         ),
         mesh_released: true,
         placeholder_artifacts: true,
-    };
-    let r = render::Renderer::new(fleet, roles);
-    for n in &fleet.nodes {
-        r.resources(n, &facts)?;
     }
-    Ok(())
 }

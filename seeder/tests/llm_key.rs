@@ -55,24 +55,13 @@ fn put_key(c: &Campaign, bytes: &[u8], mode: u32) {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
-/// `seeder publish`: (success, stdout + stderr).
-fn publish(c: &Campaign) -> (bool, String) {
-    let out = c.seeder(&["publish"]);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
 #[test]
 fn publish_refuses_a_missing_empty_or_loose_key_and_never_prints_it() {
     let c = Campaign::with("k1", &openrouter_fleet("k1"), PEER_ROLE);
     let shown = key_path(&c).display().to_string();
 
     let refused = |why: &str| -> String {
-        let (ok, out) = publish(&c);
+        let (ok, out) = c.publish();
         assert!(!ok, "{why}: publish succeeded: {out}");
         assert!(
             out.contains(&shown),
@@ -101,7 +90,7 @@ fn publish_refuses_a_missing_empty_or_loose_key_and_never_prints_it() {
 
     for mode in [0o600, 0o400] {
         put_key(&c, format!("{KEY}\n").as_bytes(), mode);
-        let (ok, out) = publish(&c);
+        let (ok, out) = c.publish();
         assert!(ok, "{mode:o}: {out}");
         assert!(!out.contains("FakeOperatorKey"), "{out}");
         std::fs::remove_file(key_path(&c)).unwrap();
@@ -122,18 +111,18 @@ fn the_agents_key_is_refused_and_named_like_the_peers() {
     assert!(stdout.contains(&format!("missing {shown}")), "{stdout}");
     assert!(stdout.contains("XAI_API_KEY"), "{stdout}");
 
-    let (ok, out) = publish(&c);
+    let (ok, out) = c.publish();
     assert!(
         !ok && out.contains(&shown) && out.contains("[agent_llm]"),
         "{out}"
     );
     std::fs::write(&path, format!("{AGENT_KEY}\n")).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let (ok, out) = publish(&c);
+    let (ok, out) = c.publish();
     assert!(!ok && out.contains(&shown) && out.contains("0644"), "{out}");
     assert!(!out.contains("FakeAgentKey"), "the key leaked: {out}");
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let (ok, out) = publish(&c);
+    let (ok, out) = c.publish();
     assert!(ok, "{out}");
     assert!(!out.contains("FakeAgentKey"), "{out}");
 }
@@ -157,7 +146,7 @@ fn init_names_the_missing_key_file_only_when_the_fleet_needs_it() {
         );
         // Without a key need, publish works with no key file at all.
         if !needs {
-            let (ok, out) = publish(&c);
+            let (ok, out) = c.publish();
             assert!(ok, "{out}");
         }
     }
@@ -211,7 +200,7 @@ async fn an_enrolled_peer_gets_the_key_only_in_its_secret_file() {
         fleet.replace("catchup_interval_secs = 30", "catchup_interval_secs = 31"),
     )
     .unwrap();
-    let (ok, out) = publish(&c);
+    let (ok, out) = c.publish();
     assert!(
         !ok && out.contains("0644") && !out.contains("FakeOperatorKey"),
         "{out}"

@@ -577,7 +577,11 @@ fn pg_node_is_the_spec_cluster_hostssl_only() {
     assert!(role.argv.ends_with(&["-f".to_string(), "-".to_string()]));
     assert!(role.argv.contains(&"ON_ERROR_STOP=1".to_string()));
     let stdin = role.stdin.as_deref().unwrap();
-    assert!(stdin.contains(&format!("LOGIN PASSWORD '{PG_PASSWORD}'")));
+    assert!(stdin.contains(&format!("LOGIN PASSWORD $hs${PG_PASSWORD}$hs$;")));
+    assert!(
+        !stdin.contains("DO $$"),
+        "a `$$` in the password would end the block"
+    );
     assert!(stdin.contains("\\gexec"));
     let Resource::Command(sql) = find(res, "cmd:sql-init") else {
         panic!()
@@ -904,10 +908,15 @@ fn peer_node_serves_with_the_spec_flags() {
     assert_eq!(url, &format!("https://{}:9077/api/v1/health", me.public_ip));
 }
 
+/// `KEY=value` lines, a single-quoted value unquoted as systemd's `EnvironmentFile=` reads it.
 fn env_vars(env: &str) -> BTreeMap<&str, &str> {
     env.lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .map(|l| l.split_once('=').unwrap())
+        .map(|(k, v)| {
+            let literal = v.strip_prefix('\'').and_then(|v| v.strip_suffix('\''));
+            (k, literal.unwrap_or(v))
+        })
         .collect()
 }
 
@@ -1895,7 +1904,7 @@ fn the_operator_key_is_only_in_the_peers_environment_file() {
                 let env = text_of(res, "file:env");
                 assert_eq!(env.matches(LLM_KEY).count(), 1, "{node}");
                 let var = fleet.llm_key_env().unwrap().as_str();
-                assert!(env.lines().any(|l| l == format!("{var}={LLM_KEY}")));
+                assert!(env.lines().any(|l| l == format!("{var}='{LLM_KEY}'")));
             }
         }
     }
@@ -2317,7 +2326,7 @@ fn agents_get_their_llm_key_only_with_agent_llm() {
     assert!(env.secret);
     assert_eq!(
         text_of(res, "file:env"),
-        format!("XAI_API_KEY={AGENT_LLM_KEY}\n")
+        format!("XAI_API_KEY='{AGENT_LLM_KEY}'\n")
     );
     let config = text_of(res, "file:config");
     assert!(

@@ -258,6 +258,17 @@ impl Campaign {
         full.extend_from_slice(&["--dir", self.dir_str()]);
         run_seeder(&full)
     }
+
+    /// `seeder publish`: (success, stdout + stderr).
+    pub fn publish(&self) -> (bool, String) {
+        let out = self.seeder(&["publish"]);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
 }
 
 pub struct Server {

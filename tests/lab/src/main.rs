@@ -128,6 +128,7 @@ enum Scenario {
     Suite,
     Secrets,
     Redeploy,
+    Hostile,
     Replace,
     Faults,
 }
@@ -330,7 +331,7 @@ fn scenarios(
     took(&mut rec, "bring-up", started);
     type Step =
         fn(&hiveseed_lab::fleet::Fleet, &mut sc::Record, std::time::Duration) -> anyhow::Result<()>;
-    let steps: [(Scenario, &'static str, &str, Step); 7] = [
+    let steps: [(Scenario, &'static str, &str, Step); 8] = [
         (Scenario::Suite, "suite", "suite", |f, r, _| sc::suite(f, r)),
         (Scenario::Secrets, "llm key", "llm key", |f, r, _| {
             sc::llm_key(f, r)
@@ -341,6 +342,12 @@ fn scenarios(
         (Scenario::Redeploy, "redeploy", "redeploy", |f, r, _| {
             sc::redeploy(f, r)
         }),
+        (
+            Scenario::Hostile,
+            "hostile",
+            "hostile service",
+            |f, r, _| sc::hostile_service(f, r),
+        ),
         (Scenario::Replace, "replace", "replace", sc::replace),
         (
             Scenario::Faults,

@@ -7,6 +7,8 @@
 //! - `redeploy`: a peer setting changes → only peers get a generation and restart, pg untouched;
 //!   then a no-op publish restarts nothing.
 //! - `replace`: a peer's disk is destroyed and it boots again from the same user_data.
+//! - `hostile service`: the `ai-memory` account plants symlinks where the agent writes; the
+//!   agent refuses them, naming the path, and nothing under /etc or /boot changes.
 //! - `faults`: an agent killed mid-apply, a pg node rebooted, the seeder killed during a bring-up.
 
 use std::collections::BTreeMap;
@@ -421,8 +423,8 @@ pub fn llm_key(f: &Fleet, rec: &mut Record) -> Result<()> {
         format!("{}/{} nodes", when.len(), targets.len()),
         when.len() == targets.len(),
     );
-    // Each node: `<var>=<key>` a line of its 0400 ai-memory.env; its config.toml names `<var>`
-    // and does not hold the key.
+    // Each node: `<var>='<key>'` (single-quoted: read literally) a line of its 0400
+    // ai-memory.env; its config.toml names `<var>` and does not hold the key.
     let delivered = |role: &str, config: &str, var: &str, key: &str| -> Vec<String> {
         let mut bad = Vec::new();
         for n in f.with_role(role) {
@@ -431,7 +433,7 @@ pub fn llm_key(f: &Fleet, rec: &mut Record) -> Result<()> {
             let mode = std::fs::metadata(&env)
                 .map(|m| m.mode() & 0o777)
                 .unwrap_or(0);
-            if !text.lines().any(|l| l == format!("{var}={key}")) {
+            if !text.lines().any(|l| l == format!("{var}='{key}'")) {
                 bad.push(format!("{}: no {var} line with the key", n.name));
             }
             if mode != 0o400 {
@@ -469,7 +471,7 @@ pub fn llm_key(f: &Fleet, rec: &mut Record) -> Result<()> {
     rec.check(
         S,
         "agents: key in their 0400 environment file only",
-        "XAI_API_KEY=<key>, 0400; config.toml names the variable",
+        "XAI_API_KEY='<key>', 0400; config.toml names the variable",
         got,
         ok,
     );
@@ -486,7 +488,7 @@ pub fn llm_key(f: &Fleet, rec: &mut Record) -> Result<()> {
     rec.check(
         S,
         "key in each peer's 0400 environment file only",
-        "OPENROUTER_API_KEY=<key>, 0400; config.toml names the variable",
+        "OPENROUTER_API_KEY='<key>', 0400; config.toml names the variable",
         got,
         ok,
     );
@@ -1026,6 +1028,254 @@ pub fn redeploy(f: &Fleet, rec: &mut Record) -> Result<()> {
         "none (after 2 reports from every node)",
         format!("settled={settled} ai-memory restarted={restarted:?} pg restarted={moved:?}"),
         settled && restarted.is_empty() && moved.is_empty(),
+    );
+    Ok(())
+}
+
+// ---- hostile service --------------------------------------------------------------------
+
+/// One planted link of issue #15 item 1: `link` (a directory the service user may replace,
+/// inside one of its own) becomes a symlink to `target`, a root-owned directory outside the
+/// service's; `aside` keeps what was there, so removing the link restores the node as it was.
+struct Plant {
+    what: &'static str,
+    link: String,
+    target: &'static str,
+    aside: String,
+}
+
+/// Every entry under `roots` (paths in the node) without following links: a file's sha256, a
+/// link's target, `dir`; `skip` prefixes (the service's own) are left out.
+fn tree_sums(root: &Path, roots: &[&str], skip: &[String]) -> BTreeMap<String, String> {
+    use sha2::Digest;
+    fn visit(root: &Path, dir: &str, skip: &[String], out: &mut BTreeMap<String, String>) {
+        let Ok(rd) = std::fs::read_dir(root.join(dir.trim_start_matches('/'))) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let path = format!("{dir}/{}", e.file_name().to_string_lossy());
+            if skip
+                .iter()
+                .any(|s| path == *s || path.starts_with(&format!("{s}/")))
+            {
+                continue;
+            }
+            let Ok(ft) = e.file_type() else { continue };
+            let sum = if ft.is_dir() {
+                visit(root, &path, skip, out);
+                "dir".to_owned()
+            } else if ft.is_symlink() {
+                format!(
+                    "link {}",
+                    std::fs::read_link(e.path()).unwrap_or_default().display()
+                )
+            } else if ft.is_file() {
+                match std::fs::read(e.path()) {
+                    Ok(bytes) => hex::encode(sha2::Sha256::digest(&bytes)),
+                    Err(err) => format!("unreadable: {err}"),
+                }
+            } else {
+                "special".to_owned()
+            };
+            out.insert(path, sum);
+        }
+    }
+    let mut out = BTreeMap::new();
+    for r in roots {
+        visit(root, r, skip, &mut out);
+    }
+    out
+}
+
+/// The paths whose entry differs between two [`tree_sums`] (added, removed or changed).
+fn tree_diff(before: &BTreeMap<String, String>, after: &BTreeMap<String, String>) -> Vec<String> {
+    before
+        .keys()
+        .chain(after.keys())
+        .filter(|p| before.get(*p) != after.get(*p))
+        .cloned()
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+/// SIGKILL a node's agent and wait until it is gone.
+fn kill_agent(f: &Fleet, node: &str) {
+    if let Some(pid) = f.agent_pid(node) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        crate::procs::wait_gone(
+            &[crate::procs::Target {
+                pid,
+                start_time: None,
+                group: false,
+            }],
+            Duration::from_secs(10),
+        );
+    }
+}
+
+/// A node's latest report as the seeder stored it, with when it arrived (Unix seconds).
+fn latest_report(f: &Fleet, node: &str) -> Option<(hiveseed_proto::StatusReport, u64)> {
+    let store = hiveseed_seeder::store::Store::open(&f.campaign_dir.join("state.db")).ok()?;
+    store
+        .latest_reports()
+        .ok()?
+        .into_iter()
+        .find(|(r, _)| r.node.as_str() == node)
+}
+
+/// What a report says went wrong: the failed phase's message and every failed resource's.
+fn report_errors(r: &hiveseed_proto::StatusReport) -> Vec<String> {
+    use hiveseed_proto::status::{Outcome, Phase};
+    let mut out = Vec::new();
+    if let Phase::Failed { message, .. } = &r.phase {
+        out.push(message.clone());
+    }
+    out.extend(
+        r.resources
+            .iter()
+            .filter(|x| x.outcome == Outcome::Failed)
+            .map(|x| format!("{}: {}", x.id, x.message.as_deref().unwrap_or(""))),
+    );
+    out
+}
+
+/// `hostile service` (issue #15): on one peer, the `ai-memory` account (a shell as that user
+/// inside the node) replaces a directory the agent writes into with a symlink to a root-owned
+/// directory: its federation key's region directory -> /etc/profile.d (sourced by root's login
+/// shells), the model's HF-cache snapshot -> /boot. Each time the agent's next pass must refuse,
+/// naming the path, in the report it sends the seeder, and nothing under /etc or /boot may change
+/// (the service's own `/etc/ai-memory/keys` and `credential` aside). The links are then removed
+/// and the node converges green again.
+pub fn hostile_service(f: &Fleet, rec: &mut Record) -> Result<()> {
+    const S: &str = "hostile";
+    let victim = f
+        .with_role("peer")
+        .first()
+        .map(|n| n.name.clone())
+        .ok_or_else(|| anyhow::anyhow!("no peer"))?;
+    let root = f.node(&victim)?.root.clone();
+    let node = f.lab.node(&victim.parse()?)?;
+    // The key's directory: keys/<campaign>/<region> holds <node>.priv.
+    let mut keys = Vec::new();
+    walk(&root.join("etc/ai-memory/keys"), &mut keys);
+    let key_dir = keys
+        .iter()
+        .find(|p| p.file_name() == Some(std::ffi::OsStr::new(&format!("{victim}.priv"))))
+        .and_then(|p| p.parent())
+        .and_then(|d| d.strip_prefix(&root).ok())
+        .map(|d| format!("/{}", d.display()))
+        .ok_or_else(|| anyhow::anyhow!("{victim}: no {victim}.priv under /etc/ai-memory/keys"))?;
+    let snapshot = "/var/lib/ai-memory/.cache/huggingface/hub/models--sentence-transformers--all-MiniLM-L6-v2/snapshots/main";
+    let plants = [
+        Plant {
+            what: "federation key directory -> /etc/profile.d",
+            link: key_dir.clone(),
+            target: "/etc/profile.d",
+            aside: format!("{key_dir}.moved"),
+        },
+        Plant {
+            what: "HF-cache model snapshot -> /boot",
+            link: snapshot.to_owned(),
+            target: "/boot",
+            aside: "/var/lib/ai-memory/.cache-moved".to_owned(),
+        },
+    ];
+    let own = [
+        "/etc/ai-memory/keys".to_owned(),
+        "/etc/ai-memory/credential".to_owned(),
+    ];
+    let as_service = |argv: &[&str]| -> Result<()> {
+        node.command(argv.iter().copied())
+            .user("ai-memory:ai-memory")
+            .run()?;
+        Ok(())
+    };
+    for p in &plants {
+        let before = tree_sums(&root, &["/etc", "/boot"], &own);
+        if p.target == "/boot" {
+            // The whole .cache tree is the service's (under its home); the agent's files are
+            // re-made beneath a snapshot directory that is now a link.
+            as_service(&["mv", "/var/lib/ai-memory/.cache", &p.aside])?;
+            let parent = Path::new(&p.link)
+                .parent()
+                .unwrap_or(Path::new("/"))
+                .display()
+                .to_string();
+            as_service(&["mkdir", "-p", &parent])?;
+        } else {
+            as_service(&["mv", &p.link, &p.aside])?;
+        }
+        as_service(&["ln", "-s", p.target, &p.link])?;
+        // The agent's next pass, now: a restarted agent converges its manifest at once (what a
+        // drift pass does on its interval). Only reports the new agent sent count.
+        kill_agent(f, &victim);
+        let seq_before = latest_report(f, &victim).map_or(0, |(r, _)| r.seq);
+        f.start_agent(&victim)?;
+        let outcome = poll(Duration::from_secs(120), || {
+            let (r, _) = latest_report(f, &victim)?;
+            if r.seq <= seq_before {
+                return None;
+            }
+            use hiveseed_proto::status::Phase;
+            match &r.phase {
+                Phase::Failed { .. } => Some(report_errors(&r)),
+                Phase::Converged => Some(Vec::new()),
+                _ => None,
+            }
+        });
+        let named = outcome
+            .as_ref()
+            .and_then(|errs| errs.iter().find(|e| e.contains(&p.link)).cloned());
+        rec.check(
+            S,
+            format!("{}: refused, path named", p.what),
+            format!("the report names {}", p.link),
+            match &outcome {
+                None => "no finished pass within 120 s".to_owned(),
+                Some(errs) if errs.is_empty() => "converged (the link was followed)".to_owned(),
+                Some(errs) => named.clone().unwrap_or_else(|| errs.join("; ")),
+            },
+            named.is_some(),
+        );
+        let after = tree_sums(&root, &["/etc", "/boot"], &own);
+        let changed = tree_diff(&before, &after);
+        rec.check(
+            S,
+            format!("{}: /etc and /boot unchanged", p.what),
+            "same sha256 of every file (the service's own aside)",
+            if changed.is_empty() {
+                format!("{} entries unchanged", after.len())
+            } else {
+                format!("changed: {}", changed.join(", "))
+            },
+            changed.is_empty(),
+        );
+        // Undo: the link goes, what was there comes back; anything the agent wrote through the
+        // link (the code as it was) is removed, so later scenarios see the node as before.
+        if p.target == "/boot" {
+            as_service(&["rm", "-rf", "/var/lib/ai-memory/.cache"])?;
+            as_service(&["mv", &p.aside, "/var/lib/ai-memory/.cache"])?;
+        } else {
+            as_service(&["rm", &p.link])?;
+            as_service(&["mv", &p.aside, &p.link])?;
+        }
+        for path in changed.iter().filter(|c| !before.contains_key(*c)) {
+            let _ = std::fs::remove_file(root.join(path.trim_start_matches('/')));
+        }
+    }
+    kill_agent(f, &victim);
+    f.start_agent(&victim)?;
+    let (ok, out) = report_green(f, Duration::from_secs(120));
+    rec.check(
+        S,
+        "links removed: report green again",
+        "FAIL=0",
+        fails_of(&out),
+        ok,
     );
     Ok(())
 }
