@@ -104,11 +104,13 @@ async fn json_get(req: reqwest::RequestBuilder, url: &str, field: &str) -> Resul
     json_field(&v, field).ok_or_else(|| format!("no field {field:?} in the response"))
 }
 
-fn command_output(host: &dyn Host, argv: &[String]) -> Result<String, String> {
+/// Runs for at most `timeout`: the probe's bound, which the async timeout around a probe cannot
+/// enforce on this blocking call.
+fn command_output(host: &dyn Host, argv: &[String], timeout: Duration) -> Result<String, String> {
     if argv.is_empty() {
         return Err("cannot run: empty argv".into());
     }
-    let exec = Exec::new(argv.iter().cloned());
+    let exec = Exec::new(argv.iter().cloned()).timeout(timeout);
     let out = host
         .exec(&exec)
         .map_err(|e| format!("cannot run: {}", error_chain(&e)))?;
@@ -130,9 +132,11 @@ async fn observe(env: &CheckEnv<'_>, probe: &Probe) -> Result<String, String> {
             Ok(None) => Err(format!("{path} is missing")),
             Err(e) => Err(error_chain(&e)),
         },
-        Probe::CommandOutput { argv } => Ok(command_output(env.host, argv)?.trim().to_owned()),
+        Probe::CommandOutput { argv } => Ok(command_output(env.host, argv, env.timeout)?
+            .trim()
+            .to_owned()),
         Probe::CommandJson { argv, field } => {
-            let stdout = command_output(env.host, argv)?;
+            let stdout = command_output(env.host, argv, env.timeout)?;
             let v: serde_json::Value = serde_json::from_str(&stdout).map_err(|e| {
                 format!(
                     "`{}` printed no JSON ({e}): {}",
@@ -225,7 +229,9 @@ async fn observe(env: &CheckEnv<'_>, probe: &Probe) -> Result<String, String> {
             ServiceManager::Systemd => {
                 let out = env
                     .host
-                    .exec(&Exec::new(["systemctl", "is-active", unit.as_str()]))
+                    .exec(
+                        &Exec::new(["systemctl", "is-active", unit.as_str()]).timeout(env.timeout),
+                    )
                     .map_err(|e| error_chain(&e))?;
                 Ok(out.stdout_str().trim().to_owned())
             }
