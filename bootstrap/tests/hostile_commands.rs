@@ -413,3 +413,44 @@ fn a_user_command_gets_the_users_supplementary_groups() {
     let entry = host().lookup_user(&user.name).unwrap().unwrap();
     assert_eq!(uid.trim(), entry.uid.to_string());
 }
+
+/// The trusted CA comes from the seeder's answer, never from the certificate file its owner
+/// (`ai-memory`) can rewrite: after the owner appends a CA of its own to client.pem, a missing
+/// ca.pem is written again from a fresh answer, root-owned 0644, with the campaign CA only.
+#[tokio::test]
+async fn the_trusted_ca_never_comes_from_a_file_the_certificate_owner_writes() {
+    use std::os::unix::fs::MetadataExt;
+    require_root();
+    let root = common::temp_root();
+    let host = RealHost::new(root.path()).unwrap();
+    let ca = common::TestCa::new();
+    let m = common::manifest(vec![common::res(serde_json::json!({
+        "kind": "certificate", "id": "cert:client", "purpose": "client",
+        "key_path": "/etc/ai-memory/tls/client.key",
+        "cert_path": "/etc/ai-memory/tls/client.pem", "key_mode": "0400",
+        "owner": {"owner": "postgres", "group": "postgres"},
+        "ca_path": "/etc/ai-memory/tls/ca.pem",
+    }))]);
+    let mut env = common::Env::new(&host);
+    env.signer = &ca;
+    env.converge(&m).await;
+    let ca_file = root.path().join("etc/ai-memory/tls/ca.pem");
+    assert_eq!(std::fs::read_to_string(&ca_file).unwrap(), ca.cert_pem);
+    let meta = std::fs::metadata(&ca_file).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o7777), (0, 0o644));
+
+    // The owner plants its own CA after the leaf; ca.pem goes missing.
+    let attacker = common::TestCa::new();
+    let client = root.path().join("etc/ai-memory/tls/client.pem");
+    let mut planted = std::fs::read_to_string(&client).unwrap();
+    planted.push_str(&attacker.cert_pem);
+    std::fs::write(&client, planted).unwrap();
+    std::fs::remove_file(&ca_file).unwrap();
+    env.converge(&m).await;
+    let trusted = std::fs::read_to_string(&ca_file).unwrap();
+    assert!(
+        !trusted.contains(attacker.cert_pem.trim()),
+        "the planted CA became trusted"
+    );
+    assert_eq!(trusted, ca.cert_pem);
+}
