@@ -454,3 +454,66 @@ async fn the_trusted_ca_never_comes_from_a_file_the_certificate_owner_writes() {
     );
     assert_eq!(trusted, ca.cert_pem);
 }
+
+/// A `sql` check connects as root to the socket in `/var/run/postgresql`, a directory postgres
+/// owns. A link planted there to another socket of the node (here one root serves), or a socket
+/// served by another account, is refused with the path named, and the other socket never sees a
+/// connection.
+#[tokio::test]
+async fn a_sql_check_refuses_a_socket_postgres_could_have_planted() {
+    use hiveseed_bootstrap::resources::check::run_check;
+    use hiveseed_bootstrap::{CheckEnv, ServiceManager};
+    use std::os::unix::net::UnixListener;
+    let user = TestUser::new();
+    let uid = host().lookup_user(&user.name).unwrap().unwrap().uid;
+    let root = common::temp_root();
+    let sock_dir = root.path().join("var/run/postgresql");
+    std::fs::create_dir_all(&sock_dir).unwrap();
+    std::os::unix::fs::chown(&sock_dir, Some(uid), None).unwrap();
+    let host = RealHost::new(root.path()).unwrap();
+    let node = common::node();
+    let env = CheckEnv {
+        host: &host,
+        node: &node,
+        manager: ServiceManager::Supervisor,
+        supervisor: None,
+        timeout: Duration::from_secs(3),
+    };
+    let Resource::Check(check) = common::res(serde_json::json!({
+        "kind": "check", "id": "check:v", "check": "store.pg_version", "expected": "15",
+        "probe": {"type": "sql", "dbname": "postgres", "user": "postgres", "query": "SELECT 1"},
+    })) else {
+        unreachable!()
+    };
+    let elsewhere = tempfile::tempdir().unwrap();
+    let socket = sock_dir.join(".s.PGSQL.5432");
+
+    // A link to a socket root serves elsewhere.
+    let target = elsewhere.path().join("root-service.sock");
+    let root_service = UnixListener::bind(&target).unwrap();
+    root_service.set_nonblocking(true).unwrap();
+    std::os::unix::fs::symlink(&target, &socket).unwrap();
+    let got = run_check(&env, &check).await.got;
+    assert!(
+        root_service.accept().is_err(),
+        "the check connected through the planted link (GOT {got})"
+    );
+    assert!(
+        got.contains("refusing") && got.contains(".s.PGSQL.5432") && got.contains("not a socket"),
+        "{got}"
+    );
+
+    // A real socket in the directory, owned like it, but served by root, not its owner.
+    std::fs::remove_file(&socket).unwrap();
+    let impostor = UnixListener::bind(&socket).unwrap();
+    impostor.set_nonblocking(true).unwrap();
+    std::os::unix::fs::lchown(&socket, Some(uid), None).unwrap();
+    let got = run_check(&env, &check).await.got;
+    assert!(
+        got.contains("refusing")
+            && got.contains(&format!(
+                "served by uid 0, not by the directory's owner uid {uid}"
+            )),
+        "{got}"
+    );
+}
