@@ -211,6 +211,7 @@ async fn run(action: &Action, env: &ApplyEnv<'_>) -> Result<(), ResourceError> {
             key_path,
             cert_path,
             owner,
+            ca_path,
             reason: _,
         } => {
             certificate::request_certificate(
@@ -218,8 +219,11 @@ async fn run(action: &Action, env: &ApplyEnv<'_>) -> Result<(), ResourceError> {
                 env.signer,
                 env.node,
                 *purpose,
-                key_path,
-                cert_path,
+                certificate::CertFiles {
+                    key_path,
+                    cert_path,
+                    ca_path: ca_path.as_ref(),
+                },
                 owner.as_ref(),
             )
             .await?

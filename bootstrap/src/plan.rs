@@ -187,6 +187,8 @@ pub enum Action {
         key_path: AbsPath,
         cert_path: AbsPath,
         owner: Option<Ownership>,
+        /// Also write the chain's CA here (root:root 0644).
+        ca_path: Option<AbsPath>,
         reason: CertReason,
     },
     /// A new Ed25519 seed at `key_path` (0400) and its public half at `pub_path` (0444).

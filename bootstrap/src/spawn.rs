@@ -8,11 +8,14 @@
 //! The agent may be started from an operator's shell (`bootstrap plan`), so its environment, its
 //! terminal and its open fds belong to someone else: none of them reaches a child.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use rustix::event::PollFlags;
 
 use hiveseed_proto::AbsPath;
 
@@ -210,7 +213,14 @@ fn open_fds_above_stdio() -> Vec<RawFd> {
         .unwrap_or_default()
 }
 
-/// Runs `exec` as `user` and collects its output. A non-zero exit is not an error here.
+/// Bytes kept of a command's stdout, and of its stderr: one more and the command is killed.
+pub const OUTPUT_CAP: usize = 4 << 20;
+
+/// Runs `exec` as `user` and collects its output. A non-zero exit is not an error here. The
+/// command's session is killed, and an error names the limit, when it outlives `exec.timeout`
+/// or writes more than [`OUTPUT_CAP`] bytes to stdout or stderr: a guard reading a file a
+/// service user controls must neither hang the agent nor fill its memory. Processes the command
+/// leaves behind in its session are not waited for once it exits (their output is dropped).
 pub fn run(exec: &Exec, user: Option<&Credentials>) -> Result<ExecOutput, HostError> {
     let mut cmd = command(&exec.argv, user, &exec.env)?;
     cmd.stdin(if exec.stdin.is_some() {
@@ -224,26 +234,200 @@ pub fn run(exec: &Exec, user: Option<&Credentials>) -> Result<ExecOutput, HostEr
         argv: exec.display(),
         source,
     };
-    let mut child = cmd.spawn().map_err(spawn_err)?;
-    // Feed stdin from a thread so a chatty child cannot deadlock us on a full pipe.
-    let feeder = match (child.stdin.take(), &exec.stdin) {
-        (Some(mut pipe), Some(bytes)) => {
-            let bytes = bytes.0.clone();
-            Some(std::thread::spawn(move || {
-                let _ = pipe.write_all(&bytes);
-            }))
+    let deadline = Instant::now() + exec.timeout;
+    let child = cmd.spawn().map_err(spawn_err)?;
+    let mut session = Session::new(child);
+    let pid = session.pid;
+    let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+        .map_err(|e| spawn_err(e.into()))?;
+    let mut stdout = Output::new(session.child.stdout.take()).map_err(spawn_err)?;
+    let mut stderr = Output::new(session.child.stderr.take()).map_err(spawn_err)?;
+    let mut input = match (session.child.stdin.take(), &exec.stdin) {
+        (Some(pipe), Some(bytes)) => {
+            rustix::io::ioctl_fionbio(&pipe, true).map_err(|e| spawn_err(e.into()))?;
+            Some((pipe, bytes.0.as_slice()))
         }
         _ => None,
     };
-    let out = child.wait_with_output().map_err(spawn_err)?;
-    if let Some(f) = feeder {
-        let _ = f.join();
+    let over_cap = |stream: &'static str| HostError::OutputCap {
+        argv: exec.display(),
+        stream,
+        cap: OUTPUT_CAP,
+    };
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            session.kill();
+            return Err(HostError::Timeout {
+                argv: exec.display(),
+                timeout: exec.timeout,
+            });
+        }
+        let timeout = rustix::event::Timespec::try_from(left).unwrap_or(rustix::event::Timespec {
+            tv_sec: i64::MAX,
+            tv_nsec: 0,
+        });
+        let mut fds = vec![rustix::event::PollFd::new(&pidfd, PollFlags::IN)];
+        for pipe in [&stdout.pipe, &stderr.pipe].into_iter().flatten() {
+            fds.push(rustix::event::PollFd::new(pipe, PollFlags::IN));
+        }
+        if let Some((pipe, _)) = &input {
+            fds.push(rustix::event::PollFd::new(pipe, PollFlags::OUT));
+        }
+        match rustix::event::poll(&mut fds, Some(&timeout)) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(spawn_err(e.into())),
+        }
+        let exited = !fds[0].revents().is_empty();
+        drop(fds);
+        // Non-blocking: each reads what is there now.
+        if stdout.read_available().map_err(spawn_err)? {
+            session.kill();
+            return Err(over_cap("stdout"));
+        }
+        if stderr.read_available().map_err(spawn_err)? {
+            session.kill();
+            return Err(over_cap("stderr"));
+        }
+        if let Some((pipe, rest)) = &mut input {
+            match pipe.write(rest) {
+                Ok(n) => *rest = &rest[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                // The child closed its stdin (or died): nothing more to feed.
+                Err(_) => *rest = &[],
+            }
+            if rest.is_empty() {
+                input = None;
+            }
+        }
+        if exited {
+            // What the command wrote before it exited is in the pipes, and was just read.
+            break;
+        }
     }
+    let status = session.wait().map_err(spawn_err)?;
     Ok(ExecOutput {
-        status: ExitCode::from_status(out.status),
-        stdout: out.stdout,
-        stderr: out.stderr,
+        status: ExitCode::from_status(status),
+        stdout: stdout.buf,
+        stderr: stderr.buf,
     })
+}
+
+/// A spawned child, killed with its whole session unless waited for.
+struct Session {
+    child: std::process::Child,
+    pid: rustix::process::Pid,
+    reaped: bool,
+}
+
+impl Session {
+    fn new(child: std::process::Child) -> Self {
+        let pid = rustix::process::Pid::from_raw(child.id() as i32)
+            .expect("a spawned child has a positive pid");
+        Self {
+            child,
+            pid,
+            reaped: false,
+        }
+    }
+
+    /// SIGKILL to the session's process group, then to any member of the session that moved to
+    /// another group, then reaps the leader. Until the leader is reaped its pid (the session
+    /// and group id) cannot be reused, so nothing outside the session is hit. A process that
+    /// called `setsid` itself has left the session and is out of reach.
+    fn kill(&mut self) {
+        if self.reaped {
+            return;
+        }
+        let _ = rustix::process::kill_process_group(self.pid, rustix::process::Signal::KILL);
+        // A member may fork while we look: look again until a pass finds none (bounded).
+        for _ in 0..8 {
+            let members = session_members(self.pid);
+            if members.is_empty() {
+                break;
+            }
+            for p in members {
+                let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+            }
+        }
+        let _ = self.wait();
+    }
+
+    fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        let status = self.child.wait()?;
+        self.reaped = true;
+        Ok(status)
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Live processes (zombies aside) whose session id is `sid`, from `/proc/<pid>/stat`.
+pub fn session_members(sid: rustix::process::Pid) -> Vec<rustix::process::Pid> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let pid: i32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name (which may hold spaces and parentheses): state is
+        // the first, the session id the fourth.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split(' ').collect();
+        let (state, session) = (*f.first()?, f.get(3)?.parse::<i32>().ok()?);
+        (session == sid.as_raw_nonzero().get() && state != "Z")
+            .then(|| rustix::process::Pid::from_raw(pid))
+            .flatten()
+    })
+    .collect()
+}
+
+/// One of the child's output pipes, read without blocking into a capped buffer.
+struct Output {
+    pipe: Option<std::fs::File>,
+    buf: Vec<u8>,
+}
+
+impl Output {
+    fn new(pipe: Option<impl Into<std::os::fd::OwnedFd>>) -> std::io::Result<Self> {
+        let pipe = pipe.map(|p| std::fs::File::from(p.into()));
+        if let Some(p) = &pipe {
+            rustix::io::ioctl_fionbio(p, true)?;
+        }
+        Ok(Self {
+            pipe,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Reads until the pipe is empty or closed; `true` when the cap is exceeded.
+    fn read_available(&mut self) -> std::io::Result<bool> {
+        let Some(pipe) = &mut self.pipe else {
+            return Ok(false);
+        };
+        let mut chunk = [0u8; 64 * 1024];
+        loop {
+            match pipe.read(&mut chunk) {
+                Ok(0) => {
+                    self.pipe = None;
+                    return Ok(false);
+                }
+                Ok(n) => {
+                    if self.buf.len() + n > OUTPUT_CAP {
+                        return Ok(true);
+                    }
+                    self.buf.extend_from_slice(&chunk[..n]);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -69,9 +69,10 @@ async fn cluster(bins: &hiveseed_test_deps::Postgres, hba: &str) -> (tempfile::T
     )
     .await;
     // The agent's probes dial the default port, and a cluster's socket is named after its (here
-    // ephemeral) port: `.s.PGSQL.5432` is made a link to it.
+    // ephemeral) port: `.s.PGSQL.5432` is made a hard link to it (the agent follows no symlink
+    // in a directory postgres owns).
     let socket = pg.socket.join(format!(".s.PGSQL.{}", pg.port));
-    std::os::unix::fs::symlink(socket, pg.socket.join(".s.PGSQL.5432")).unwrap();
+    std::fs::hard_link(socket, pg.socket.join(".s.PGSQL.5432")).unwrap();
     (root, pg)
 }
 

@@ -269,6 +269,11 @@ pub struct Certificate {
     pub key_mode: FileMode,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<Ownership>,
+    /// Where the issuing CA goes (the certificates after the leaf in the seeder's answer):
+    /// written by the agent from the seeder's bytes, root:root 0644, so the trust anchor never
+    /// passes through a file the certificate's owner can write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_path: Option<AbsPath>,
 }
 
 /// Modes of the zero-touch federation files (reference spec §6). ai-memory refuses a `.priv`

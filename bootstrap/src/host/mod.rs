@@ -8,6 +8,7 @@ pub mod real;
 use std::fmt;
 use std::path::PathBuf;
 use std::process::ExitStatus;
+use std::time::Duration;
 
 use hiveseed_proto::{AbsPath, FileMode};
 
@@ -112,7 +113,7 @@ impl fmt::Debug for Sensitive {
 }
 
 /// A command run by argv only (never through a shell).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Exec {
     pub argv: Vec<String>,
     /// Fed on stdin: the only way a secret reaches a command.
@@ -121,14 +122,29 @@ pub struct Exec {
     pub user: Option<String>,
     /// Added to the fixed environment every child starts with ([`crate::spawn::command`]).
     pub env: Vec<(String, String)>,
+    /// Past this the command's whole session is killed and the run is an error naming it.
+    pub timeout: Duration,
 }
 
 impl Exec {
+    /// The default: a command that changes the node (apply).
+    pub const APPLY_TIMEOUT: Duration = Duration::from_secs(600);
+    /// A command that only looks: a guard, an observation, a probe.
+    pub const OBSERVE_TIMEOUT: Duration = Duration::from_secs(60);
+
     pub fn new<S: Into<String>>(argv: impl IntoIterator<Item = S>) -> Self {
         Self {
             argv: argv.into_iter().map(Into::into).collect(),
-            ..Self::default()
+            stdin: None,
+            user: None,
+            env: Vec::new(),
+            timeout: Self::APPLY_TIMEOUT,
         }
+    }
+
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     pub fn env(mut self, key: &str, value: &str) -> Self {
@@ -296,6 +312,16 @@ pub enum HostError {
         argv: String,
         status: ExitCode,
         stderr: String,
+    },
+    #[error("`{argv}` still ran after {timeout:?} (its timeout): its session was killed")]
+    Timeout { argv: String, timeout: Duration },
+    #[error(
+        "`{argv}` wrote more than {cap} bytes to {stream} (the output cap): its session was killed"
+    )]
+    OutputCap {
+        argv: String,
+        stream: &'static str,
+        cap: usize,
     },
     #[error("empty argv")]
     EmptyArgv,

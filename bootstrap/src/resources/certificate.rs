@@ -41,6 +41,8 @@ pub struct Observed {
     pub cert: CertState,
     pub cert_stat: Option<Stat>,
     pub owner: Option<Owner>,
+    /// Whether `ca_path` exists (`None`: the resource has none).
+    pub ca_exists: Option<bool>,
 }
 
 fn key_state(bytes: Option<Vec<u8>>) -> KeyState {
@@ -97,6 +99,10 @@ pub fn observe(
         cert,
         cert_stat: host.stat(&c.cert_path)?,
         owner,
+        ca_exists: match &c.ca_path {
+            Some(p) => Some(host.stat(p)?.is_some()),
+            None => None,
+        },
     })
 }
 
@@ -120,6 +126,7 @@ pub fn plan(c: &Certificate, o: &Observed, now: i64) -> Result<Vec<Action>, Plan
         key_path: c.key_path.clone(),
         cert_path: c.cert_path.clone(),
         owner: c.owner.clone(),
+        ca_path: c.ca_path.clone(),
         reason,
     };
     let public_key = match &o.key {
@@ -140,6 +147,11 @@ pub fn plan(c: &Certificate, o: &Observed, now: i64) -> Result<Vec<Action>, Plan
         None => Vec::new(),
     };
     match &o.cert {
+        // The CA is written with the certificate, from the seeder's answer: a missing one is
+        // asked for again rather than copied out of a file the owner can write.
+        CertState::Missing | CertState::Present { .. } if o.ca_exists == Some(false) => {
+            actions.push(request(CertReason::Missing))
+        }
         CertState::Missing => actions.push(request(CertReason::Missing)),
         CertState::Invalid => actions.push(request(CertReason::Unreadable)),
         CertState::Present { public_key: pk, .. } if pk != public_key => {
@@ -183,6 +195,15 @@ pub fn generate_key(
     Ok(())
 }
 
+/// Where a requested certificate's files are.
+#[derive(Debug, Clone, Copy)]
+pub struct CertFiles<'a> {
+    pub key_path: &'a AbsPath,
+    pub cert_path: &'a AbsPath,
+    /// The chain's CA, when the resource wants it.
+    pub ca_path: Option<&'a AbsPath>,
+}
+
 /// Builds a CSR from the key on disk, has it signed, checks the leaf carries our key, writes the
 /// chain.
 pub async fn request_certificate(
@@ -190,10 +211,14 @@ pub async fn request_certificate(
     signer: &dyn CertSigner,
     node: &NodeName,
     purpose: CertificatePurpose,
-    key_path: &AbsPath,
-    cert_path: &AbsPath,
+    files: CertFiles<'_>,
     owner: Option<&Ownership>,
 ) -> Result<(), ResourceError> {
+    let CertFiles {
+        key_path,
+        cert_path,
+        ca_path,
+    } = files;
     let cert_err = |reason: String| ResourceError::Certificate {
         path: cert_path.clone(),
         reason,
@@ -237,7 +262,28 @@ pub async fn request_certificate(
             owner: owner_ids,
         },
     )?;
+    if let Some(ca_path) = ca_path {
+        let ca = chain_after_leaf(&chain)
+            .ok_or_else(|| cert_err("signer returned no CA after the leaf".into()))?;
+        super::ensure_parents(host, ca_path)?;
+        host.write_atomic(
+            ca_path,
+            ca.as_bytes(),
+            Attrs {
+                mode: FileMode::new(CERT_MODE).expect("valid mode"),
+                owner: Some(crate::host::Owner { uid: 0, gid: 0 }),
+            },
+        )?;
+    }
     Ok(())
+}
+
+/// The PEM blocks after the first one (the leaf): the issuing CA of a chain.
+fn chain_after_leaf(chain: &str) -> Option<String> {
+    const END: &str = "-----END CERTIFICATE-----";
+    let rest = &chain[chain.find(END)? + END.len()..];
+    let rest = rest.trim_start();
+    rest.contains(END).then(|| rest.to_owned())
 }
 
 #[cfg(test)]

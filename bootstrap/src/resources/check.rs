@@ -104,11 +104,13 @@ async fn json_get(req: reqwest::RequestBuilder, url: &str, field: &str) -> Resul
     json_field(&v, field).ok_or_else(|| format!("no field {field:?} in the response"))
 }
 
-fn command_output(host: &dyn Host, argv: &[String]) -> Result<String, String> {
+/// Runs for at most `timeout`: the probe's bound, which the async timeout around a probe cannot
+/// enforce on this blocking call.
+fn command_output(host: &dyn Host, argv: &[String], timeout: Duration) -> Result<String, String> {
     if argv.is_empty() {
         return Err("cannot run: empty argv".into());
     }
-    let exec = Exec::new(argv.iter().cloned());
+    let exec = Exec::new(argv.iter().cloned()).timeout(timeout);
     let out = host
         .exec(&exec)
         .map_err(|e| format!("cannot run: {}", error_chain(&e)))?;
@@ -130,9 +132,11 @@ async fn observe(env: &CheckEnv<'_>, probe: &Probe) -> Result<String, String> {
             Ok(None) => Err(format!("{path} is missing")),
             Err(e) => Err(error_chain(&e)),
         },
-        Probe::CommandOutput { argv } => Ok(command_output(env.host, argv)?.trim().to_owned()),
+        Probe::CommandOutput { argv } => Ok(command_output(env.host, argv, env.timeout)?
+            .trim()
+            .to_owned()),
         Probe::CommandJson { argv, field } => {
-            let stdout = command_output(env.host, argv)?;
+            let stdout = command_output(env.host, argv, env.timeout)?;
             let v: serde_json::Value = serde_json::from_str(&stdout).map_err(|e| {
                 format!(
                     "`{}` printed no JSON ({e}): {}",
@@ -225,7 +229,9 @@ async fn observe(env: &CheckEnv<'_>, probe: &Probe) -> Result<String, String> {
             ServiceManager::Systemd => {
                 let out = env
                     .host
-                    .exec(&Exec::new(["systemctl", "is-active", unit.as_str()]))
+                    .exec(
+                        &Exec::new(["systemctl", "is-active", unit.as_str()]).timeout(env.timeout),
+                    )
                     .map_err(|e| error_chain(&e))?;
                 Ok(out.stdout_str().trim().to_owned())
             }
@@ -397,16 +403,67 @@ async fn local_session(
 ) -> Result<(tokio_postgres::Client, AbortOnDrop), String> {
     let socket_dir: AbsPath = "/var/run/postgresql".parse().expect("static path");
     let dir = host.dir_path(&socket_dir).map_err(|e| error_chain(&e))?;
-    let mut cfg = tokio_postgres::Config::new();
-    cfg.host_path(dir)
-        .dbname(dbname)
-        .user(user)
-        .connect_timeout(Duration::from_secs(5));
-    let (client, conn) = cfg
-        .connect(tokio_postgres::NoTls)
+    let connect = async {
+        let stream = owners_socket(&dir, 5432).await?;
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.dbname(dbname).user(user);
+        cfg.connect_raw(stream, tokio_postgres::NoTls)
+            .await
+            .map_err(|e| format!("connect to {dbname}: {}", error_chain(&e)))
+    };
+    let (client, conn) = tokio::time::timeout(Duration::from_secs(5), connect)
         .await
-        .map_err(|e| format!("connect to {dbname}: {}", error_chain(&e)))?;
+        .map_err(|_| format!("connect to {dbname}: no answer within 5 s"))??;
     Ok((client, AbortOnDrop(tokio::spawn(conn))))
+}
+
+/// The server socket `.s.PGSQL.<port>` in `dir`, connected only when it is a socket (not a
+/// symlink: opened `O_PATH|O_NOFOLLOW` and connected through that fd) owned by the directory's
+/// owner, and the process accepting is that same user (`SO_PEERCRED`). The directory belongs to
+/// postgres: without these checks it could point root's connection, with root's credentials, at
+/// any socket of the node, or answer it from a process of another account. What postgres's own
+/// server answers is postgres's word either way; the checks report it as such.
+async fn owners_socket(dir: &std::path::Path, port: u16) -> Result<tokio::net::UnixStream, String> {
+    use rustix::fs::{FileType, Mode, OFlags};
+    use std::os::fd::AsRawFd;
+    let path = dir.join(format!(".s.PGSQL.{port}"));
+    let shown = path.display();
+    let owner = rustix::fs::stat(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .st_uid;
+    let fd = rustix::fs::open(
+        &path,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("{shown}: {e}"))?;
+    let st = rustix::fs::fstat(&fd).map_err(|e| format!("{shown}: {e}"))?;
+    let kind = FileType::from_raw_mode(st.st_mode);
+    if kind != FileType::Socket {
+        return Err(format!(
+            "refusing {shown}: it is a {kind:?}, not a socket (a link is never followed in a \
+             directory uid {owner} can write)"
+        ));
+    }
+    if st.st_uid != owner {
+        return Err(format!(
+            "refusing {shown}: the socket is owned by uid {}, its directory by uid {owner}",
+            st.st_uid
+        ));
+    }
+    let stream = tokio::net::UnixStream::connect(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .await
+        .map_err(|e| format!("connect {shown}: {e}"))?;
+    let peer = stream
+        .peer_cred()
+        .map_err(|e| format!("{shown}: peer credentials: {e}"))?
+        .uid();
+    if peer != owner {
+        return Err(format!(
+            "refusing {shown}: served by uid {peer}, not by the directory's owner uid {owner}"
+        ));
+    }
+    Ok(stream)
 }
 
 /// Aborts a spawned task when dropped.

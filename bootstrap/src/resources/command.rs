@@ -25,9 +25,18 @@ pub fn observe(host: &dyn Host, c: &Command) -> Result<Observed, HostError> {
         (_, Some(true)) | (None, _) => None,
         (Some(argv), _) if argv.is_empty() => Some(false),
         (Some(argv), _) => {
-            let exec = Exec::new(argv.iter().cloned()).user(c.user.clone());
-            // A guard that cannot even start (binary not installed yet) is simply unmet.
-            Some(host.exec(&exec).is_ok_and(|o| o.status.success()))
+            let exec = Exec::new(argv.iter().cloned())
+                .user(c.user.clone())
+                .timeout(Exec::OBSERVE_TIMEOUT);
+            match host.exec(&exec) {
+                Ok(o) => Some(o.status.success()),
+                // One that hangs or floods is an error: the command must not run on a guess.
+                Err(e @ (HostError::Timeout { .. } | HostError::OutputCap { .. })) => {
+                    return Err(e)
+                }
+                // One that cannot even start (binary or user not there yet) is simply unmet.
+                Err(_) => Some(false),
+            }
         }
     };
     Ok(Observed {

@@ -127,12 +127,15 @@ pub fn observe(host: &dyn Host, p: &Package) -> Result<Observed, HostError> {
         names.iter().map(|n| ((*n).to_owned(), None)).collect();
     if !names.is_empty() {
         // Exit 1 when some package is unknown to dpkg; the known ones are still printed.
-        let out = host.exec(&Exec::new(
-            ["dpkg-query", "-W", DPKG_FORMAT]
-                .into_iter()
-                .map(str::to_owned)
-                .chain(names.iter().map(|n| (*n).to_owned())),
-        ))?;
+        let out = host.exec(
+            &Exec::new(
+                ["dpkg-query", "-W", DPKG_FORMAT]
+                    .into_iter()
+                    .map(str::to_owned)
+                    .chain(names.iter().map(|n| (*n).to_owned())),
+            )
+            .timeout(Exec::OBSERVE_TIMEOUT),
+        )?;
         for (n, v) in parse_dpkg_query(&out.stdout_str()) {
             if let Some(slot) = installed.get_mut(&n) {
                 *slot = Some(v);
@@ -151,7 +154,8 @@ pub fn observe(host: &dyn Host, p: &Package) -> Result<Observed, HostError> {
             ["apt-cache".to_owned(), "policy".to_owned()]
                 .into_iter()
                 .chain(unmet.iter().map(|pin| pin.name.clone())),
-        );
+        )
+        .timeout(Exec::OBSERVE_TIMEOUT);
         let out = host.exec(&exec)?.check(&exec)?;
         parse_apt_policy(&out.stdout_str())
     };
@@ -266,11 +270,17 @@ pub fn plan(p: &Package, o: &Observed) -> Result<Vec<Action>, PlanError> {
     Ok(actions)
 }
 
+/// How long one apt-get run may take, besides waiting for dpkg's lock.
+const APT_TIMEOUT: Duration = Duration::from_secs(1800);
+
 fn apt(args: &[&str], lock_timeout: Duration) -> Exec {
     let timeout = format!("DPkg::Lock::Timeout={}", lock_timeout.as_secs());
     let mut argv = vec!["apt-get".to_owned(), "-o".to_owned(), timeout];
     argv.extend(args.iter().map(|s| (*s).to_owned()));
-    Exec::new(argv).env("DEBIAN_FRONTEND", "noninteractive")
+    // Downloads and dpkg runs can be slow; the wait for dpkg's lock comes on top.
+    Exec::new(argv)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .timeout(APT_TIMEOUT + lock_timeout)
 }
 
 pub fn write_keyring(host: &dyn Host, path: &AbsPath, bytes: &[u8]) -> Result<(), HostError> {
@@ -368,7 +378,8 @@ pub fn apt_install(
             .into_iter()
             .map(str::to_owned)
             .chain(wanted.iter().map(|(n, _)| n.clone())),
-    );
+    )
+    .timeout(Exec::OBSERVE_TIMEOUT);
     let installed = parse_dpkg_query(&host.exec(&query)?.stdout_str());
     for (name, version) in wanted {
         let got = installed.get(&name).cloned();

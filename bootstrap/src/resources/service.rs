@@ -36,7 +36,7 @@ pub fn unit_path(unit: &str) -> Option<AbsPath> {
 }
 
 fn systemctl_says(host: &dyn Host, verb: &str, unit: &str, yes: &str) -> Result<bool, HostError> {
-    let out = host.exec(&Exec::new(["systemctl", verb, unit]))?;
+    let out = host.exec(&Exec::new(["systemctl", verb, unit]).timeout(Exec::OBSERVE_TIMEOUT))?;
     Ok(out.stdout_str().trim() == yes)
 }
 
@@ -81,7 +81,8 @@ pub fn observe_restarts(
 ) -> Result<u32, String> {
     match manager {
         ServiceManager::Systemd => {
-            let exec = Exec::new(["systemctl", "show", "--property=NRestarts", "--value", unit]);
+            let exec = Exec::new(["systemctl", "show", "--property=NRestarts", "--value", unit])
+                .timeout(Exec::OBSERVE_TIMEOUT);
             let out = host
                 .exec(&exec)
                 .and_then(|o| o.check(&exec))
