@@ -120,8 +120,12 @@ struct ShortTimeouts {
 }
 
 impl Host for ShortTimeouts {
-    fn read(&self, p: &hiveseed_proto::AbsPath) -> Result<Option<Vec<u8>>, HostError> {
-        self.inner.read(p)
+    fn read_limited(
+        &self,
+        p: &hiveseed_proto::AbsPath,
+        cap: u64,
+    ) -> Result<Option<Vec<u8>>, HostError> {
+        self.inner.read_limited(p, cap)
     }
     fn stat(
         &self,
@@ -158,15 +162,17 @@ impl Host for ShortTimeouts {
         &self,
         p: &hiveseed_proto::AbsPath,
         m: hiveseed_proto::FileMode,
+        observed: &hiveseed_bootstrap::host::Stat,
     ) -> Result<(), HostError> {
-        self.inner.chmod(p, m)
+        self.inner.chmod(p, m, observed)
     }
     fn chown(
         &self,
         p: &hiveseed_proto::AbsPath,
         o: hiveseed_bootstrap::host::Owner,
+        observed: &hiveseed_bootstrap::host::Stat,
     ) -> Result<(), HostError> {
-        self.inner.chown(p, o)
+        self.inner.chown(p, o, observed)
     }
     fn remove(&self, p: &hiveseed_proto::AbsPath) -> Result<(), HostError> {
         self.inner.remove(p)
