@@ -517,13 +517,17 @@ async fn a_file_replaced_by_another_since_the_plan_is_refused() {
                 .any(|a| matches!(a, Action::WriteFile { .. })),
             "{plan}"
         );
-        attacker.run(&["rm", "-f", pem.to_str().unwrap()]);
+        // The observed file is kept under another name: a deleted one's inode number may be
+        // given to the next file made (identity is device and inode).
+        let gone = pem.with_extension("gone");
+        attacker.run(&["mv", pem.to_str().unwrap(), gone.to_str().unwrap()]);
         attacker.run(&["touch", pem.to_str().unwrap()]);
         let err = apply_plan(&host, &plan).await.unwrap_err();
         assert!(
             err.contains("refusing /srv/svc/server.pem: it is not the object observed"),
             "{how}: {err}"
         );
+        std::fs::remove_file(&gone).unwrap();
         std::fs::remove_file(&pem).unwrap();
         let plan = observe_and_plan(&host, &pem_manifest()).await.unwrap();
         attacker.run(&["touch", pem.to_str().unwrap()]);
@@ -771,4 +775,45 @@ fn set_id_bits_survive_a_write_with_an_owner() {
     )
     .unwrap();
     assert_eq!(mode_of(&node.path("srv/svc/tool")), 0o6750);
+}
+
+/// In a directory the service user owns, the agent creates, renames and removes names with that
+/// user's fsuid/fsgid: it can do there no more than the user could. With the directory made
+/// read-only by its owner, a write and a mkdir are refused with permission denied naming the
+/// path, and nothing appears; with write permission back, the file lands with the owner and mode
+/// asked for (root's, set by fd after the create).
+#[test]
+fn writes_in_a_service_users_directory_carry_that_users_rights() {
+    let attacker = Attacker::new();
+    let node = Node::new(&attacker);
+    let dir = node.service_dir("srv/svc", &attacker);
+    attacker.run(&["chmod", "0500", dir.to_str().unwrap()]);
+    let root_only = Attrs {
+        mode: FileMode::new(0o600).unwrap(),
+        owner: Some(Owner { uid: 0, gid: 0 }),
+    };
+    let denied = |err: &HostError, path: &str| {
+        err.to_string().starts_with(path)
+            && matches!(err, HostError::Io { source, .. }
+                if source.kind() == std::io::ErrorKind::PermissionDenied)
+    };
+    for (how, host) in node.hosts() {
+        let err = host
+            .write_atomic(&p("/srv/svc/key"), b"k", root_only)
+            .expect_err(how);
+        assert!(denied(&err, "/srv/svc/key"), "{how}: {err:?}");
+        let err = host.mkdir(&p("/srv/svc/sub"), root_only).expect_err(how);
+        assert!(denied(&err, "/srv/svc/sub"), "{how}: {err:?}");
+        assert_eq!(names(&dir), Vec::<String>::new(), "{how}");
+    }
+    attacker.run(&["chmod", "0700", dir.to_str().unwrap()]);
+    let host = RealHost::new(node.dir.path()).unwrap();
+    host.write_atomic(&p("/srv/svc/key"), b"k", root_only)
+        .unwrap();
+    let meta = std::fs::symlink_metadata(dir.join("key")).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+        (0, 0, 0o600)
+    );
+    assert_eq!(names(&dir), ["key"]);
 }

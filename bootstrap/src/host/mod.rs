@@ -3,6 +3,7 @@
 //! process itself; it goes through [`Host`].
 
 pub mod fake;
+mod fsid;
 pub mod real;
 
 use std::fmt;

@@ -28,6 +28,7 @@ use rand::RngCore;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
 
+use super::fsid::AsOwner;
 use super::{Attrs, Exec, ExecOutput, FileKind, Host, HostError, Owner, StagedFile, Stat};
 
 /// Symlinks one resolution may follow before it is refused (the kernel's own limit).
@@ -480,6 +481,11 @@ impl RealHost {
             .map_err(|e| self.io_err(path, "chmod", e))
     }
 
+    /// Acts as `dir`'s owner until dropped when a service user owns it (see [`AsOwner`]).
+    fn as_owner(&self, path: &AbsPath, dir: impl AsFd) -> Result<AsOwner, HostError> {
+        AsOwner::of(dir).map_err(|e| self.io_err(path, "take on the directory owner's identity", e))
+    }
+
     /// A readable fd of the walked directory (an `O_PATH` fd cannot be fsynced).
     fn readable_dir(&self, path: &AbsPath, dir: &OwnedFd) -> Result<OwnedFd, HostError> {
         rustix::fs::openat(
@@ -639,13 +645,16 @@ impl Host for RealHost {
         let flags =
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         let mut attempts = 0;
-        let (tmp, fd) = loop {
-            let tmp = temp_name(&name);
-            match rustix::fs::openat(&dir, tmp.as_str(), flags, mode) {
-                Ok(fd) => break (tmp, fd),
-                // 64 random bits: a clash is someone else's file, and another name will do.
-                Err(Errno::EXIST) if attempts < 8 => attempts += 1,
-                Err(e) => return Err(self.io_err(path, "create temp file", e)),
+        let (tmp, fd) = {
+            let _as_owner = self.as_owner(path, &dir)?;
+            loop {
+                let tmp = temp_name(&name);
+                match rustix::fs::openat(&dir, tmp.as_str(), flags, mode) {
+                    Ok(fd) => break (tmp, fd),
+                    // 64 random bits: a clash is someone else's file, and another name will do.
+                    Err(Errno::EXIST) if attempts < 8 => attempts += 1,
+                    Err(e) => return Err(self.io_err(path, "create temp file", e)),
+                }
             }
         };
         // From here on, dropping `staged` removes the temp file.
@@ -669,13 +678,16 @@ impl Host for RealHost {
             op: "fsync temp file",
             source,
         })?;
-        rustix::fs::renameat(
-            &staged.dir,
-            staged.tmp.as_str(),
-            &staged.dir,
-            staged.name.as_str(),
-        )
-        .map_err(|e| self.io_err(&path, "rename into place", e))?;
+        {
+            let _as_owner = self.as_owner(&path, &staged.dir)?;
+            rustix::fs::renameat(
+                &staged.dir,
+                staged.tmp.as_str(),
+                &staged.dir,
+                staged.name.as_str(),
+            )
+            .map_err(|e| self.io_err(&path, "rename into place", e))?;
+        }
         staged.committed = true;
         rustix::fs::fsync(&staged.dir).map_err(|e| self.io_err(&path, "fsync directory", e))
     }
@@ -684,7 +696,11 @@ impl Host for RealHost {
         let Parent { dir, name } = self.parent(path, "open parent directory")?;
         let dir = self.readable_dir(path, &dir)?;
         let mode = Mode::from_raw_mode(attrs.mode.bits());
-        match rustix::fs::mkdirat(&dir, name.as_str(), mode) {
+        let made = {
+            let _as_owner = self.as_owner(path, &dir)?;
+            rustix::fs::mkdirat(&dir, name.as_str(), mode)
+        };
+        match made {
             // Made since it was observed missing: it gets the mode and owner asked for, by fd.
             Ok(()) | Err(Errno::EXIST) => {}
             Err(e) => return Err(self.io_err(path, "mkdir", e)),
@@ -730,7 +746,11 @@ impl Host for RealHost {
             Err(WalkError::Errno(Errno::NOENT | Errno::NOTDIR)) => return Ok(()),
             Err(e) => return Err(self.walk_err(path, "open parent directory", e)),
         };
-        match rustix::fs::unlinkat(&parent.dir, parent.name.as_str(), AtFlags::empty()) {
+        let removed = {
+            let _as_owner = self.as_owner(path, &parent.dir)?;
+            rustix::fs::unlinkat(&parent.dir, parent.name.as_str(), AtFlags::empty())
+        };
+        match removed {
             Ok(()) | Err(Errno::NOENT) => Ok(()),
             Err(e) => Err(self.io_err(path, "remove", e)),
         }
@@ -738,6 +758,7 @@ impl Host for RealHost {
 
     fn open_append(&self, path: &AbsPath, mode: FileMode) -> Result<std::fs::File, HostError> {
         let Parent { dir, name } = self.parent(path, "open parent directory")?;
+        let _as_owner = self.as_owner(path, &dir)?;
         let fd = rustix::fs::openat(
             &dir,
             name.as_str(),
