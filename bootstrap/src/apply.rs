@@ -203,7 +203,13 @@ async fn run(action: &Action, env: &ApplyEnv<'_>) -> Result<(), ResourceError> {
             observed,
         } => directory::ensure_owner(host, path, owner, observed)?,
         Action::CreateUser { argv } => user::ensure_user(host, argv)?,
-        Action::GenerateKey { path, mode, owner } => {
+        Action::GenerateKey {
+            path,
+            mode,
+            owner,
+            observed,
+        } => {
+            directory::check_unchanged(host, path, observed.as_ref())?;
             certificate::generate_key(host, path, *mode, owner.as_ref())?
         }
         Action::RequestCertificate {
@@ -213,7 +219,9 @@ async fn run(action: &Action, env: &ApplyEnv<'_>) -> Result<(), ResourceError> {
             owner,
             ca_path,
             reason: _,
+            cert_observed,
         } => {
+            directory::check_unchanged(host, cert_path, cert_observed.as_ref())?;
             certificate::request_certificate(
                 host,
                 env.signer,
@@ -233,12 +241,22 @@ async fn run(action: &Action, env: &ApplyEnv<'_>) -> Result<(), ResourceError> {
             key_path,
             pub_path,
             owner,
-        } => federation::generate_key(host, key_dir, key_path, pub_path, owner.as_ref())?,
+            key_observed,
+            pub_observed,
+        } => {
+            directory::check_unchanged(host, key_path, key_observed.as_ref())?;
+            directory::check_unchanged(host, pub_path, pub_observed.as_ref())?;
+            federation::generate_key(host, key_dir, key_path, pub_path, owner.as_ref())?
+        }
         Action::WriteFederationPub {
             key_path,
             pub_path,
             owner,
-        } => federation::write_public(host, key_path, pub_path, owner.as_ref())?,
+            pub_observed,
+        } => {
+            directory::check_unchanged(host, pub_path, pub_observed.as_ref())?;
+            federation::write_public(host, key_path, pub_path, owner.as_ref())?
+        }
         Action::RequestCredential {
             fed_id,
             key_path,
@@ -246,7 +264,9 @@ async fn run(action: &Action, env: &ApplyEnv<'_>) -> Result<(), ResourceError> {
             issuer,
             owner,
             reason: _,
+            credential_observed,
         } => {
+            directory::check_unchanged(host, credential_path, credential_observed.as_ref())?;
             federation::request_credential(
                 host,
                 env.issuer,

@@ -177,10 +177,12 @@ pub enum Action {
     CreateUser {
         argv: Vec<String>,
     },
+    /// Refused when `path` is no longer the object (or the absence) `observed` saw.
     GenerateKey {
         path: AbsPath,
         mode: FileMode,
         owner: Option<Ownership>,
+        observed: Option<Stat>,
     },
     RequestCertificate {
         purpose: CertificatePurpose,
@@ -190,19 +192,25 @@ pub enum Action {
         /// Also write the chain's CA here (root:root 0644).
         ca_path: Option<AbsPath>,
         reason: CertReason,
+        /// What was at `cert_path`: refused when it is no longer that object (or absence).
+        cert_observed: Option<Stat>,
     },
     /// A new Ed25519 seed at `key_path` (0400) and its public half at `pub_path` (0444).
+    /// Refused when either file is no longer the object (or the absence) observed.
     GenerateFederationKey {
         key_dir: AbsPath,
         key_path: AbsPath,
         pub_path: AbsPath,
         owner: Option<Ownership>,
+        key_observed: Option<Stat>,
+        pub_observed: Option<Stat>,
     },
     /// `.pub` rewritten from the seed at `key_path`.
     WriteFederationPub {
         key_path: AbsPath,
         pub_path: AbsPath,
         owner: Option<Ownership>,
+        pub_observed: Option<Stat>,
     },
     RequestCredential {
         fed_id: FedId,
@@ -211,6 +219,8 @@ pub enum Action {
         issuer: FederationIssuer,
         owner: Option<Ownership>,
         reason: CredentialReason,
+        /// What was at `credential_path`: refused when it is no longer that object (or absence).
+        credential_observed: Option<Stat>,
     },
     RunCommand {
         argv: Vec<String>,
@@ -296,7 +306,9 @@ impl fmt::Display for Action {
                 write!(f, "chown {}:{} {path}", owner.owner, owner.group)
             }
             Action::CreateUser { argv } => f.write_str(&display_argv(argv)),
-            Action::GenerateKey { path, mode, owner } => write!(
+            Action::GenerateKey {
+                path, mode, owner, ..
+            } => write!(
                 f,
                 "generate ECDSA P-256 key {path} {mode}{}",
                 owner_str(owner)
@@ -331,6 +343,7 @@ impl fmt::Display for Action {
                 key_path,
                 pub_path,
                 owner,
+                ..
             } => write!(
                 f,
                 "write {pub_path} 0444{} (public half of {key_path})",

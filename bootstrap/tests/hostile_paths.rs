@@ -817,3 +817,32 @@ fn writes_in_a_service_users_directory_carry_that_users_rights() {
     );
     assert_eq!(names(&dir), ["key"]);
 }
+
+/// Key and credential actions carry what plan saw at the paths they write: a key planned as
+/// missing is not generated over a file that appeared meanwhile (the plan decided "no key",
+/// not "replace this one"), and the error names the path and both observations.
+#[tokio::test]
+async fn a_key_planned_missing_is_not_generated_over_a_file_that_appeared() {
+    let attacker = Attacker::new();
+    let node = Node::new(&attacker);
+    let keys = node.service_dir("etc/ai-memory/keys", &attacker);
+    let region = keys.join("do-1461/nyc3");
+    attacker.run(&["mkdir", "-p", region.to_str().unwrap()]);
+    for (how, host) in node.hosts() {
+        let plan = observe_and_plan(&host, &key_manifest()).await.unwrap();
+        let Some(Action::GenerateFederationKey { key_path, .. }) = plan.actions().next() else {
+            panic!("{how}: {plan}");
+        };
+        let planted = node.path(key_path.as_str());
+        attacker.run(&["touch", planted.to_str().unwrap()]);
+        let err = apply_plan(&host, &plan).await.expect_err(how);
+        assert!(
+            err.contains(&format!(
+                "refusing {key_path}: it is not the object observed"
+            )) && err.contains("observed nothing, found File"),
+            "{how}: {err}"
+        );
+        assert_eq!(std::fs::read(&planted).unwrap(), b"", "{how}");
+        std::fs::remove_file(&planted).unwrap();
+    }
+}

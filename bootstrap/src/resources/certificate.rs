@@ -128,6 +128,7 @@ pub fn plan(c: &Certificate, o: &Observed, now: i64) -> Result<Vec<Action>, Plan
         owner: c.owner.clone(),
         ca_path: c.ca_path.clone(),
         reason,
+        cert_observed: o.cert_stat,
     };
     let public_key = match &o.key {
         KeyState::Missing | KeyState::Invalid => {
@@ -136,6 +137,7 @@ pub fn plan(c: &Certificate, o: &Observed, now: i64) -> Result<Vec<Action>, Plan
                     path: c.key_path.clone(),
                     mode: c.key_mode,
                     owner: c.owner.clone(),
+                    observed: o.key_stat,
                 },
                 request(CertReason::NoKey),
             ])

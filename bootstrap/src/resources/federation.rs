@@ -160,6 +160,8 @@ pub fn plan_key(k: &FederationKey, o: &KeyObserved) -> Result<Vec<Action>, PlanE
                 key_path,
                 pub_path,
                 owner: k.owner.clone(),
+                key_observed: o.key_stat,
+                pub_observed: o.pub_stat,
             }])
         }
         KeyState::Present { public } => public,
@@ -181,6 +183,7 @@ pub fn plan_key(k: &FederationKey, o: &KeyObserved) -> Result<Vec<Action>, PlanE
             key_path,
             pub_path,
             owner: k.owner.clone(),
+            pub_observed: o.pub_stat,
         }),
     }
     Ok(actions)
@@ -381,6 +384,7 @@ pub fn plan_credential(
             issuer: c.issuer.clone(),
             owner: c.owner.clone(),
             reason,
+            credential_observed: o.stat,
         }]);
     }
     Ok(match &o.stat {
