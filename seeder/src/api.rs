@@ -308,6 +308,8 @@ async fn enroll(
             ),
         ));
     }
+    // From the address check until the enrollment is stored, one enrollment at a time.
+    let claiming = s.enroll_lock.lock().await;
     check_addresses(
         &s,
         fleet,
@@ -385,6 +387,7 @@ async fn enroll(
     tracing::info!(node = %node, source = %remote.ip(), superseded = previous.is_some(), "enrolled");
     s.note_revoked(&revoked);
     s.note_enrollment(&enrollment);
+    drop(claiming);
     s.rerender(
         Change::Enrolled(node.clone()),
         &format!("enrollment of {node}"),

@@ -122,6 +122,9 @@ pub struct Seeder {
     watchers: Watchers,
     render_lock: tokio::sync::Mutex<RenderMemo>,
     pub limiter: crate::limit::EnrollLimiter,
+    /// Held from an enrollment's address check until it is stored: two nodes claiming one
+    /// address at the same moment cannot both pass the uniqueness check.
+    pub enroll_lock: tokio::sync::Mutex<()>,
     /// Artifact and bootstrap download slots.
     pub downloads: crate::artifact::Downloads,
     /// Fingerprint of the operator's client certificate (fleet view, admin).
@@ -240,6 +243,7 @@ impl Seeder {
             inputs: RwLock::new(Arc::new(inputs)),
             watchers: Mutex::new(HashMap::new()),
             render_lock: tokio::sync::Mutex::new(RenderMemo::default()),
+            enroll_lock: tokio::sync::Mutex::new(()),
             limiter,
             downloads,
             operator_fpr,
