@@ -106,27 +106,39 @@ pub struct NodeIdentity {
 impl FromRequestParts<Arc<Seeder>> for NodeIdentity {
     type Rejection = Error;
 
+    /// Every refusal past the TLS handshake (no certificate, unknown, revoked, not an identity,
+    /// removed from the fleet) is recorded and logged like a refused enrollment.
     async fn from_request_parts(parts: &mut Parts, s: &Arc<Seeder>) -> ApiResult<Self> {
-        let fpr = client_fpr(parts)?;
-        let rec = s
-            .cert_info(&fpr)?
-            .ok_or_else(|| Error::new(ErrorKind::Unauthenticated, "unknown client certificate"))?;
+        let source = conn(parts)?.remote.ip();
+        let fpr = client_fpr(parts).map_err(|e| s.refuse(source, "no_client_cert", None, e))?;
+        let rec = s.cert_info(&fpr)?.ok_or_else(|| {
+            s.refuse(
+                source,
+                "unknown_cert",
+                None,
+                Error::new(ErrorKind::Unauthenticated, "unknown client certificate"),
+            )
+        })?;
+        let refuse = |kind: &'static str, e: Error| s.refuse(source, kind, Some(&rec.node), e);
         if rec.revoked {
-            return Err(Error::new(
-                ErrorKind::Revoked,
-                "this certificate has been revoked",
+            return Err(refuse(
+                "revoked_cert",
+                Error::new(ErrorKind::Revoked, "this certificate has been revoked"),
             ));
         }
         if rec.purpose != "identity" {
-            return Err(Error::new(
-                ErrorKind::Forbidden,
-                "only a node's identity certificate may call the seeder",
+            return Err(refuse(
+                "not_identity_cert",
+                Error::new(
+                    ErrorKind::Forbidden,
+                    "only a node's identity certificate may call the seeder",
+                ),
             ));
         }
         if s.inputs().fleet.node(&rec.node).is_none() {
-            return Err(Error::new(
-                ErrorKind::Forbidden,
-                "node is no longer in the fleet",
+            return Err(refuse(
+                "not_in_fleet",
+                Error::new(ErrorKind::Forbidden, "node is no longer in the fleet"),
             ));
         }
         Ok(NodeIdentity {
@@ -143,14 +155,22 @@ pub struct Operator;
 impl FromRequestParts<Arc<Seeder>> for Operator {
     type Rejection = Error;
 
+    /// A refusal is recorded and logged like a node's (kind `not_operator`, the node named when
+    /// the certificate is a node's).
     async fn from_request_parts(parts: &mut Parts, s: &Arc<Seeder>) -> ApiResult<Self> {
-        let fpr = client_fpr(parts)?;
+        let source = conn(parts)?.remote.ip();
+        let fpr = client_fpr(parts).map_err(|e| s.refuse(source, "no_client_cert", None, e))?;
         match &s.operator_fpr {
             Some(op) if *op == fpr => Ok(Operator),
-            _ => Err(Error::new(
-                ErrorKind::Forbidden,
-                "the operator certificate is required",
-            )),
+            _ => {
+                let node = s.cert_info(&fpr).ok().flatten().map(|c| c.node);
+                Err(s.refuse(
+                    source,
+                    "not_operator",
+                    node.as_ref(),
+                    Error::new(ErrorKind::Forbidden, "the operator certificate is required"),
+                ))
+            }
         }
     }
 }

@@ -581,3 +581,58 @@ async fn another_campaigns_token_is_told_apart_from_a_forged_one() {
         serde_json::from_slice(&c.seeder(&["status", "--json"]).stdout).unwrap();
     assert_eq!(view["enrolled"], 0, "{view}");
 }
+
+/// Refusals on node routes past the TLS handshake are recorded and logged as refused
+/// enrollments are: no client certificate, a CA-signed certificate that is no node's (the
+/// operator's), and a superseded (revoked) identity, each a row of its kind and source, the
+/// revoked one naming its node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_on_node_routes_are_recorded_and_logged() {
+    let c = campaign("t1");
+    let log = c.tmp.path().join("seeder.log");
+    let server = c.serve_logged(LISTEN, &[], &log);
+    let mut old = Agent::new(P1, &ip(60), "127.0.79.60", &c.ca_pem());
+    old.enroll(&server, &c.token(P1, "peer", 600)).await;
+    let mut replacement = Agent::new(P1, &ip(60), "127.0.79.60", &c.ca_pem());
+    replacement.enroll(&server, &c.token(P1, "peer", 600)).await;
+    let anonymous = Agent::new(P2, &ip(61), "127.0.79.61", &c.ca_pem());
+
+    let manifest = |client: reqwest::Client| {
+        let url = server.url("/v1/manifest");
+        async move {
+            let resp = client.get(url).send().await.unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        }
+    };
+    let (status, body) = manifest(old.mtls()).await;
+    assert_eq!(
+        (status, error_kind(&body).as_str()),
+        (403, "revoked"),
+        "{body}"
+    );
+    let (status, body) = manifest(anonymous.anonymous()).await;
+    assert_eq!(
+        (status, error_kind(&body).as_str()),
+        (401, "unauthenticated"),
+        "{body}"
+    );
+
+    let rows = refusals(&c);
+    let row = |kind: &str, source: &str| {
+        rows.iter()
+            .find(|r| r.kind == kind && r.source.to_string() == source)
+            .unwrap_or_else(|| panic!("no {kind} row from {source}: {rows:?}"))
+    };
+    let revoked = row("revoked_cert", &ip(60));
+    assert_eq!((revoked.count, revoked.node.as_deref()), (1, Some(P1)));
+    assert_eq!(row("no_client_cert", &ip(61)).count, 1);
+    let text = std::fs::read_to_string(&log).unwrap();
+    for (kind, source) in [("revoked_cert", ip(60)), ("no_client_cert", ip(61))] {
+        assert!(
+            text.lines()
+                .any(|l| l.contains(&format!("kind={kind}"))
+                    && l.contains(&format!("source={source}"))),
+            "no log line for {kind} from {source}"
+        );
+    }
+}
