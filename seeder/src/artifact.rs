@@ -10,8 +10,10 @@
 //! only be aborted after the wrong bytes went out. The stamp holds the inode (a replaced file has
 //! a new one) and `ctime`, which the kernel sets on every write or metadata change and which no
 //! caller can set back (unlike `mtime`), so any change made through the filesystem after `add` is
-//! refused before the first byte. The one gap is a write into the same inode while a download of
-//! it is already under way; the store is written only by `add`, which renames a new file in.
+//! refused before the first byte. A write into the same inode while a download of it is under way
+//! moves its ctime as well: the body checks it (one `fstat`) before the last chunk and withholds
+//! that chunk when it moved, so the client gets a response short of its Content-Length. The store
+//! is written only by `add`, which renames a new file in.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -210,6 +212,8 @@ pub enum OpenError {
 pub struct Opened {
     file: tokio::fs::File,
     pub size: u64,
+    /// The stamp's ctime: checked again before the last chunk goes out.
+    ctime_ns: i128,
 }
 
 pub async fn open(dir: &Path, sha: &Sha256) -> Result<Opened, OpenError> {
@@ -242,6 +246,7 @@ pub async fn open(dir: &Path, sha: &Sha256) -> Result<Opened, OpenError> {
     Ok(Opened {
         file,
         size: recorded.size,
+        ctime_ns: recorded.ctime_ns,
     })
 }
 
@@ -316,6 +321,7 @@ impl Downloads {
         });
         ArtifactBody {
             file: opened.file,
+            ctime_ns: opened.ctime_ns,
             remaining: opened.size,
             buf: None,
             progress,
@@ -328,10 +334,20 @@ impl Downloads {
 #[derive(Debug)]
 pub struct ArtifactBody {
     file: tokio::fs::File,
+    ctime_ns: i128,
     remaining: u64,
     buf: Option<BytesMut>,
     progress: watch::Sender<u64>,
     _slot: OwnedSemaphorePermit,
+}
+
+impl ArtifactBody {
+    /// The open file's ctime is still the stamp's: nothing wrote to it or changed its metadata.
+    fn unchanged(&self) -> bool {
+        rustix::fs::fstat(&self.file).is_ok_and(|st| {
+            i128::from(st.st_ctime) * 1_000_000_000 + i128::from(st.st_ctime_nsec) == self.ctime_ns
+        })
+    }
 }
 
 impl http_body::Body for ArtifactBody {
@@ -360,6 +376,15 @@ impl http_body::Body for ArtifactBody {
                     return Poll::Ready(Some(Err(std::io::Error::new(
                         std::io::ErrorKind::UnexpectedEof,
                         "artifact shorter than when it was added",
+                    ))));
+                }
+                if n as u64 >= me.remaining && !me.unchanged() {
+                    // Written to since it was opened (its ctime moved): the last chunk is
+                    // withheld, so the response ends short of its Content-Length and the client
+                    // refuses it, whatever bytes it already has.
+                    tracing::warn!("artifact written to during a download; download cut short");
+                    return Poll::Ready(Some(Err(std::io::Error::other(
+                        "artifact changed during the download",
                     ))));
                 }
                 let mut chunk = me.buf.take().unwrap_or_default();

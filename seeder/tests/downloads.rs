@@ -302,3 +302,30 @@ async fn a_stalled_http2_stream_is_cut_after_the_write_timeout_and_frees_its_slo
         "the stalled stream received the whole body: it was not cut"
     );
 }
+
+/// Written to in place while a download of it is under way (same inode, same size, mtime put
+/// back): the download ends short of its Content-Length, so the client never takes it for the
+/// whole artifact; the one that follows is refused before its first byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_written_to_during_a_download_cuts_that_download_short() {
+    let bytes = artifact_bytes();
+    let (c, sha) = campaign_with_bootstrap(&bytes);
+    let server = c.serve_on(&format!("{IP}:0"), &[]);
+    let stalled = stalled_download(&c, &server, &sha).await;
+    assert_eq!((stalled.status, stalled.content_length), (200, SIZE as u64));
+    let path = stored(&c, &sha);
+    let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(b"tampered", (SIZE - 4096) as u64).unwrap();
+        f.set_modified(mtime).unwrap();
+    }
+    let received = stalled.drain().await;
+    assert!(
+        received < SIZE as u64,
+        "the whole {SIZE} bytes went out after the file was written to"
+    );
+    let resp = get_bootstrap(&c, &server, &sha).await;
+    assert_eq!(resp.status(), 500);
+}
