@@ -763,10 +763,12 @@ async fn pre_created_temp_names_do_not_stop_convergence() {
 fn set_id_bits_survive_a_write_with_an_owner() {
     let attacker = Attacker::new();
     let node = Node::new(&attacker);
-    node.service_dir("srv/svc", &attacker);
+    // A root-owned directory: the file is created as root and then given to the user (in a
+    // service user's directory it would be created as that user, and no chown would run).
+    std::fs::create_dir_all(node.path("srv")).unwrap();
     let host = RealHost::new(node.dir.path()).unwrap();
     host.write_atomic(
-        &p("/srv/svc/tool"),
+        &p("/srv/tool"),
         b"#!/bin/sh\n",
         Attrs {
             mode: FileMode::new(0o6750).unwrap(),
@@ -774,7 +776,7 @@ fn set_id_bits_survive_a_write_with_an_owner() {
         },
     )
     .unwrap();
-    assert_eq!(mode_of(&node.path("srv/svc/tool")), 0o6750);
+    assert_eq!(mode_of(&node.path("srv/tool")), 0o6750);
 }
 
 /// In a directory the service user owns, the agent creates, renames and removes names with that
