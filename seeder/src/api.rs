@@ -39,7 +39,7 @@ use crate::campaign::CampaignDir;
 use crate::error::{ApiResult, Error};
 use crate::pki::{LeafSpec, LeafUsage};
 use crate::state::{fingerprint, Change, ReenrollPolicy, Seeder};
-use crate::store::{CertRecord, Enrollment, ReportFate};
+use crate::store::{CertRecord, Enrolled, Enrollment, ReportFate, TokenUse};
 use crate::tls::{ConnCloser, ConnInfo};
 
 /// Bodies: 64 KiB for everything but status reports.
@@ -303,6 +303,13 @@ async fn enroll(
         ));
     }
     let ApiJson(req) = body.map_err(|e| refuse("bad_body", e))?;
+    // Single use: a consumed token is refused for any other key, whatever the request claims.
+    let key_fpr = crate::pki::csr_key_fpr(&req.csr_pem)
+        .map_err(|e| refuse("bad_csr", Error::new(ErrorKind::BadCsr, e.to_string())))?;
+    let used = s.store.token_use(&node, &claims.nonce)?;
+    if let Some(u) = used.as_ref().filter(|u| u.key_fpr != key_fpr) {
+        return Err(refuse("token_used", token_used(u)));
+    }
     if req.facts.region != spec.region {
         return Err(refuse(
             "region_mismatch",
@@ -328,6 +335,9 @@ async fn enroll(
             ),
         ));
     }
+    if let Some(u) = used {
+        return stored_enrollment(&s, &u, remote.ip()).await;
+    }
     // From the address check until the enrollment is stored, one enrollment at a time.
     let claiming = s.enroll_lock.lock().await;
     check_addresses(
@@ -337,7 +347,7 @@ async fn enroll(
         req.facts.private_ipv4,
         req.facts.public_ipv4,
     )?;
-    let (cert_pem, cert_der, key_fpr) =
+    let (cert_pem, cert_der, _) =
         s.ca.sign_csr(
             &req.csr_pem,
             &LeafSpec {
@@ -374,7 +384,7 @@ async fn enroll(
         token_nonce: claims.nonce.clone(),
         enrolled_at: now,
     };
-    let revoked = s.store.enroll(
+    let revoked = match s.store.enroll(
         &enrollment,
         &CertRecord {
             fpr,
@@ -385,7 +395,18 @@ async fn enroll(
             not_after: now + fleet.ttl.certificate_secs,
             revoked_at: None,
         },
-    )?;
+    )? {
+        Enrolled::Stored(revoked) => revoked,
+        // Consumed since the look-up above (a concurrent request, another seeder process): the
+        // certificate just signed is dropped, neither stored nor returned.
+        Enrolled::TokenUsed(u) => {
+            drop(claiming);
+            if u.key_fpr != enrollment.key_fpr {
+                return Err(refuse("token_used", token_used(&u)));
+            }
+            return stored_enrollment(&s, &u, remote.ip()).await;
+        }
+    };
     let message = match (&previous, revoked.len()) {
         (None, _) => format!("enrolled from {} (droplet {})", remote.ip(), req.facts.droplet_id),
         (Some(_), n) => format!(
@@ -418,6 +439,65 @@ async fn enroll(
         .ok_or_else(|| Error::internal(format!("no manifest rendered for {node}")))?;
     Ok(axum::Json(EnrollResponse {
         cert_chain_pem: format!("{cert_pem}{}", s.ca.cert_pem),
+        manifest: serde_json::from_str(&m.stored.envelope)?,
+    }))
+}
+
+/// The refusal of a consumed token: when it was used, never the token or a key.
+fn token_used(u: &TokenUse) -> Error {
+    let at = crate::attest::rfc3339(u.used_at as i64).unwrap_or_else(|| u.used_at.to_string());
+    Error::new(
+        ErrorKind::BadToken,
+        format!(
+            "join token for {} was used at {at}, by another key; a replaced droplet needs a fresh token (seeder tfvars, terraform apply -replace)",
+            u.node
+        ),
+    )
+}
+
+/// A retry by the key that consumed the token (the agent may have died, or the seeder, between
+/// the commit and the reply): the identity certificate issued then and the node's current
+/// manifest, issuing, revoking and storing nothing. Once that certificate was renewed,
+/// superseded or revoked, the node had it, and the token is spent.
+async fn stored_enrollment(
+    s: &Arc<Seeder>,
+    u: &TokenUse,
+    source: std::net::IpAddr,
+) -> ApiResult<axum::Json<EnrollResponse>> {
+    let node = &u.node;
+    let cert = s
+        .store
+        .cert(&u.cert_fpr)?
+        .filter(|c| c.revoked_at.is_none())
+        .ok_or_else(|| {
+            s.refuse(
+                source,
+                "token_used",
+                Some(node),
+                Error::new(
+                    ErrorKind::BadToken,
+                    format!(
+                        "join token for {node} was used at {}; the identity issued then is no longer current",
+                        crate::attest::rfc3339(u.used_at as i64)
+                            .unwrap_or_else(|| u.used_at.to_string())
+                    ),
+                ),
+            )
+        })?;
+    if s.manifest(node).is_none() {
+        // The seeder died after the commit, before rendering: render now.
+        s.rerender(
+            Change::Enrolled(node.clone()),
+            &format!("enrollment of {node}"),
+        )
+        .await?;
+    }
+    let m = s
+        .manifest(node)
+        .ok_or_else(|| Error::internal(format!("no manifest rendered for {node}")))?;
+    tracing::info!(node = %node, source = %source, "enrollment retried by the same key; the stored enrollment is returned");
+    Ok(axum::Json(EnrollResponse {
+        cert_chain_pem: format!("{}{}", cert.pem, s.ca.cert_pem),
         manifest: serde_json::from_str(&m.stored.envelope)?,
     }))
 }

@@ -22,7 +22,7 @@ use crate::campaign::{self, write_atomic, CampaignDir};
 use crate::fleet::Fleet;
 use crate::report;
 use crate::state::{self, Policy, ReenrollPolicy, Seeder};
-use crate::store::Store;
+use crate::store::{MintedToken, Store};
 
 #[derive(Debug, Parser)]
 #[command(name = "seeder", version, about = "hiveseed control plane")]
@@ -696,12 +696,16 @@ fn tfvars(dir: &CampaignDir, out: &Path) -> Result<()> {
     let now = unix_now();
     let ttl = fleet.ttl.join_token_secs;
     let mut nodes = BTreeMap::new();
+    let mut fresh = Vec::new();
     for n in &fleet.nodes {
-        // Reuse a token with more than half its life left, so re-running tfvars churns nothing.
-        let token = match store.token(&n.name)? {
-            Some((t, exp)) if exp > now + ttl / 2 => t,
-            _ => {
-                let nonce: [u8; 16] = rand::random();
+        let minted = store.token(&n.name)?;
+        let token = match (
+            stale_token(&store, &n.name, minted.as_ref(), now, ttl)?,
+            minted,
+        ) {
+            (None, Some(m)) => m.token,
+            (reason, _) => {
+                let nonce = hex::encode(rand::random::<[u8; 16]>());
                 let claims = JoinClaims {
                     v: TOKEN_VERSION,
                     campaign: fleet.campaign.clone(),
@@ -709,10 +713,19 @@ fn tfvars(dir: &CampaignDir, out: &Path) -> Result<()> {
                     role: n.role.clone(),
                     region: n.region.clone(),
                     exp: now + ttl,
-                    nonce: hex::encode(nonce),
+                    nonce: nonce.clone(),
                 };
                 let t = JoinToken::sign(&claims, &signing).as_str().to_owned();
-                store.put_token(&n.name, &t, now + ttl)?;
+                store.put_token(
+                    &n.name,
+                    &MintedToken {
+                        token: t.clone(),
+                        nonce: Some(nonce),
+                        issued_at: Some(now),
+                        exp: now + ttl,
+                    },
+                )?;
+                fresh.push((n.name.clone(), reason.unwrap_or_default()));
                 t
             }
         };
@@ -750,13 +763,43 @@ fn tfvars(dir: &CampaignDir, out: &Path) -> Result<()> {
     text.push('\n');
     // Join tokens are credentials: the file is the operator's alone.
     write_atomic(out, text.as_bytes(), 0o600)?;
+    for (node, reason) in &fresh {
+        println!("{node}  fresh join token ({reason})");
+    }
     println!(
-        "wrote {} ({} nodes, join tokens valid {}s)",
+        "wrote {} ({} nodes, {} fresh join tokens, join tokens valid {}s)",
         out.display(),
         fleet.nodes.len(),
+        fresh.len(),
         ttl
     );
     Ok(())
+}
+
+/// Why a node's latest token must not go out again, or `None` to reuse it: a token is reused
+/// only while unused, with its mint time recorded and more than half its life left, so
+/// re-running tfvars churns nothing, and a replaced droplet always gets a token it can enroll with.
+fn stale_token(
+    store: &Store,
+    node: &NodeName,
+    minted: Option<&MintedToken>,
+    now: u64,
+    ttl: u64,
+) -> Result<Option<String>> {
+    let Some(t) = minted else {
+        return Ok(Some("none minted yet".into()));
+    };
+    let (Some(nonce), Some(_)) = (&t.nonce, t.issued_at) else {
+        return Ok(Some("mint time not recorded".into()));
+    };
+    if let Some(u) = store.token_use(node, nonce)? {
+        let at = crate::attest::rfc3339(u.used_at as i64).unwrap_or_else(|| u.used_at.to_string());
+        return Ok(Some(format!("the last one was used at {at}")));
+    }
+    if t.exp <= now + ttl / 2 {
+        return Ok(Some("the last one is past half its life".into()));
+    }
+    Ok(None)
 }
 
 fn wait(dir: &CampaignDir, timeout: Duration) -> Result<()> {

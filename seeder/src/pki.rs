@@ -167,24 +167,12 @@ impl CampaignCa {
         csr_pem: &str,
         spec: &LeafSpec,
     ) -> Result<(String, Vec<u8>, String), PkiError> {
-        if csr_pem.len() > 16 * 1024 {
-            return Err(PkiError::BadCsr("larger than 16 KiB".into()));
-        }
-        let (_, pem) = x509_parser::pem::parse_x509_pem(csr_pem.as_bytes())
-            .map_err(|e| PkiError::BadCsr(e.to_string()))?;
-        if pem.label != "CERTIFICATE REQUEST" {
-            return Err(PkiError::BadCsr(format!("PEM label is {:?}", pem.label)));
-        }
-        let spki = check_csr(&pem.contents)?;
-        let csr = CertificateSigningRequestParams::from_der(&pem.contents.clone().into())
-            .map_err(|e| PkiError::BadCsr(e.to_string()))?;
+        let (spki, csr, key_fpr) = parse_csr(csr_pem)?;
         let cert = self
             .leaf_params(spec)?
             .signed_by(&csr.public_key, &self.issuer)
             .map_err(PkiError::Generate)?;
         self.check_issued(cert.der(), spec, &spki)?;
-        use rcgen::PublicKeyData;
-        let key_fpr = hiveseed_proto::Sha256::digest(csr.public_key.der_bytes()).to_hex();
         Ok((cert.pem(), cert.der().to_vec(), key_fpr))
     }
 
@@ -252,6 +240,32 @@ impl CampaignCa {
         }
         Ok(())
     }
+}
+
+/// The SHA-256 (hex) of a CSR's public key, as [`CampaignCa::sign_csr`] returns it, once the CSR
+/// passed the same checks; nothing is signed.
+pub fn csr_key_fpr(csr_pem: &str) -> Result<String, PkiError> {
+    parse_csr(csr_pem).map(|(_, _, key_fpr)| key_fpr)
+}
+
+/// A CSR's subject public key info (DER), its parameters, and its key's fingerprint.
+fn parse_csr(
+    csr_pem: &str,
+) -> Result<(Vec<u8>, CertificateSigningRequestParams, String), PkiError> {
+    if csr_pem.len() > 16 * 1024 {
+        return Err(PkiError::BadCsr("larger than 16 KiB".into()));
+    }
+    let (_, pem) = x509_parser::pem::parse_x509_pem(csr_pem.as_bytes())
+        .map_err(|e| PkiError::BadCsr(e.to_string()))?;
+    if pem.label != "CERTIFICATE REQUEST" {
+        return Err(PkiError::BadCsr(format!("PEM label is {:?}", pem.label)));
+    }
+    let spki = check_csr(&pem.contents)?;
+    let csr = CertificateSigningRequestParams::from_der(&pem.contents.clone().into())
+        .map_err(|e| PkiError::BadCsr(e.to_string()))?;
+    use rcgen::PublicKeyData;
+    let key_fpr = hiveseed_proto::Sha256::digest(csr.public_key.der_bytes()).to_hex();
+    Ok((spki, csr, key_fpr))
 }
 
 /// Checks a CSR's self-signature, that its key's algorithm and curve or size are allowed, and that

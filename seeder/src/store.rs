@@ -112,10 +112,25 @@ CREATE TABLE IF NOT EXISTS refusals (
     PRIMARY KEY (source, kind, minute)
 );
 CREATE INDEX IF NOT EXISTS refusals_last_at ON refusals(last_at);
+-- The latest join token minted for each node (`seeder tfvars`). issued_at and nonce are NULL in
+-- rows minted before they were recorded (see `migrate`).
 CREATE TABLE IF NOT EXISTS tokens (
     node TEXT PRIMARY KEY,
     token TEXT NOT NULL,
-    exp INTEGER NOT NULL
+    exp INTEGER NOT NULL,
+    issued_at INTEGER,
+    nonce TEXT
+);
+-- Join tokens consumed by an enrollment: one row per token (a token is its node and nonce), bound
+-- to the key that used it and the identity certificate issued then. The primary key is what makes
+-- a token single use, across seeder processes sharing this file.
+CREATE TABLE IF NOT EXISTS token_uses (
+    node TEXT NOT NULL,
+    nonce TEXT NOT NULL,
+    key_fpr TEXT NOT NULL,
+    cert_fpr TEXT NOT NULL,
+    used_at INTEGER NOT NULL,
+    PRIMARY KEY (node, nonce)
 );
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
@@ -141,6 +156,50 @@ pub struct Enrollment {
     pub key_fpr: String,
     pub token_nonce: String,
     pub enrolled_at: u64,
+}
+
+/// A join token as `seeder tfvars` minted it. Never logged: the text is a credential.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MintedToken {
+    pub token: String,
+    /// `None` for a token minted before nonces were recorded.
+    pub nonce: Option<String>,
+    /// Mint time, Unix seconds; `None` for a token minted before it was recorded.
+    pub issued_at: Option<u64>,
+    pub exp: u64,
+}
+
+impl std::fmt::Debug for MintedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MintedToken")
+            .field("token", &"<redacted>")
+            .field("nonce", &self.nonce)
+            .field("issued_at", &self.issued_at)
+            .field("exp", &self.exp)
+            .finish()
+    }
+}
+
+/// The enrollment that consumed a join token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TokenUse {
+    pub node: NodeName,
+    pub nonce: String,
+    /// The key that used it ([`Enrollment::key_fpr`]): the only key a retry may come with.
+    pub key_fpr: String,
+    /// The identity certificate issued by that enrollment, returned again to a retry.
+    pub cert_fpr: String,
+    pub used_at: u64,
+}
+
+/// What [`Store::enroll`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Enrolled {
+    /// Stored; the fingerprints of the certificates it revoked.
+    Stored(Vec<String>),
+    /// Nothing stored: the token was consumed already (by another seeder process, or a
+    /// concurrent request), by this use.
+    TokenUsed(TokenUse),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -251,6 +310,7 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -331,11 +391,29 @@ impl Store {
     }
 
     /// Records an enrollment and its identity certificate in one transaction, revoking every
-    /// earlier certificate of that node (a replacement supersedes the old identity).
-    /// Returns the fingerprints revoked.
-    pub fn enroll(&self, e: &Enrollment, cert: &CertRecord) -> Result<Vec<String>> {
+    /// earlier certificate of that node (a replacement supersedes the old identity) and consuming
+    /// its join token (`e.token_nonce`), first: a token consumed already stores nothing.
+    pub fn enroll(&self, e: &Enrollment, cert: &CertRecord) -> Result<Enrolled> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        // IMMEDIATE: the write lock is taken before the token's row is looked at, so two
+        // processes cannot both find the token unused.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let consumed = tx.execute(
+            "INSERT INTO token_uses (node, nonce, key_fpr, cert_fpr, used_at) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(node, nonce) DO NOTHING",
+            params![
+                e.node.as_str(),
+                e.token_nonce,
+                e.key_fpr,
+                cert.fpr,
+                e.enrolled_at as i64
+            ],
+        )?;
+        if consumed == 0 {
+            let used = token_use(&tx, &e.node, &e.token_nonce)?
+                .ok_or_else(|| corrupt("token_uses", "a conflicting row is not there"))?;
+            return Ok(Enrolled::TokenUsed(used));
+        }
         let revoked: Vec<String> = {
             let mut stmt = tx.prepare(
                 "SELECT fpr FROM certs WHERE node = ?1 AND revoked_at IS NULL ORDER BY issued_at",
@@ -381,7 +459,12 @@ impl Store {
             params![e.node.as_str()],
         )?;
         tx.commit()?;
-        Ok(revoked)
+        Ok(Enrolled::Stored(revoked))
+    }
+
+    /// The enrollment that consumed node's token `nonce`, if one did.
+    pub fn token_use(&self, node: &NodeName, nonce: &str) -> Result<Option<TokenUse>> {
+        token_use(&self.conn(), node, nonce)
     }
 
     /// Points a node's enrollment at its renewed identity certificate.
@@ -752,23 +835,53 @@ impl Store {
 
     // ---- tokens and artifacts ----
 
-    pub fn token(&self, node: &NodeName) -> Result<Option<(String, u64)>> {
+    /// The latest token minted for `node`.
+    pub fn token(&self, node: &NodeName) -> Result<Option<MintedToken>> {
         let conn = self.conn();
         Ok(conn
             .query_row(
-                "SELECT token, exp FROM tokens WHERE node = ?1",
+                "SELECT token, nonce, issued_at, exp FROM tokens WHERE node = ?1",
                 params![node.as_str()],
-                |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)),
+                |r| {
+                    Ok(MintedToken {
+                        token: r.get(0)?,
+                        nonce: r.get(1)?,
+                        issued_at: r.get::<_, Option<i64>>(2)?.map(|v| v as u64),
+                        exp: r.get::<_, i64>(3)? as u64,
+                    })
+                },
             )
             .optional()?)
     }
 
-    pub fn put_token(&self, node: &NodeName, token: &str, exp: u64) -> Result<()> {
+    /// When node's token `nonce` was minted, if it is the node's latest token and its mint
+    /// time was recorded.
+    pub fn token_minted_at(&self, node: &NodeName, nonce: &str) -> Result<Option<u64>> {
+        let conn = self.conn();
+        Ok(conn
+            .query_row(
+                "SELECT issued_at FROM tokens WHERE node = ?1 AND nonce = ?2",
+                params![node.as_str(), nonce],
+                |r| r.get::<_, Option<i64>>(0),
+            )
+            .optional()?
+            .flatten()
+            .map(|v| v as u64))
+    }
+
+    pub fn put_token(&self, node: &NodeName, t: &MintedToken) -> Result<()> {
         let conn = self.conn();
         conn.execute(
-            "INSERT INTO tokens (node, token, exp) VALUES (?1, ?2, ?3)
-             ON CONFLICT(node) DO UPDATE SET token=excluded.token, exp=excluded.exp",
-            params![node.as_str(), token, exp as i64],
+            "INSERT INTO tokens (node, token, exp, issued_at, nonce) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(node) DO UPDATE SET token=excluded.token, exp=excluded.exp,
+               issued_at=excluded.issued_at, nonce=excluded.nonce",
+            params![
+                node.as_str(),
+                t.token,
+                t.exp as i64,
+                t.issued_at.map(|v| v as i64),
+                t.nonce
+            ],
         )?;
         Ok(())
     }
@@ -807,6 +920,43 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// Brings a store made by an earlier version up to [`SCHEMA`]: `CREATE TABLE IF NOT EXISTS`
+/// makes new tables, columns added to an existing table are added here.
+fn migrate(conn: &Connection) -> Result<()> {
+    for (table, column, decl) in [
+        ("tokens", "issued_at", "INTEGER"),
+        ("tokens", "nonce", "TEXT"),
+    ] {
+        let present: bool = conn.query_row(
+            "SELECT count(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
+            params![table, column],
+            |r| r.get(0),
+        )?;
+        if !present {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn token_use(conn: &Connection, node: &NodeName, nonce: &str) -> Result<Option<TokenUse>> {
+    conn.query_row(
+        "SELECT key_fpr, cert_fpr, used_at FROM token_uses WHERE node = ?1 AND nonce = ?2",
+        params![node.as_str(), nonce],
+        |r| {
+            Ok(TokenUse {
+                node: node.clone(),
+                nonce: nonce.to_owned(),
+                key_fpr: r.get(0)?,
+                cert_fpr: r.get(1)?,
+                used_at: r.get::<_, i64>(2)? as u64,
+            })
+        },
+    )
+    .optional()
+    .map_err(StoreError::from)
 }
 
 fn latest_inputs(conn: &Connection) -> Result<Option<PublishedInputs>> {
@@ -962,7 +1112,7 @@ mod tests {
             private_ip: "127.0.1.11".parse().unwrap(),
             identity_fpr: fpr.into(),
             key_fpr: format!("k{fpr}"),
-            token_nonce: "n".into(),
+            token_nonce: format!("n{fpr}"),
             enrolled_at: at,
         }
     }
@@ -976,11 +1126,67 @@ mod tests {
         let revoked = s
             .enroll(&enrollment("b", 3), &cert("b", "identity", 3))
             .unwrap();
-        assert_eq!(revoked, ["a", "a-client"]);
+        assert_eq!(
+            revoked,
+            Enrolled::Stored(vec!["a".into(), "a-client".into()])
+        );
         assert_eq!(s.cert("a").unwrap().unwrap().revoked_at, Some(3));
         assert_eq!(s.cert("b").unwrap().unwrap().revoked_at, None);
         assert!(s.current_certs("client").unwrap().is_empty());
         assert_eq!(s.enrollment(&node()).unwrap().unwrap().identity_fpr, "b");
+    }
+
+    #[test]
+    fn a_consumed_token_stores_nothing_more() {
+        let s = Store::open_in_memory().unwrap();
+        s.enroll(&enrollment("a", 1), &cert("a", "identity", 1))
+            .unwrap();
+        let again = Enrollment {
+            token_nonce: "na".into(),
+            ..enrollment("b", 2)
+        };
+        let got = s.enroll(&again, &cert("b", "identity", 2)).unwrap();
+        let want = TokenUse {
+            node: node(),
+            nonce: "na".into(),
+            key_fpr: "ka".into(),
+            cert_fpr: "a".into(),
+            used_at: 1,
+        };
+        assert_eq!(got, Enrolled::TokenUsed(want.clone()));
+        assert_eq!(s.token_use(&node(), "na").unwrap(), Some(want));
+        assert_eq!(s.cert("b").unwrap(), None);
+        assert_eq!(s.cert("a").unwrap().unwrap().revoked_at, None);
+        assert_eq!(s.enrollment(&node()).unwrap().unwrap().identity_fpr, "a");
+    }
+
+    #[test]
+    fn a_token_table_without_mint_times_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE tokens (node TEXT PRIMARY KEY, token TEXT NOT NULL, exp INTEGER NOT NULL);
+                 INSERT INTO tokens VALUES ('do-1461-peer-nyc3-01', 'old', 99);",
+            )
+            .unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        let old = s.token(&node()).unwrap().unwrap();
+        assert_eq!((old.nonce, old.issued_at, old.exp), (None, None, 99));
+        let minted = MintedToken {
+            token: "new".into(),
+            nonce: Some("ab".into()),
+            issued_at: Some(50),
+            exp: 150,
+        };
+        s.put_token(&node(), &minted).unwrap();
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.token(&node()).unwrap(), Some(minted));
+        assert_eq!(s.token_minted_at(&node(), "ab").unwrap(), Some(50));
+        assert_eq!(s.token_minted_at(&node(), "cd").unwrap(), None);
     }
 
     #[test]

@@ -310,19 +310,19 @@ async fn hostile_tokens_are_refused_with_their_kind_and_change_nothing() {
     let view: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(view["enrolled"], 0, "{view}");
 
-    // Now a good enrollment; a second one with another key is refused by policy.
+    // Now a good enrollment; a second one with another key is refused: with the used token
+    // because it is used, with a fresh one by policy.
     p1.enroll(&server, &good).await;
     let other = Agent::new(P1, "127.1.1.11", "127.0.1.11", &c.ca_pem());
-    let resp = other
-        .enroll_raw(
-            &server,
-            &good,
-            &EnrollRequest {
-                csr_pem: other.csr(),
-                facts: other.facts(),
-            },
-        )
-        .await;
+    let other_body = EnrollRequest {
+        csr_pem: other.csr(),
+        facts: other.facts(),
+    };
+    let resp = other.enroll_raw(&server, &good, &other_body).await;
+    assert_eq!(resp.status(), 401);
+    assert_eq!(error_kind(&resp.text().await.unwrap()), "bad_token");
+    let fresh = c.token(P1, "peer", 600);
+    let resp = other.enroll_raw(&server, &fresh, &other_body).await;
     assert_eq!(resp.status(), 409);
     assert_eq!(error_kind(&resp.text().await.unwrap()), "conflict");
     // The first identity still works.

@@ -307,10 +307,12 @@ async fn every_refused_enrollment_is_recorded_and_logged_without_the_token() {
     let good = c.token(P1, "peer", 600);
     p1.enroll(&server, &good).await;
     let again = Agent::new(P1, &ip(32), "127.0.79.11", &c.ca_pem());
+    // A fresh token: the used one would be refused as used before the policy is asked.
+    let fresh = c.token(P1, "peer", 600);
     let resp = again
         .enroll_raw(
             &server,
-            &good,
+            &fresh,
             &EnrollRequest {
                 csr_pem: again.csr(),
                 facts: again.facts(),
@@ -322,7 +324,7 @@ async fn every_refused_enrollment_is_recorded_and_logged_without_the_token() {
         what: "re-enrollment refused",
         source: ip(32),
         path_node: P1,
-        token: good.clone(),
+        token: fresh.clone(),
         body: EnrollRequest {
             csr_pem: again.csr(),
             facts: again.facts(),

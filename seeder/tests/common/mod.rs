@@ -191,7 +191,8 @@ impl Campaign {
             role: role.parse().unwrap(),
             region: "r1".parse().unwrap(),
             exp: (now() as i64 + exp_in) as u64,
-            nonce: "00".repeat(16),
+            // Every token is a fresh one: a token is single use.
+            nonce: hex::encode(rand::random::<[u8; 16]>()),
         };
         JoinToken::sign(&claims, key).as_str().to_owned()
     }
