@@ -288,3 +288,122 @@ async fn concurrent_uses_with_different_keys_exactly_one_wins() {
         assert_eq!(enrolled, round + 1, "round {round}: {events:?}");
     }
 }
+
+/// `seeder tfvars`: (stdout, each node's token from its join URL).
+fn tfvars(c: &Campaign) -> (String, BTreeMap<String, String>) {
+    let out_file = c.tmp.path().join("nodes.auto.tfvars.json");
+    let out = c.seeder(&["tfvars", "--out", out_file.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "tfvars: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let vars: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out_file).unwrap()).unwrap();
+    let tokens = vars["nodes"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(name, v)| {
+            let url = v["join_url"].as_str().unwrap();
+            let token = url.split_once("?token=").unwrap().1;
+            (name.clone(), token.to_owned())
+        })
+        .collect();
+    (stdout, tokens)
+}
+
+/// The nodes `seeder tfvars` listed as given a fresh token, with the reason it printed.
+fn fresh_listed(stdout: &str) -> BTreeMap<String, String> {
+    stdout
+        .lines()
+        .filter_map(|l| {
+            let (node, rest) = l.split_once("  fresh join token (")?;
+            Some((node.to_owned(), rest.trim_end_matches(')').to_owned()))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tfvars_mints_a_fresh_token_for_a_used_or_half_spent_one_and_lists_it() {
+    const P2: &str = "t1-peer-r1-02";
+    const PG: &str = "t1-pg-r1-01";
+    let c = campaign();
+    let bin = c.tmp.path().join("bootstrap.bin");
+    std::fs::write(&bin, b"not really an agent").unwrap();
+    let out = c.seeder(&[
+        "artifact",
+        "add",
+        "--name",
+        "bootstrap",
+        bin.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let (stdout, first) = tfvars(&c);
+    let all: BTreeMap<String, String> = [P1, P2, PG]
+        .iter()
+        .map(|n| (n.to_string(), "none minted yet".to_string()))
+        .collect();
+    assert_eq!(fresh_listed(&stdout), all, "{stdout}");
+    // Each minted token's mint time is recorded with it.
+    let s = store(&c);
+    let p1: hiveseed_proto::NodeName = P1.parse().unwrap();
+    let minted = s.token(&p1).unwrap().unwrap();
+    assert_eq!(minted.token, first[P1]);
+    let nonce = minted.nonce.clone().unwrap();
+    let at = s.token_minted_at(&p1, &nonce).unwrap().unwrap();
+    assert!(at.abs_diff(now()) < 60, "minted at {at}");
+
+    // Unused and fresh: reused, nothing listed.
+    let (stdout, again) = tfvars(&c);
+    assert_eq!(
+        (fresh_listed(&stdout), &again),
+        (BTreeMap::new(), &first),
+        "{stdout}"
+    );
+
+    // P1 enrolls with its token; P2's token is past half its life; PG's has no mint time.
+    let server = c.serve_on(LISTEN, &[]);
+    let mut old = agent(&c, 61);
+    old.enroll(&server, &first[P1]).await;
+    let p2: hiveseed_proto::NodeName = P2.parse().unwrap();
+    let mut half = s.token(&p2).unwrap().unwrap();
+    half.exp = now() + 60;
+    s.put_token(&p2, &half).unwrap();
+    let pg: hiveseed_proto::NodeName = PG.parse().unwrap();
+    let mut legacy = s.token(&pg).unwrap().unwrap();
+    legacy.issued_at = None;
+    s.put_token(&pg, &legacy).unwrap();
+
+    let (stdout, third) = tfvars(&c);
+    let used_at = hiveseed_seeder::attest::rfc3339(token_use(&c).used_at as i64).unwrap();
+    let want: BTreeMap<String, String> = [
+        (P1, format!("the last one was used at {used_at}")),
+        (P2, "the last one is past half its life".into()),
+        (PG, "mint time not recorded".into()),
+    ]
+    .into_iter()
+    .map(|(n, r)| (n.to_string(), r))
+    .collect();
+    assert_eq!(fresh_listed(&stdout), want, "{stdout}");
+    for n in [P1, P2, PG] {
+        assert_ne!(third[n], first[n], "{n} kept its token");
+    }
+    // The replacement droplet enrolls with the fresh token and a new key; the old token stays
+    // refused for any other key.
+    assert_refused_as_used(&c, &server, &agent(&c, 62), &first[P1]).await;
+    let mut replacement = agent(&c, 63);
+    replacement.enroll(&server, &third[P1]).await;
+    let (stdout, _) = tfvars(&c);
+    assert_eq!(
+        fresh_listed(&stdout).keys().collect::<Vec<_>>(),
+        [P1],
+        "{stdout}"
+    );
+}
