@@ -715,3 +715,108 @@ async fn refused_manifests_change_nothing_and_identity_renews() {
     ));
     server.stop().await;
 }
+
+/// An agent that died after the seeder stored its enrollment but before it wrote its identity
+/// (or whose reply the seeder never sent): the agent started again finds its enroll key on disk,
+/// 0600, retries with it, and gets the certificate the seeder stored the first time. The join
+/// token is single use: with a fresh key the retry would be refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_died_mid_enrollment_retries_with_its_kept_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let roles = tmp.path().join("roles");
+    std::fs::create_dir_all(&roles).unwrap();
+    std::fs::write(roles.join("fleet.toml"), FLEET).unwrap();
+    std::fs::write(roles.join("pg.toml"), PG).unwrap();
+    std::fs::write(roles.join("peer.toml"), PEER).unwrap();
+    let dir = CampaignDir::new(tmp.path().join("campaign"));
+    let fleet = Fleet::parse(FLEET).unwrap();
+    campaign::init(
+        &dir,
+        &roles.join("fleet.toml"),
+        &roles,
+        &fleet,
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
+    let addr = std::net::TcpListener::bind("127.0.9.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let seeder_url = format!("https://{addr}");
+    let server = serve(&dir, addr).await;
+    let mut pg = Node::new(tmp.path(), &dir, "e2e-pg-r1-01", "pg", 20, &seeder_url);
+
+    // The first life of the agent: its key on disk, its enrollment stored by the seeder, the
+    // reply lost.
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let state = pg.root.join(hiveseed_bootstrap::agent::STATE_DIR);
+    std::fs::create_dir_all(&state).unwrap();
+    hiveseed_bootstrap::state_file::write(
+        &state.join("enroll.key"),
+        key.serialize_pem().as_bytes(),
+        0o600,
+    )
+    .unwrap();
+    let join: hiveseed_proto::join::JoinConfig =
+        toml::from_str(&pg.read("etc/hiveseed/join.toml").unwrap()).unwrap();
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    let body = serde_json::json!({
+        "csr_pem": csr,
+        "facts": serde_json::from_str::<serde_json::Value>(&pg.read("etc/hiveseed/facts.json").unwrap()).unwrap(),
+    });
+    let client = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(join.ca_pem.as_bytes()).unwrap())
+        .local_address(std::net::IpAddr::from([127, 1, 1, 20]))
+        .build()
+        .unwrap();
+    let resp = client
+        .post(&join.join_url)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let first: hiveseed_proto::api::EnrollResponse =
+        serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+    assert!(status.is_success(), "{status}");
+    let leaf_end = first
+        .cert_chain_pem
+        .find("-----END CERTIFICATE-----")
+        .unwrap();
+    let first_leaf = &first.cert_chain_pem[..leaf_end];
+
+    // The agent again: it enrolls with the key it kept and stores the first certificate.
+    pg.start();
+    let identity = eventually("the identity", Duration::from_secs(60), || {
+        pg.read("var/lib/hiveseed/identity.pem")
+    })
+    .await;
+    assert!(
+        identity.contains(first_leaf),
+        "the agent holds another certificate than the stored enrollment's:\n{}",
+        pg.log()
+    );
+    assert!(identity.starts_with(&key.serialize_pem()), "another key");
+    eventually("the enroll key removed", Duration::from_secs(10), || {
+        pg.read("var/lib/hiveseed/enroll.key").is_none().then_some(())
+    })
+    .await;
+    let store = Store::open(&dir.state_db()).unwrap();
+    let node: hiveseed_proto::NodeName = "e2e-pg-r1-01".parse().unwrap();
+    let issued = store
+        .current_certs("identity")
+        .unwrap()
+        .into_iter()
+        .filter(|c| c.node == node)
+        .count();
+    assert_eq!(issued, 1, "a second identity was issued");
+    drop(pg);
+    server.stop().await;
+}
