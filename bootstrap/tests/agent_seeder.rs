@@ -805,7 +805,9 @@ async fn an_agent_that_died_mid_enrollment_retries_with_its_kept_key() {
     );
     assert!(identity.starts_with(&key.serialize_pem()), "another key");
     eventually("the enroll key removed", Duration::from_secs(10), || {
-        pg.read("var/lib/hiveseed/enroll.key").is_none().then_some(())
+        pg.read("var/lib/hiveseed/enroll.key")
+            .is_none()
+            .then_some(())
     })
     .await;
     let store = Store::open(&dir.state_db()).unwrap();
