@@ -142,6 +142,16 @@ fn run(what: &str, cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// `terraform <args...>` in the lab's render workspace `render`, offline.
+fn terraform(render: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new("terraform");
+    c.args(args)
+        .current_dir(render)
+        .env("TF_CLI_CONFIG_FILE", "/dev/null")
+        .env("TF_IN_AUTOMATION", "1");
+    c
+}
+
 /// `seeder <sub> --dir <campaign> <rest...>` (`artifact add` is two words).
 fn seeder(cfg_bin: &Path, campaign: &Path, args: &[&str]) -> Command {
     let words = if args.first() == Some(&"artifact") {
@@ -316,14 +326,7 @@ pub fn up(cfg: &UpConfig) -> Result<Fleet> {
         "seeder tfvars",
         seeder(&cfg.seeder_bin, &campaign, &["tfvars", "--out"]).arg(&tfvars),
     )?;
-    let terraform = |args: &[&str]| {
-        let mut c = Command::new("terraform");
-        c.args(args)
-            .current_dir(tf.join("render"))
-            .env("TF_CLI_CONFIG_FILE", "/dev/null")
-            .env("TF_IN_AUTOMATION", "1");
-        c
-    };
+    let terraform = |args: &[&str]| terraform(&tf.join("render"), args);
     run(
         "terraform init",
         &mut terraform(&["init", "-input=false", "-no-color"]),
@@ -709,15 +712,41 @@ impl Fleet {
         Ok(())
     }
 
-    /// Destroys a node's disk and boots a new one from the same user_data (a droplet replaced
-    /// by `terraform apply -replace`).
+    /// Replaces a node as an operator does: `seeder tfvars` mints it a fresh join token (its
+    /// old one was used, and a join token is single use), Terraform renders its user_data again,
+    /// and `terraform apply -replace` boots a new droplet (a new id, a new disk) from that.
     pub fn replace_node(&self, name: &str) -> Result<()> {
         let n = self.node(name)?;
         let node_name: NodeName = name.parse()?;
+        let render = self.lab.dir().join("terraform/render");
+        run(
+            "seeder tfvars",
+            seeder(&self.seeder_bin, &self.campaign_dir, &["tfvars", "--out"])
+                .arg(render.join("nodes.auto.tfvars.json")),
+        )?;
+        run(
+            "terraform apply",
+            &mut terraform(
+                &render,
+                &["apply", "-auto-approve", "-input=false", "-no-color"],
+            ),
+        )?;
+        let decoded = run(
+            "terraform output",
+            &mut terraform(&render, &["output", "-json", "user_data_decoded"]),
+        )?;
+        let mut user_data: BTreeMap<String, CloudConfig> =
+            serde_json::from_str(&decoded).map_err(|e| step("parsing rendered user_data", e))?;
+        let mut fresh = n.clone();
+        fresh.cloud_config = user_data
+            .remove(name)
+            .ok_or_else(|| step("user_data", format!("{name} was not rendered")))?;
+        let old_id = n.facts["droplet_id"].as_u64().unwrap_or_default();
+        fresh.facts["droplet_id"] = serde_json::json!(old_id + 1_000_000);
         self.lab.node_down(&node_name)?;
         let dir = self.lab.nodes_dir().join(name);
         std::fs::remove_dir_all(&dir).map_err(io(format!("removing {}", dir.display())))?;
-        boot_node(&self.lab, &self.base, n)
+        boot_node(&self.lab, &self.base, &fresh)
     }
 
     /// Reboots a node: every process in it stops, /run starts empty, its disk stays; then the

@@ -6,7 +6,8 @@
 //! - `secrets`: no secret in user_data, command lines, logs or non-root-readable files.
 //! - `redeploy`: a peer setting changes → only peers get a generation and restart, pg untouched;
 //!   then a no-op publish restarts nothing.
-//! - `replace`: a peer's disk is destroyed and it boots again from the same user_data.
+//! - `replace`: a peer is replaced as an operator does: `seeder tfvars` mints it a fresh join token
+//!   (its used one is refused), and a new droplet (new id, new disk) boots from the re-rendered user_data.
 //! - `hostile service`: the `ai-memory` account plants symlinks where the agent writes; the
 //!   agent refuses them, naming the path, and nothing under /etc or /boot changes.
 //! - `faults`: an agent killed mid-apply, a pg node rebooted, the seeder killed during a bring-up.
