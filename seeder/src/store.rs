@@ -304,13 +304,13 @@ impl Store {
         Self::setup(Connection::open_in_memory()?)
     }
 
-    fn setup(conn: Connection) -> Result<Self> {
+    fn setup(mut conn: Connection) -> Result<Self> {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute_batch(SCHEMA)?;
-        migrate(&conn)?;
+        migrate(&mut conn)?;
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -922,22 +922,38 @@ impl Store {
     }
 }
 
+/// Columns added to tables of [`SCHEMA`] since they were first made: (table, column, type).
+const ADDED_COLUMNS: [(&str, &str, &str); 2] = [
+    ("tokens", "issued_at", "INTEGER"),
+    ("tokens", "nonce", "TEXT"),
+];
+
 /// Brings a store made by an earlier version up to [`SCHEMA`]: `CREATE TABLE IF NOT EXISTS`
-/// makes new tables, columns added to an existing table are added here.
-fn migrate(conn: &Connection) -> Result<()> {
-    for (table, column, decl) in [
-        ("tokens", "issued_at", "INTEGER"),
-        ("tokens", "nonce", "TEXT"),
-    ] {
-        let present: bool = conn.query_row(
-            "SELECT count(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
-            params![table, column],
-            |r| r.get(0),
-        )?;
-        if !present {
-            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+/// makes new tables, columns added to an existing table are added here, under the write lock, so
+/// two processes opening an old store do not both add one.
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let missing = |c: &Connection| -> Result<Vec<(&str, &str, &str)>> {
+        let mut out = Vec::new();
+        for (table, column, decl) in ADDED_COLUMNS {
+            let present: bool = c.query_row(
+                "SELECT count(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
+                params![table, column],
+                |r| r.get(0),
+            )?;
+            if !present {
+                out.push((table, column, decl));
+            }
         }
+        Ok(out)
+    };
+    if missing(conn)?.is_empty() {
+        return Ok(());
     }
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    for (table, column, decl) in missing(&tx)? {
+        tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+    }
+    tx.commit()?;
     Ok(())
 }
 
