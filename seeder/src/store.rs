@@ -1176,6 +1176,51 @@ mod tests {
         assert_eq!(s.enrollment(&node()).unwrap().unwrap().identity_fpr, "a");
     }
 
+    /// Several connections to one file, as several seeder processes would hold: of concurrent
+    /// enrollments with one token and different keys exactly one is stored.
+    #[test]
+    fn one_token_is_consumed_once_across_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        Store::open(&path).unwrap();
+        let start = std::sync::Arc::new(std::sync::Barrier::new(8));
+        let outcomes: Vec<Enrolled> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..8)
+                .map(|i| {
+                    let (path, start) = (path.clone(), start.clone());
+                    scope.spawn(move || {
+                        let s = Store::open(&path).unwrap();
+                        let fpr = format!("c{i}");
+                        let e = Enrollment {
+                            token_nonce: "one".into(),
+                            ..enrollment(&fpr, 10 + i)
+                        };
+                        start.wait();
+                        s.enroll(&e, &cert(&fpr, "identity", 10 + i)).unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let stored = outcomes
+            .iter()
+            .filter(|o| matches!(o, Enrolled::Stored(_)))
+            .count();
+        assert_eq!(stored, 1, "{outcomes:?}");
+        let s = Store::open(&path).unwrap();
+        let winner = s.token_use(&node(), "one").unwrap().unwrap();
+        for o in &outcomes {
+            if let Enrolled::TokenUsed(u) = o {
+                assert_eq!(u, &winner);
+            }
+        }
+        assert_eq!(s.current_certs("identity").unwrap().len(), 1);
+        assert_eq!(
+            s.enrollment(&node()).unwrap().unwrap().identity_fpr,
+            winner.cert_fpr
+        );
+    }
+
     #[test]
     fn a_token_table_without_mint_times_is_migrated() {
         let dir = tempfile::tempdir().unwrap();
