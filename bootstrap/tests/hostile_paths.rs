@@ -529,11 +529,21 @@ async fn a_file_replaced_by_another_since_the_plan_is_refused() {
         );
         std::fs::remove_file(&gone).unwrap();
         std::fs::remove_file(&pem).unwrap();
+        // A file where nothing was is replaced by the planned one (by rename, never written
+        // through: a command earlier in a pass, `initdb`, makes exactly that); a link where
+        // nothing was is refused.
         let plan = observe_and_plan(&host, &pem_manifest()).await.unwrap();
         attacker.run(&["touch", pem.to_str().unwrap()]);
+        apply_plan(&host, &plan).await.unwrap();
+        assert_eq!(std::fs::read(&pem).unwrap(), b"pem\n", "{how}");
+        std::fs::remove_file(&pem).unwrap();
+        let plan = observe_and_plan(&host, &pem_manifest()).await.unwrap();
+        attacker.run(&["ln", "-s", "/etc/victim.d", pem.to_str().unwrap()]);
         let err = apply_plan(&host, &plan).await.unwrap_err();
-        assert!(err.contains("observed nothing, found File"), "{how}: {err}");
-        assert_eq!(std::fs::read(&pem).unwrap(), b"", "{how}");
+        assert!(
+            err.contains("observed nothing, found Symlink"),
+            "{how}: {err}"
+        );
         std::fs::remove_file(&pem).unwrap();
     }
 }
@@ -820,31 +830,38 @@ fn writes_in_a_service_users_directory_carry_that_users_rights() {
     assert_eq!(names(&dir), ["key"]);
 }
 
-/// Key and credential actions carry what plan saw at the paths they write: a key planned as
-/// missing is not generated over a file that appeared meanwhile (the plan decided "no key",
-/// not "replace this one"), and the error names the path and both observations.
+/// Key and credential actions carry what plan saw at the paths they write: where plan saw no
+/// key, a symlink planted before apply is refused naming the path and both observations, and
+/// nothing is written through it.
 #[tokio::test]
-async fn a_key_planned_missing_is_not_generated_over_a_file_that_appeared() {
+async fn a_key_planned_missing_is_not_generated_through_a_link_that_appeared() {
     let attacker = Attacker::new();
     let node = Node::new(&attacker);
     let keys = node.service_dir("etc/ai-memory/keys", &attacker);
     let region = keys.join("do-1461/nyc3");
     attacker.run(&["mkdir", "-p", region.to_str().unwrap()]);
+    let target = node.path("etc/victim.d/key");
     for (how, host) in node.hosts() {
         let plan = observe_and_plan(&host, &key_manifest()).await.unwrap();
         let Some(Action::GenerateFederationKey { key_path, .. }) = plan.actions().next() else {
             panic!("{how}: {plan}");
         };
         let planted = node.path(key_path.as_str());
-        attacker.run(&["touch", planted.to_str().unwrap()]);
+        std::fs::write(&target, b"").unwrap();
+        attacker.run(&[
+            "ln",
+            "-s",
+            target.to_str().unwrap(),
+            planted.to_str().unwrap(),
+        ]);
         let err = apply_plan(&host, &plan).await.expect_err(how);
         assert!(
             err.contains(&format!(
                 "refusing {key_path}: it is not the object observed"
-            )) && err.contains("observed nothing, found File"),
+            )) && err.contains("observed nothing, found Symlink"),
             "{how}: {err}"
         );
-        assert_eq!(std::fs::read(&planted).unwrap(), b"", "{how}");
+        assert_eq!(std::fs::read(&target).unwrap(), b"", "{how}");
         std::fs::remove_file(&planted).unwrap();
     }
 }

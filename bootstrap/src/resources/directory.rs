@@ -82,7 +82,10 @@ pub(crate) fn attr_actions(
 }
 
 /// Refuses `path` when it is no longer what the plan observed: another object (device, inode,
-/// kind), or something where nothing was. The plan's decision was about that object.
+/// kind), or a directory, link or other non-file where nothing was. The plan's decision was
+/// about that object. A regular file where nothing was is let through: the write that follows
+/// replaces it by rename (never through it), which is what the plan decided for the empty name,
+/// and a command earlier in the same pass (`initdb` writing `postgresql.conf`) makes exactly that.
 pub(crate) fn check_unchanged(
     host: &dyn Host,
     path: &AbsPath,
@@ -91,6 +94,9 @@ pub(crate) fn check_unchanged(
     let now = host.stat(path)?;
     let id = |s: Option<&Stat>| s.map(|s| (s.kind, s.dev, s.ino));
     if id(now.as_ref()) == id(observed) {
+        return Ok(());
+    }
+    if observed.is_none() && now.as_ref().is_some_and(|s| s.kind == FileKind::File) {
         return Ok(());
     }
     let show = |s: Option<&Stat>| match s {

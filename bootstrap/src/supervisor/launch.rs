@@ -135,14 +135,7 @@ fn prepare_self(spec: &LaunchSpec) -> std::io::Result<()> {
         rustix::process::setsid().map_err(|e| ctx("setsid", e.into()))?;
     }
     if let Some(l) = spec.nofile {
-        rustix::process::setrlimit(
-            rustix::process::Resource::Nofile,
-            rustix::process::Rlimit {
-                current: l.soft,
-                maximum: l.hard,
-            },
-        )
-        .map_err(|e| ctx("LimitNOFILE", e.into()))?;
+        set_nofile(l).map_err(|e| ctx("LimitNOFILE", e))?;
     }
     if let Some(n) = spec.nice {
         rustix::process::setpriority_process(None, n).map_err(|e| ctx("Nice", e.into()))?;
@@ -162,6 +155,41 @@ fn prepare_self(spec: &LaunchSpec) -> std::io::Result<()> {
         }
     }
     check_no_inherited_fds()
+}
+
+/// `LimitNOFILE=`. Above a hard limit this process may not raise (a container's, such as the
+/// lab's 20,000), the unit gets that hard limit instead, said on stderr (the unit's log): the
+/// agent before the launcher applied what it could and warned, and a daemon runs with fewer
+/// files rather than not at all.
+fn set_nofile(l: Limit) -> std::io::Result<()> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let wanted = Rlimit {
+        current: l.soft,
+        maximum: l.hard,
+    };
+    let Err(e) = setrlimit(Resource::Nofile, wanted) else {
+        return Ok(());
+    };
+    let cap = getrlimit(Resource::Nofile).maximum;
+    let clamp = |v: Option<u64>| match (v, cap) {
+        (Some(v), Some(c)) => Some(v.min(c)),
+        (None, c) => c,
+        (v, None) => v,
+    };
+    let fallback = Rlimit {
+        current: clamp(l.soft),
+        maximum: clamp(l.hard),
+    };
+    let show = |v: Option<u64>| v.map_or("infinity".to_owned(), |v| v.to_string());
+    eprintln!(
+        "bootstrap launch-unit: LimitNOFILE={}:{} refused ({e}); using {}:{}, the hard limit this \
+         process has",
+        show(l.soft),
+        show(l.hard),
+        show(fallback.current),
+        show(fallback.maximum)
+    );
+    setrlimit(Resource::Nofile, fallback).map_err(Into::into)
 }
 
 /// Runs in the logger process: copies stdin to `dir/name`, rotating at `max_bytes`.
@@ -207,6 +235,22 @@ pub fn log_stdin(dir: &Path, name: &str, max_bytes: u64) -> std::io::Result<()> 
 mod tests {
     use super::*;
     use clap::Parser;
+
+    /// `LimitNOFILE=infinity` is above every hard limit (the kernel caps files at `nr_open`):
+    /// the launcher gets the hard limit it has instead of failing the unit, as the lab's
+    /// PostgreSQL unit (65536 against a hard 20,000) needs.
+    #[test]
+    fn a_nofile_limit_above_the_hard_limit_is_clamped_to_it() {
+        use rustix::process::{getrlimit, Resource};
+        let hard = getrlimit(Resource::Nofile).maximum;
+        set_nofile(Limit {
+            soft: None,
+            hard: None,
+        })
+        .expect("clamped, not refused");
+        let now = getrlimit(Resource::Nofile);
+        assert_eq!((now.current, now.maximum), (hard, hard));
+    }
 
     /// What the supervisor writes is what the launcher reads back, hyphens and all.
     #[test]
