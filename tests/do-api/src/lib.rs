@@ -141,13 +141,13 @@ impl StandIn {
     pub fn fixed(token: impl Into<String>, droplets: Vec<Droplet>) -> (Arc<Self>, Table) {
         let table = Table(Arc::new(Mutex::new(droplets)));
         let t = table.clone();
-        let source: Source = Arc::new(move || Ok(t.0.lock().unwrap().clone()));
+        let source: Source = Arc::new(move || Ok(lock(&t.0).clone()));
         (Self::new(token, source), table)
     }
 
     /// The next `faults.len()` authorised requests get these answers, in order.
     pub fn push_faults(&self, faults: impl IntoIterator<Item = Fault>) {
-        self.faults.lock().unwrap().extend(faults);
+        lock(&self.faults).extend(faults);
     }
 
     /// Requests received so far.
@@ -174,12 +174,17 @@ pub struct Table(Arc<Mutex<Vec<Droplet>>>);
 
 impl Table {
     pub fn set(&self, droplets: Vec<Droplet>) {
-        *self.0.lock().unwrap() = droplets;
+        *lock(&self.0) = droplets;
     }
 
     pub fn update(&self, f: impl FnOnce(&mut Vec<Droplet>)) {
-        f(&mut self.0.lock().unwrap());
+        f(&mut lock(&self.0));
     }
+}
+
+/// A lock whose holder panicked still guards plain data: take it.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 const RATE_LIMIT: u64 = 5000;
@@ -235,7 +240,7 @@ async fn get_droplet(
             HeaderMap::new(),
         );
     }
-    let fault = s.faults.lock().unwrap().pop_front();
+    let fault = lock(&s.faults).pop_front();
     match fault {
         Some(Fault::RateLimited { retry_after_secs }) => {
             let mut h = rate_headers(0);
