@@ -71,6 +71,8 @@ pub struct Fleet {
     pub campaign_dir: PathBuf,
     pub seeder_bin: PathBuf,
     pub seeder_pid: u32,
+    /// The campaign's name (its droplets' tag).
+    pub campaign: String,
     /// The lab's copy of the fleet file (what `seeder publish` reads).
     pub fleet_file: PathBuf,
     /// The base rootfs every node overlays.
@@ -283,6 +285,8 @@ pub fn up(cfg: &UpConfig) -> Result<Fleet> {
             .arg("--dir")
             .arg(&campaign),
     )?;
+    let spec = hiveseed_seeder::fleet::Fleet::load(&fleet).map_err(|e| step("fleet", e))?;
+    let campaign_name = spec.campaign.to_string();
     let add = |name: &str, file: &Path| -> Result<()> {
         run(
             &format!("seeder artifact add {name}"),
@@ -309,8 +313,16 @@ pub fn up(cfg: &UpConfig) -> Result<Fleet> {
     }
     phases.push(("campaign + artifacts".to_string(), t.elapsed()));
 
-    // The seeder, on the host, on its own address.
+    // The seeder, on the host, on its own address; with attestation on, the cloud's API
+    // first (the seeder asks it at every enrollment), with a read-only token of the operator's.
     let t = Instant::now();
+    crate::cloud::stop_api(lab.dir());
+    let _ = std::fs::remove_file(crate::cloud::table_path(lab.dir()));
+    if spec.attestation.is_some() {
+        let token_file = campaign.join("secrets/do-api-token");
+        crate::cloud::mint_api_token(&token_file)?;
+        crate::cloud::start_api(lab.dir(), &token_file)?;
+    }
     let seeder_pid = start_seeder(lab.dir(), &cfg.seeder_bin, &campaign)?;
     phases.push(("seeder up".to_string(), t.elapsed()));
 
@@ -354,7 +366,6 @@ pub fn up(cfg: &UpConfig) -> Result<Fleet> {
         .collect();
     let plan = address_plan(&roles);
     // Service accounts leave from their node's private address (see route.rs).
-    let spec = hiveseed_seeder::fleet::Fleet::load(&fleet).map_err(|e| step("fleet", e))?;
     let mut routes = Vec::new();
     for n in &spec.nodes {
         if let (Some(uid), Some(&(r, num))) = (n.service_uid, plan.get(n.name.as_str())) {
@@ -398,7 +409,7 @@ pub fn up(cfg: &UpConfig) -> Result<Fleet> {
             facts,
             cloud_config: cc.clone(),
         };
-        boot_node(&lab, &base.root, &node)?;
+        boot_node(&lab, &base.root, &campaign_name, &node)?;
         nodes.push(node);
     }
     phases.push(("nodes booted".to_string(), t.elapsed()));
@@ -412,6 +423,7 @@ pub fn up(cfg: &UpConfig) -> Result<Fleet> {
         campaign_dir: campaign,
         seeder_bin: cfg.seeder_bin.clone(),
         seeder_pid,
+        campaign: campaign_name,
         fleet_file: fleet,
         base: base.root.clone(),
         user_data: user_data_text,
@@ -462,8 +474,23 @@ pub fn set_toml_value(text: &str, section: &str, key: &str, value: &str) -> Resu
 
 /// A fresh node from its user_data: overlay, facts file in place of the metadata service, then
 /// its cloud-config.
-fn boot_node(lab: &Lab, base: &Path, n: &BootedNode) -> Result<()> {
+/// Creates the droplet `n` (the cloud's record of it, which its API answers from) and boots it.
+fn boot_node(lab: &Lab, base: &Path, campaign: &str, n: &BootedNode) -> Result<()> {
     let node_name: NodeName = n.name.parse()?;
+    crate::cloud::create(
+        lab.dir(),
+        hiveseed_do_api::Droplet {
+            id: n.facts["droplet_id"]
+                .as_u64()
+                .ok_or_else(|| step(&n.name, "facts without a droplet_id"))?,
+            name: n.name.clone(),
+            region: n.region.clone(),
+            public_ipv4: n.public_ip,
+            private_ipv4: n.private_ip,
+            tags: crate::cloud::tags(campaign, &n.role, &n.region),
+            created_at: crate::cloud::now_rfc3339(),
+        },
+    )?;
     let node = lab.node_up(&node_name, base)?;
     node.write_file(
         "/etc/hiveseed/facts.json",
@@ -613,6 +640,7 @@ pub fn down(lab_dir: &Path) -> Result<crate::node::DownReport> {
         }
         let _ = std::fs::remove_file(&pid_file);
     }
+    crate::cloud::stop_api(lab.dir());
     let report = lab.down()?;
     crate::route::teardown(lab.dir())?;
     Ok(report)
@@ -744,9 +772,10 @@ impl Fleet {
         let old_id = n.facts["droplet_id"].as_u64().unwrap_or_default();
         fresh.facts["droplet_id"] = serde_json::json!(old_id + 1_000_000);
         self.lab.node_down(&node_name)?;
+        crate::cloud::destroy(self.lab.dir(), name)?;
         let dir = self.lab.nodes_dir().join(name);
         std::fs::remove_dir_all(&dir).map_err(io(format!("removing {}", dir.display())))?;
-        boot_node(&self.lab, &self.base, &fresh)
+        boot_node(&self.lab, &self.base, &self.campaign, &fresh)
     }
 
     /// Reboots a node: every process in it stops, /run starts empty, its disk stays; then the

@@ -12,6 +12,7 @@
 
 pub mod addr;
 pub mod cache;
+pub mod cloud;
 pub mod cmdlines;
 pub mod error;
 pub mod fleet;

@@ -70,6 +70,15 @@ enum Cmd {
         #[arg(long, default_value_t = 600)]
         timeout: u64,
     },
+    /// The lab's stand-in for DigitalOcean's API (`GET /v2/droplets/{id}`), answering from the
+    /// lab's droplet table; `lab up` starts it when the fleet has `[attestation]`.
+    DoApi {
+        #[arg(long, default_value = "/var/tmp/hiveseed-lab")]
+        dir: PathBuf,
+        /// The bearer token it accepts (the campaign's secrets/do-api-token).
+        #[arg(long)]
+        token_file: PathBuf,
+    },
     /// `seeder status` of a running lab.
     Status {
         #[arg(long, default_value = "/var/tmp/hiveseed-lab")]
@@ -129,6 +138,7 @@ enum Scenario {
     Secrets,
     Redeploy,
     Hostile,
+    StolenToken,
     Replace,
     Faults,
 }
@@ -196,6 +206,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
+        Cmd::DoApi { dir, token_file } => hiveseed_lab::cloud::serve(&dir, &token_file)?,
         Cmd::NodeDown { name, dir } => println!("{}", Lab::open(&dir)?.node_down(&name)?),
         Cmd::Down { dir, purge } => {
             if !dir.exists() {
@@ -331,7 +342,7 @@ fn scenarios(
     took(&mut rec, "bring-up", started);
     type Step =
         fn(&hiveseed_lab::fleet::Fleet, &mut sc::Record, std::time::Duration) -> anyhow::Result<()>;
-    let steps: [(Scenario, &'static str, &str, Step); 8] = [
+    let steps: [(Scenario, &'static str, &str, Step); 9] = [
         (Scenario::Suite, "suite", "suite", |f, r, _| sc::suite(f, r)),
         (Scenario::Secrets, "llm key", "llm key", |f, r, _| {
             sc::llm_key(f, r)
@@ -347,6 +358,12 @@ fn scenarios(
             "hostile",
             "hostile service",
             |f, r, _| sc::hostile_service(f, r),
+        ),
+        (
+            Scenario::StolenToken,
+            "stolen token",
+            "stolen token",
+            |f, r, _| sc::stolen_token(f, r),
         ),
         (Scenario::Replace, "replace", "replace", sc::replace),
         (

@@ -8,6 +8,8 @@
 //!   then a no-op publish restarts nothing.
 //! - `replace`: a peer is replaced as an operator does: `seeder tfvars` mints it a fresh join token
 //!   (its used one is refused), and a new droplet (new id, new disk) boots from the re-rendered user_data.
+//! - `stolen token`: a node's join token used by another process at another address: refused
+//!   (single use; with attestation, a fresh token too), the node untouched.
 //! - `hostile service`: the `ai-memory` account plants symlinks where the agent writes; the
 //!   agent refuses them, naming the path, and nothing under /etc or /boot changes.
 //! - `faults`: an agent killed mid-apply, a pg node rebooted, the seeder killed during a bring-up.
@@ -124,6 +126,9 @@ fn one_line(s: &str, max: usize) -> String {
 }
 
 use crate::wait::until_some as poll;
+
+mod stolen_token;
+pub use stolen_token::{join_as_impostor, stolen_token};
 
 /// Per node: (seeder's generation, applied generation, phase).
 fn generations(status: &serde_json::Value) -> BTreeMap<String, (u64, u64, String)> {
@@ -1468,6 +1473,33 @@ pub fn replace(f: &Fleet, rec: &mut Record, timeout: Duration) -> Result<()> {
         refusal.seen_in(&after),
     );
     let _ = std::fs::remove_dir_all(&keep);
+    // The old droplet's token (in its user_data, in the state file) enrolled the old disk: from
+    // another address with another key it is refused, as used.
+    let old_token = f
+        .user_data
+        .get(&victim)
+        .and_then(|ud| join_token(ud))
+        .unwrap_or_default();
+    let (impostor, impostor_private) = stolen_token::impostor_addresses(v.public_ip);
+    let got = join_as_impostor(
+        f,
+        &victim,
+        &old_token,
+        impostor,
+        serde_json::json!({
+            "droplet_id": v.facts["droplet_id"],
+            "region": v.region,
+            "public_ipv4": impostor.to_string(),
+            "private_ipv4": impostor_private.to_string(),
+        }),
+    )?;
+    rec.check(
+        S,
+        format!("the replaced droplet's old token from {impostor}: refused"),
+        "bad_token, \"was used at\"",
+        got.to_string(),
+        got.kind == "bad_token" && got.message.contains("was used at"),
+    );
     let (ok, out) = report_green(f, Duration::from_secs(90));
     rec.check(
         S,
