@@ -13,7 +13,7 @@
 use std::collections::VecDeque;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -105,6 +105,11 @@ pub enum Fault {
     Hang,
 }
 
+/// A test that panicked while holding the lock leaves the data as it was; the stand-in goes on.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// Where the droplet table comes from: read on every request, so a table the lab rewrites (a
 /// droplet replaced) is what the next request sees.
 pub type Source = Arc<dyn Fn() -> Result<Vec<Droplet>, String> + Send + Sync>;
@@ -141,13 +146,18 @@ impl StandIn {
     pub fn fixed(token: impl Into<String>, droplets: Vec<Droplet>) -> (Arc<Self>, Table) {
         let table = Table(Arc::new(Mutex::new(droplets)));
         let t = table.clone();
-        let source: Source = Arc::new(move || Ok(t.0.lock().unwrap().clone()));
+        let source: Source = Arc::new(move || Ok(lock(&t.0).clone()));
         (Self::new(token, source), table)
     }
 
     /// The next `faults.len()` authorised requests get these answers, in order.
     pub fn push_faults(&self, faults: impl IntoIterator<Item = Fault>) {
-        self.faults.lock().unwrap().extend(faults);
+        lock(&self.faults).extend(faults);
+    }
+
+    /// Drops the faults not yet answered.
+    pub fn clear_faults(&self) {
+        lock(&self.faults).clear();
     }
 
     /// Requests received so far.
@@ -174,11 +184,11 @@ pub struct Table(Arc<Mutex<Vec<Droplet>>>);
 
 impl Table {
     pub fn set(&self, droplets: Vec<Droplet>) {
-        *self.0.lock().unwrap() = droplets;
+        *lock(&self.0) = droplets;
     }
 
     pub fn update(&self, f: impl FnOnce(&mut Vec<Droplet>)) {
-        f(&mut self.0.lock().unwrap());
+        f(&mut lock(&self.0));
     }
 }
 
@@ -235,7 +245,7 @@ async fn get_droplet(
             HeaderMap::new(),
         );
     }
-    let fault = s.faults.lock().unwrap().pop_front();
+    let fault = lock(&s.faults).pop_front();
     match fault {
         Some(Fault::RateLimited { retry_after_secs }) => {
             let mut h = rate_headers(0);
