@@ -177,6 +177,10 @@ async fn assert_refused(
     let got_status = resp.status().as_u16();
     let retry_after = resp.headers().get("retry-after").is_some();
     let text = resp.text().await.unwrap();
+    assert_ne!(
+        got_status, 200,
+        "{field}: accepted where {kind} was expected"
+    );
     assert_eq!(
         (got_status, error_kind(&text).as_str()),
         (status, kind),
