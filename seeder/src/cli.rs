@@ -602,6 +602,11 @@ pub fn publish(dir: &CampaignDir, timeout: u64) -> Result<()> {
     // The real secrets, now: a missing or loose operator key refuses the publish, rather than a
     // running seeder failing to render it.
     state::load_secrets(dir, &fleet).context("the campaign's secrets are not ready")?;
+    // Not a render secret (it never reaches a manifest), but a running seeder needs it to enroll.
+    if fleet.attestation.is_some() {
+        dir.read_do_api_token()
+            .context("the fleet's [attestation] needs the DigitalOcean API token")?;
+    }
     check_artifact_pins(&store, &fleet)?;
     let digest = crate::render::inputs_digest(&fleet_text, &roles);
     let before = store.latest_inputs()?.map(|p| p.id);

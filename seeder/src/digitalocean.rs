@@ -216,10 +216,11 @@ impl Droplet {
                 self.tags, e.tag
             ));
         }
-        if self.created_at <= e.minted_at as i64 {
+        // Both times have whole seconds: a droplet created in the second of the mint passes.
+        if self.created_at < e.minted_at as i64 {
             let at = |t: i64| crate::attest::rfc3339(t).unwrap_or_else(|| t.to_string());
             return Some(format!(
-                "droplet {id} was created at {}, not after its join token was minted at {}; a droplet made before the token cannot have been given it",
+                "droplet {id} was created at {}, before its join token was minted at {}; a droplet made before the token cannot have been given it",
                 at(self.created_at),
                 at(e.minted_at as i64)
             ));
@@ -373,6 +374,11 @@ mod tests {
     #[test]
     fn each_field_that_differs_is_named() {
         assert_eq!(droplet().mismatch(&expected()), None);
+        let same_second = Expected {
+            minted_at: 1_000,
+            ..expected()
+        };
+        assert_eq!(droplet().mismatch(&same_second), None);
         type Change = fn(&mut Expected<'static>);
         let cases: [(Change, &str); 6] = [
             (|e| e.node = "c-peer-r1-02", "name"),
@@ -386,7 +392,7 @@ mod tests {
             ),
             (|e| e.region = "r2", "region"),
             (|e| e.tag = "other", "tags"),
-            (|e| e.minted_at = 1_000, "was created at"),
+            (|e| e.minted_at = 1_001, "before its join token was minted"),
         ];
         for (change, field) in cases {
             let mut e = expected();

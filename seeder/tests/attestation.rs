@@ -307,7 +307,7 @@ async fn every_mismatch_is_refused_naming_its_field_and_consumes_nothing() {
         ("do not include the campaign's tag a1", |d| {
             d.tags = vec!["peer".into()]
         }),
-        ("not after its join token was minted", |d| {
+        ("before its join token was minted", |d| {
             d.created_at = do_time(now() - 2 * MINTED_AGO)
         }),
     ];
@@ -478,6 +478,8 @@ async fn a_fleet_with_attestation_needs_the_api_token_and_check_says_the_mode() 
         )
     };
     let (ok, text) = check(true);
+    assert!(!ok && text.contains("secrets/do-api-token"), "{text}");
+    let (ok, text) = c.publish();
     assert!(!ok && text.contains("secrets/do-api-token"), "{text}");
     write_do_token(&c, DO_TOKEN);
     use std::os::unix::fs::PermissionsExt;
