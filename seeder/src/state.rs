@@ -213,6 +213,12 @@ impl Seeder {
             // seeder without a usable token does not start.
             dir.read_do_api_token()
                 .context("the fleet's [attestation] needs the DigitalOcean API token")?;
+            if !policy.check_source {
+                bail!(
+                    "the fleet's [attestation] checks the connection's source against the droplet's public addresses; \
+                     --no-source-check leaves it nothing to check (behind a load balancer, use --proxy-protocol-from)"
+                );
+            }
         }
         let digitalocean = crate::digitalocean::Client::new(policy.attestation_budget)
             .context("building the DigitalOcean API client")?;

@@ -491,6 +491,14 @@ async fn a_fleet_with_attestation_needs_the_api_token_and_check_says_the_mode() 
     let (ok, text) = check(true);
     assert!(!ok && text.contains("mode 0644"), "{text}");
     assert!(!text.contains(DO_TOKEN), "the token is in {text}");
+    // A usable token, but no source address to compare with the droplet's.
+    write_do_token(&c, DO_TOKEN);
+    let out = c.seeder(&["serve", "--listen", LISTEN, "--no-source-check"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--no-source-check leaves it nothing to check"),
+        "{err}"
+    );
     // Without --dir the fleet alone is checked, and the mode said.
     let (ok, text) = check(false);
     assert!(ok, "{text}");
