@@ -36,6 +36,7 @@ use hiveseed_proto::{FedId, JoinToken, NodeName, Sha256};
 use serde::Deserialize;
 
 use crate::campaign::CampaignDir;
+use crate::digitalocean::DoError;
 use crate::error::{ApiResult, Error};
 use crate::pki::{LeafSpec, LeafUsage};
 use crate::state::{fingerprint, Change, ReenrollPolicy, Seeder};
@@ -501,7 +502,6 @@ async fn attest_droplet(
         tracing::error!(error = %format!("{e:#}"), "residency attestation cannot read the DigitalOcean API token");
         unavailable("the seeder cannot read its DigitalOcean API token (see its log)".into())
     })?;
-    use crate::digitalocean::DoError;
     let droplet = match s
         .digitalocean
         .droplet(&a.api_url, &token, facts.droplet_id)
