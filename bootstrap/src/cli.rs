@@ -136,18 +136,24 @@ pub fn run(cli: Cli) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bootstrap: {e:#}");
-            // A refusal (bad token, bad join file) will not heal by retrying.
-            let permanent = e.chain().any(|c| {
-                c.downcast_ref::<crate::client::ClientError>()
-                    .map(|ce| !ce.retryable())
-                    .unwrap_or(false)
-            }) || e.to_string().contains("join file");
-            ExitCode::from(if permanent {
-                EXIT_PERMANENT
-            } else {
-                EXIT_RETRYABLE
-            })
+            ExitCode::from(exit_code(&e))
         }
+    }
+}
+
+/// The exit code of a failed run: a refusal that will not heal by retrying (bad token, failed
+/// attestation, bad join file) is permanent, everything else (seeder unreachable, attestation
+/// unavailable) retryable.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    let permanent = e.chain().any(|c| {
+        c.downcast_ref::<crate::client::ClientError>()
+            .map(|ce| !ce.retryable())
+            .unwrap_or(false)
+    }) || e.to_string().contains("join file");
+    if permanent {
+        EXIT_PERMANENT
+    } else {
+        EXIT_RETRYABLE
     }
 }
 
@@ -357,4 +363,41 @@ fn status(cfg: &AgentConfig) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod exit_code_tests {
+    use super::*;
+    use crate::client::ClientError;
+    use hiveseed_proto::api::ErrorKind;
+
+    fn refused(kind: ErrorKind, status: u16) -> anyhow::Error {
+        anyhow::Error::new(ClientError::Refused {
+            status,
+            kind,
+            message: "m".into(),
+            retry_after: None,
+        })
+        .context("enrollment refused")
+    }
+
+    #[test]
+    fn a_failed_attestation_is_permanent_an_unavailable_one_retryable() {
+        assert_eq!(
+            exit_code(&refused(ErrorKind::AttestationFailed, 403)),
+            EXIT_PERMANENT
+        );
+        assert_eq!(
+            exit_code(&refused(ErrorKind::BadToken, 401)),
+            EXIT_PERMANENT
+        );
+        assert_eq!(
+            exit_code(&refused(ErrorKind::AttestationUnavailable, 503)),
+            EXIT_RETRYABLE
+        );
+        assert_eq!(
+            exit_code(&anyhow::Error::new(ClientError::Unreachable("x".into()))),
+            EXIT_RETRYABLE
+        );
+    }
 }

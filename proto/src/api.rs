@@ -124,6 +124,12 @@ pub enum ErrorKind {
     /// The seeder is at a capacity limit (concurrent downloads); retry after `Retry-After`.
     Busy,
     Internal,
+    /// Residency attestation found the enrolling droplet is not the node: the cloud's record of
+    /// the droplet differs in the field the message names. Permanent.
+    AttestationFailed,
+    /// Residency attestation could not ask the cloud (API down, slow, or refusing the seeder's
+    /// token); retry after `Retry-After`.
+    AttestationUnavailable,
 }
 
 impl ErrorKind {
@@ -131,7 +137,10 @@ impl ErrorKind {
     pub fn retryable(self) -> bool {
         matches!(
             self,
-            ErrorKind::RateLimited | ErrorKind::Busy | ErrorKind::Internal
+            ErrorKind::RateLimited
+                | ErrorKind::Busy
+                | ErrorKind::Internal
+                | ErrorKind::AttestationUnavailable
         )
     }
 }

@@ -36,6 +36,7 @@ use hiveseed_proto::{FedId, JoinToken, NodeName, Sha256};
 use serde::Deserialize;
 
 use crate::campaign::CampaignDir;
+use crate::digitalocean::DoError;
 use crate::error::{ApiResult, Error};
 use crate::pki::{LeafSpec, LeafUsage};
 use crate::state::{fingerprint, Change, ReenrollPolicy, Seeder};
@@ -336,10 +337,21 @@ async fn enroll(
         ));
     }
     if let Some(u) = used {
+        if fleet.attestation.is_some() {
+            same_droplet(&s, &u, req.facts.droplet_id)
+                .map_err(|e| refuse("attestation_failed", e))?;
+        }
         return stored_enrollment(&s, &u, remote.ip()).await;
+    }
+    if let Some(a) = &fleet.attestation {
+        attest_droplet(&s, a, &node, &claims.nonce, &req.facts, remote.ip()).await?;
     }
     // From the address check until the enrollment is stored, one enrollment at a time.
     let claiming = s.enroll_lock.lock().await;
+    if fleet.attestation.is_some() {
+        droplet_unbound(&s, fleet, &node, req.facts.droplet_id)
+            .map_err(|e| refuse("attestation_failed", e))?;
+    }
     check_addresses(
         &s,
         fleet,
@@ -404,6 +416,10 @@ async fn enroll(
             if u.key_fpr != enrollment.key_fpr {
                 return Err(refuse("token_used", token_used(&u)));
             }
+            if fleet.attestation.is_some() {
+                same_droplet(&s, &u, req.facts.droplet_id)
+                    .map_err(|e| refuse("attestation_failed", e))?;
+            }
             return stored_enrollment(&s, &u, remote.ip()).await;
         }
     };
@@ -441,6 +457,120 @@ async fn enroll(
         cert_chain_pem: format!("{cert_pem}{}", s.ca.cert_pem),
         manifest: serde_json::from_str(&m.stored.envelope)?,
     }))
+}
+
+/// Residency attestation (`[attestation]`): DigitalOcean's record of droplet `facts.droplet_id`
+/// must be this node's droplet (name, the connection's source among its public addresses, private
+/// address, region, the campaign's tag), made after the join token was minted. A mismatch is
+/// refused `attestation_failed` (permanent); a look-up that cannot be made is refused
+/// `attestation_unavailable` (retryable). Either is recorded as a refusal.
+async fn attest_droplet(
+    s: &Seeder,
+    a: &crate::fleet::Attestation,
+    node: &NodeName,
+    nonce: &str,
+    facts: &hiveseed_proto::api::NodeFacts,
+    source: std::net::IpAddr,
+) -> ApiResult<()> {
+    let failed = |message: String| {
+        s.refuse(
+            source,
+            "attestation_failed",
+            Some(node),
+            Error::new(ErrorKind::AttestationFailed, message),
+        )
+    };
+    let unavailable = |message: String| {
+        s.refuse(
+            source,
+            "attestation_unavailable",
+            Some(node),
+            Error::new(
+                ErrorKind::AttestationUnavailable,
+                format!("residency attestation is unavailable: {message}; retry later"),
+            ),
+        )
+    };
+    let Some(minted_at) = s.store.token_minted_at(node, nonce)? else {
+        return Err(failed(format!(
+            "the join token for {node} has no recorded mint time (it is not the latest one minted \
+             for the node, or was minted before mint times were recorded); seeder tfvars mints a \
+             fresh one"
+        )));
+    };
+    let token = s.dir.read_do_api_token().map_err(|e| {
+        tracing::error!(error = %format!("{e:#}"), "residency attestation cannot read the DigitalOcean API token");
+        unavailable("the seeder cannot read its DigitalOcean API token (see its log)".into())
+    })?;
+    let droplet = match s
+        .digitalocean
+        .droplet(&a.api_url, &token, facts.droplet_id)
+        .await
+    {
+        Ok(d) => d,
+        Err(e @ DoError::NotFound { .. }) => {
+            return Err(failed(format!("facts.droplet_id: {e}")));
+        }
+        Err(e @ DoError::TokenRefused { .. }) => {
+            tracing::error!(error = %e, api = %a.api_url, "residency attestation: the DigitalOcean API refuses the seeder's token; every enrollment waits until secrets/do-api-token is fixed");
+            return Err(unavailable(e.to_string()));
+        }
+        Err(e @ (DoError::Unavailable { .. } | DoError::Protocol { .. })) => {
+            tracing::warn!(error = %e, api = %a.api_url, "residency attestation: DigitalOcean API look-up failed");
+            return Err(unavailable(e.to_string()));
+        }
+    };
+    let expected = crate::digitalocean::Expected {
+        node: node.as_str(),
+        source,
+        private_ipv4: facts.private_ipv4,
+        region: facts.region.as_str(),
+        tag: &a.tag,
+        minted_at,
+    };
+    if let Some(m) = droplet.mismatch(&expected) {
+        return Err(failed(m));
+    }
+    Ok(())
+}
+
+/// With attestation, a droplet enrolls one node: another node whose enrollment stands (in the
+/// fleet, identity not revoked) bound to `droplet_id` refuses this one.
+fn droplet_unbound(
+    s: &Seeder,
+    fleet: &crate::fleet::Fleet,
+    node: &NodeName,
+    droplet_id: u64,
+) -> ApiResult<()> {
+    for e in s.store.enrollments_with_droplet(droplet_id, node)? {
+        let standing = fleet.node(&e.node).is_some()
+            && s.cert_info(&e.identity_fpr)?.is_some_and(|c| !c.revoked);
+        if standing {
+            return Err(Error::new(
+                ErrorKind::AttestationFailed,
+                format!(
+                    "facts.droplet_id {droplet_id} is bound to enrolled node {}",
+                    e.node
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// With attestation, a retry by the key that used the token must come from the droplet that
+/// enrolled with it: re-enrollment from another droplet needs a fresh token.
+fn same_droplet(s: &Seeder, u: &TokenUse, droplet_id: u64) -> ApiResult<()> {
+    match s.store.enrollment(&u.node)? {
+        Some(e) if e.token_nonce == u.nonce && e.droplet_id != droplet_id => Err(Error::new(
+            ErrorKind::AttestationFailed,
+            format!(
+                "facts.droplet_id {droplet_id} is not droplet {}, which enrolled {} with this join token; another droplet needs a fresh token",
+                e.droplet_id, u.node
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The refusal of a consumed token: when it was used, never the token or a key.

@@ -13,6 +13,8 @@
 //! secrets/llm-api-key           the operator's LLM/embedding API key: put there by the operator
 //!                               (never generated), one line, 0600 or 0400; read only when the
 //!                               fleet's [embedder] or [llm] needs a key
+//! secrets/do-api-token          a read-only DigitalOcean API token, put there by the operator,
+//!                               same rules; read only when the fleet has [attestation]
 //! ```
 //! Nothing secret ever leaves this directory except inside a node's own manifest.
 
@@ -127,6 +129,9 @@ impl CampaignDir {
     pub fn agent_llm_api_key(&self) -> PathBuf {
         self.secrets_dir().join("agent-llm-api-key")
     }
+    pub fn do_api_token(&self) -> PathBuf {
+        self.secrets_dir().join("do-api-token")
+    }
     pub fn operator_cert(&self) -> PathBuf {
         self.root.join("operator.pem")
     }
@@ -180,6 +185,13 @@ impl CampaignDir {
     /// The operator's key for the agent nodes' LLM (`[agent_llm]`), by the same rules.
     pub fn read_agent_llm_api_key(&self) -> Result<String> {
         read_operator_key(&self.agent_llm_api_key(), "the fleet's [agent_llm]")
+    }
+
+    /// The read-only DigitalOcean API token residency attestation asks the API with
+    /// (`[attestation]`), by the same rules as the LLM key.
+    pub fn read_do_api_token(&self) -> Result<crate::digitalocean::ApiToken> {
+        read_operator_key(&self.do_api_token(), "the fleet's [attestation]")
+            .map(crate::digitalocean::ApiToken::new)
     }
 
     pub fn load_manifest_key(&self) -> Result<SigningKey> {
@@ -710,6 +722,29 @@ mod tests {
             assert!(err.contains(class), "{bad:?}: {err}");
             assert!(!err.contains("Sv3t"), "{bad:?}: the value leaked: {err}");
         }
+    }
+
+    #[test]
+    fn the_do_api_token_follows_the_operator_key_rules() {
+        const TOKEN: &str = "dop_v1_FakeTestToken0123456789abcdef";
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = CampaignDir::new(tmp.path());
+        fs::create_dir_all(dir.secrets_dir()).unwrap();
+        let path = dir.do_api_token();
+        let err = format!("{:#}", dir.read_do_api_token().unwrap_err());
+        assert!(
+            err.contains("secrets/do-api-token") && err.contains("[attestation]"),
+            "{err}"
+        );
+        fs::write(&path, TOKEN).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        let err = format!("{:#}", dir.read_do_api_token().unwrap_err());
+        assert!(err.contains("mode 0644"), "{err}");
+        assert!(!err.contains("FakeTestToken"), "the token leaked: {err}");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).unwrap();
+        let token = dir.read_do_api_token().unwrap();
+        assert_eq!(token.expose(), TOKEN);
+        assert!(!format!("{token:?}").contains("FakeTestToken"));
     }
 
     #[test]

@@ -107,10 +107,14 @@ pub enum Command {
         #[arg(long)]
         dir: PathBuf,
     },
-    /// Validate a fleet file and print the nodes it declares.
+    /// Validate a fleet file and print the nodes it declares and the enrollment mode.
     Check {
         #[arg(long)]
         fleet: PathBuf,
+        /// The campaign directory: with it, the secrets the fleet needs from it are checked too
+        /// (`secrets/do-api-token` under `[attestation]`).
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
     /// Serve the control plane over TLS (mTLS for node routes).
     Serve {
@@ -140,6 +144,10 @@ pub enum Command {
         /// connection is closed.
         #[arg(long, default_value_t = DownloadSettings::default().write_timeout.as_secs())]
         download_write_timeout: u64,
+        /// Seconds an enrollment's DigitalOcean look-up (`[attestation]`) may take, retries
+        /// included, before the node is told to retry later.
+        #[arg(long, default_value = "15", value_parser = parse_secs)]
+        attestation_budget: Duration,
     },
     /// Publish fleet.toml and roles/ as they are on disk: a new generation for every node whose
     /// manifest changes, none for the rest.
@@ -321,6 +329,13 @@ pub fn run(cli: Cli) -> Result<()> {
                     key.display()
                 );
             }
+            let token = CampaignDir::new(&dir).do_api_token();
+            if let (Some(a), false) = (&parsed.attestation, token.exists()) {
+                println!(
+                    "missing {}: the fleet's [attestation] ({a}) needs a read-only DigitalOcean API token; write it there, one line, chmod 600, before `seeder serve`",
+                    token.display()
+                );
+            }
             let key = CampaignDir::new(&dir).agent_llm_api_key();
             if let (Some(var), false) = (parsed.agent_llm_key_env(), key.exists()) {
                 println!(
@@ -330,8 +345,11 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Check { fleet } => {
+        Command::Check { fleet, dir } => {
             let f = Fleet::load(&fleet)?;
+            if let (Some(_), Some(dir)) = (&f.attestation, &dir) {
+                CampaignDir::new(dir).read_do_api_token()?;
+            }
             println!(
                 "campaign {}: {} nodes in {} regions, W={} (requested {})",
                 f.campaign,
@@ -346,6 +364,12 @@ pub fn run(cli: Cli) -> Result<()> {
                 .map(|(region, layout)| format!("{region} {layout}"))
                 .collect();
             println!("store layout: {}", layouts.join(", "));
+            match &f.attestation {
+                Some(a) => println!("attestation: {a}"),
+                None => println!(
+                    "attestation: off — enrollment trusts the join token, single use, and the connection's source address"
+                ),
+            }
             for n in &f.nodes {
                 println!("{:<28} {:<6} {:<6} {}", n.name, n.role, n.region, n.size);
             }
@@ -361,6 +385,7 @@ pub fn run(cli: Cli) -> Result<()> {
             conn,
             max_downloads,
             download_write_timeout,
+            attestation_budget,
         } => {
             if max_downloads == 0 || download_write_timeout == 0 {
                 bail!("--max-downloads and --download-write-timeout must be at least 1");
@@ -378,6 +403,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     max_concurrent: max_downloads,
                     write_timeout: Duration::from_secs(download_write_timeout),
                 },
+                attestation_budget: crate::digitalocean::Budget::within(attestation_budget),
                 ..Policy::default()
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -576,6 +602,11 @@ pub fn publish(dir: &CampaignDir, timeout: u64) -> Result<()> {
     // The real secrets, now: a missing or loose operator key refuses the publish, rather than a
     // running seeder failing to render it.
     state::load_secrets(dir, &fleet).context("the campaign's secrets are not ready")?;
+    // Not a render secret (it never reaches a manifest), but a running seeder needs it to enroll.
+    if fleet.attestation.is_some() {
+        dir.read_do_api_token()
+            .context("the fleet's [attestation] needs the DigitalOcean API token")?;
+    }
     check_artifact_pins(&store, &fleet)?;
     let digest = crate::render::inputs_digest(&fleet_text, &roles);
     let before = store.latest_inputs()?.map(|p| p.id);

@@ -47,6 +47,8 @@ pub fn status_of(kind: ErrorKind) -> StatusCode {
         ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         ErrorKind::Busy => StatusCode::SERVICE_UNAVAILABLE,
         ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorKind::AttestationFailed => StatusCode::FORBIDDEN,
+        ErrorKind::AttestationUnavailable => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 
@@ -58,7 +60,10 @@ impl IntoResponse for Error {
             message: self.message,
         };
         let mut resp = (status, axum::Json(body)).into_response();
-        if matches!(self.kind, ErrorKind::RateLimited | ErrorKind::Busy) {
+        if matches!(
+            self.kind,
+            ErrorKind::RateLimited | ErrorKind::Busy | ErrorKind::AttestationUnavailable
+        ) {
             resp.headers_mut()
                 .insert("retry-after", HeaderValue::from_static("2"));
         }

@@ -66,6 +66,22 @@ pub struct FleetConfig {
     /// The peers' cross-encoder reranker; absent: none.
     #[serde(default)]
     pub reranker: Option<RerankerConfig>,
+    /// Residency attestation of enrollments; absent: off (the join token, single use, and the
+    /// connection's source address are what an enrollment rests on).
+    #[serde(default)]
+    pub attestation: Option<AttestationConfig>,
+}
+
+/// `[attestation]`: enrollment asks the cloud whether the enrolling droplet is the node.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttestationConfig {
+    /// `digitalocean`, the only provider.
+    pub provider: String,
+    /// The API's base URL; default `https://api.digitalocean.com`.
+    pub api_url: Option<String>,
+    /// The tag every droplet of the campaign carries; default the campaign name (Terraform's).
+    pub tag: Option<String>,
 }
 
 /// `[embedder]`: one shape for every kind, checked per kind in `validate_embedder` so that each
@@ -264,9 +280,96 @@ pub struct Fleet {
     pub store_layouts: BTreeMap<Region, StoreLayout>,
     /// Every region's VPC range (`[regions.X] vpc_cidr`, or its default).
     pub vpc_ranges: BTreeMap<Region, VpcRange>,
+    /// `[attestation]`; `None`: enrollments are not attested.
+    pub attestation: Option<Attestation>,
     /// Node name → position in `nodes`.
     #[serde(skip)]
     index: std::collections::HashMap<NodeName, usize>,
+}
+
+/// DigitalOcean's API, where `[attestation] api_url` points by default.
+pub const DIGITALOCEAN_API: &str = "https://api.digitalocean.com";
+
+/// Validated `[attestation]`: enrollment checks the droplet against DigitalOcean's record of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Attestation {
+    /// `https://host[:port]`, or `http://` to a loopback address (the lab's stand-in); no
+    /// path, no trailing slash.
+    pub api_url: String,
+    pub tag: String,
+}
+
+impl fmt::Display for Attestation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "digitalocean (api {}, tag {})", self.api_url, self.tag)
+    }
+}
+
+fn validate_attestation(
+    raw: &AttestationConfig,
+    campaign: &Campaign,
+) -> Result<Attestation, FleetError> {
+    if raw.provider != "digitalocean" {
+        return Err(field(
+            "attestation.provider",
+            format!(
+                "must be \"digitalocean\" (the only provider), not {:?}",
+                raw.provider
+            ),
+        ));
+    }
+    let text = raw.api_url.as_deref().unwrap_or(DIGITALOCEAN_API);
+    let api_url = url::Url::parse(text)
+        .map_err(|e| field("attestation.api_url", format!("{text:?}: {e}")))?;
+    if !api_url.username().is_empty()
+        || api_url.password().is_some()
+        || api_url.query().is_some()
+        || api_url.fragment().is_some()
+        || api_url.path() != "/"
+    {
+        return Err(field(
+            "attestation.api_url",
+            "must be scheme://host[:port] with no user, path, query or fragment",
+        ));
+    }
+    let loopback = match api_url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        _ => false,
+    };
+    match api_url.scheme() {
+        "https" => {}
+        "http" if loopback => {}
+        "http" => {
+            return Err(field(
+                "attestation.api_url",
+                "http:// is accepted only to a loopback IP address (a stand-in on this machine); the API token must travel over TLS",
+            ))
+        }
+        other => {
+            return Err(field(
+                "attestation.api_url",
+                format!("scheme {other:?} is not https"),
+            ))
+        }
+    }
+    let tag = raw.tag.clone().unwrap_or_else(|| campaign.to_string());
+    // DigitalOcean's tag names: letters, digits, `:`, `-` and `_`, at most 255.
+    if tag.is_empty()
+        || tag.len() > 255
+        || !tag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_:".contains(&b))
+    {
+        return Err(field(
+            "attestation.tag",
+            format!("{tag:?} is not a DigitalOcean tag (letters, digits, - _ :, at most 255)"),
+        ));
+    }
+    Ok(Attestation {
+        api_url: api_url.as_str().trim_end_matches('/').to_owned(),
+        tag,
+    })
 }
 
 /// An IPv4 network (`a.b.c.d/p`, host bits zero): a region's VPC range.
@@ -886,6 +989,11 @@ impl Fleet {
                 ));
             }
         }
+        let attestation = raw
+            .attestation
+            .as_ref()
+            .map(|a| validate_attestation(a, &campaign))
+            .transpose()?;
         let index = nodes
             .iter()
             .enumerate()
@@ -907,6 +1015,7 @@ impl Fleet {
             agent_llm,
             store_layouts,
             vpc_ranges,
+            attestation,
             index,
         })
     }
@@ -1995,6 +2104,81 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(needle), "{extra}: {err}");
+        }
+    }
+
+    #[test]
+    fn attestation_is_off_without_the_table_and_defaults_to_digitalocean_and_the_campaign_tag() {
+        assert_eq!(Fleet::parse(EXAMPLE).unwrap().attestation, None);
+        let f = Fleet::parse(&format!(
+            "{EXAMPLE}\n[attestation]\nprovider = \"digitalocean\"\n"
+        ))
+        .unwrap();
+        let a = f.attestation.unwrap();
+        assert_eq!(
+            (a.api_url.as_str(), a.tag.as_str()),
+            ("https://api.digitalocean.com", "do-1461")
+        );
+        assert_eq!(
+            a.to_string(),
+            "digitalocean (api https://api.digitalocean.com, tag do-1461)"
+        );
+        let f = Fleet::parse(&format!(
+            "{EXAMPLE}\n[attestation]\nprovider = \"digitalocean\"\napi_url = \"http://127.0.9.2:8080/\"\ntag = \"lab:fleet\"\n"
+        ))
+        .unwrap();
+        let a = f.attestation.unwrap();
+        assert_eq!(
+            (a.api_url.as_str(), a.tag.as_str()),
+            ("http://127.0.9.2:8080", "lab:fleet")
+        );
+    }
+
+    #[test]
+    fn attestation_refusals_name_the_field() {
+        for (table, needle) in [
+            (
+                "provider = \"aws\"",
+                "`attestation.provider`: must be \"digitalocean\"",
+            ),
+            ("api_url = \"https://x\"", "missing field `provider`"),
+            (
+                "provider = \"digitalocean\"\napi_url = \"http://api.digitalocean.com\"",
+                "`attestation.api_url`: http:// is accepted only to a loopback IP",
+            ),
+            (
+                "provider = \"digitalocean\"\napi_url = \"http://10.0.0.1:80\"",
+                "`attestation.api_url`: http:// is accepted only",
+            ),
+            (
+                "provider = \"digitalocean\"\napi_url = \"http://localhost:80\"",
+                "`attestation.api_url`: http:// is accepted only",
+            ),
+            (
+                "provider = \"digitalocean\"\napi_url = \"ftp://127.0.0.1\"",
+                "`attestation.api_url`: scheme \"ftp\"",
+            ),
+            (
+                "provider = \"digitalocean\"\napi_url = \"https://api.digitalocean.com/v2\"",
+                "`attestation.api_url`: must be scheme://host[:port]",
+            ),
+            (
+                "provider = \"digitalocean\"\napi_url = \"not a url\"",
+                "`attestation.api_url`",
+            ),
+            (
+                "provider = \"digitalocean\"\ntag = \"two words\"",
+                "`attestation.tag`",
+            ),
+            (
+                "provider = \"digitalocean\"\ntoken = \"x\"",
+                "unknown field `token`",
+            ),
+        ] {
+            let err = Fleet::parse(&format!("{EXAMPLE}\n[attestation]\n{table}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{table}: {err}");
         }
     }
 }

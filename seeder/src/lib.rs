@@ -7,6 +7,7 @@ pub mod campaign;
 pub mod cli;
 pub mod conn;
 pub mod credential;
+pub mod digitalocean;
 pub mod error;
 pub mod fleet;
 #[doc(hidden)]

@@ -17,6 +17,10 @@ pub struct NodeStatus {
     pub enrolled: bool,
     pub public_ip: Option<String>,
     pub private_ip: Option<String>,
+    /// The droplet the node's enrollment is bound to (attested when the fleet has
+    /// `[attestation]`, else as the agent reported it).
+    #[serde(default)]
+    pub droplet_id: Option<u64>,
     /// The generation the seeder publishes for this node.
     pub generation: Option<u64>,
     /// The generation the node last reported applying.
@@ -88,6 +92,7 @@ pub fn fleet_view(store: &Store, fleet: &Fleet, now: u64) -> Result<FleetView, S
             enrolled: e.is_some(),
             public_ip: e.map(|e| e.public_ip.to_string()),
             private_ip: e.map(|e| e.private_ip.to_string()),
+            droplet_id: e.map(|e| e.droplet_id),
             generation,
             applied_generation: applied,
             phase,
@@ -117,8 +122,8 @@ pub fn fleet_view(store: &Store, fleet: &Fleet, now: u64) -> Result<FleetView, S
 /// A human table of the fleet view.
 pub fn status_table(v: &FleetView) -> String {
     let mut out = format!(
-        "{:<28} {:<6} {:<6} {:<15} {:>4} {:>4} {:<6} {}\n",
-        "NODE", "ROLE", "REGION", "PUBLIC_IP", "GEN", "APPL", "CHECKS", "PHASE"
+        "{:<28} {:<6} {:<6} {:<15} {:<12} {:>4} {:>4} {:<6} {}\n",
+        "NODE", "ROLE", "REGION", "PUBLIC_IP", "DROPLET", "GEN", "APPL", "CHECKS", "PHASE"
     );
     for n in &v.nodes {
         let opt = |g: Option<u64>| g.map(|g| g.to_string()).unwrap_or_else(|| "-".into());
@@ -132,11 +137,12 @@ pub fn status_table(v: &FleetView) -> String {
             n.phase.clone()
         };
         out.push_str(&format!(
-            "{:<28} {:<6} {:<6} {:<15} {:>4} {:>4} {:<6} {}\n",
+            "{:<28} {:<6} {:<6} {:<15} {:<12} {:>4} {:>4} {:<6} {}\n",
             n.name,
             n.role,
             n.region,
             n.public_ip.as_deref().unwrap_or("-"),
+            opt(n.droplet_id),
             opt(n.generation),
             opt(n.applied_generation),
             format!("{}/{}", n.checks_pass, n.checks_pass + n.checks_fail),

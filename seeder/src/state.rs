@@ -54,6 +54,8 @@ pub struct Policy {
     /// Caps and timeouts of the listener's connections.
     pub conn: crate::conn::ConnLimits,
     pub downloads: crate::artifact::DownloadSettings,
+    /// How long an enrollment's DigitalOcean look-up may take, retries included (`[attestation]`).
+    pub attestation_budget: crate::digitalocean::Budget,
 }
 
 impl Default for Policy {
@@ -66,6 +68,7 @@ impl Default for Policy {
             enroll_rate_total: 2000.0,
             conn: crate::conn::ConnLimits::default(),
             downloads: crate::artifact::DownloadSettings::default(),
+            attestation_budget: crate::digitalocean::Budget::default(),
         }
     }
 }
@@ -127,6 +130,8 @@ pub struct Seeder {
     pub enroll_lock: tokio::sync::Mutex<()>,
     /// Artifact and bootstrap download slots.
     pub downloads: crate::artifact::Downloads,
+    /// Asks DigitalOcean about enrolling droplets when the fleet has `[attestation]`.
+    pub digitalocean: crate::digitalocean::Client,
     /// Fingerprint of the operator's client certificate (fleet view, admin).
     pub operator_fpr: Option<String>,
     /// Rendering facts, kept in memory and updated as enrollments and certificates happen.
@@ -203,6 +208,20 @@ impl Seeder {
                 parse_inputs(p.id, &p.fleet, &p.roles)?
             }
         };
+        if inputs.fleet.attestation.is_some() {
+            // Read again at each enrollment (the operator may rotate it); here only so that a
+            // seeder without a usable token does not start.
+            dir.read_do_api_token()
+                .context("the fleet's [attestation] needs the DigitalOcean API token")?;
+            if !policy.check_source {
+                bail!(
+                    "the fleet's [attestation] checks the connection's source against the droplet's public addresses; \
+                     --no-source-check leaves it nothing to check (behind a load balancer, use --proxy-protocol-from)"
+                );
+            }
+        }
+        let digitalocean = crate::digitalocean::Client::new(policy.attestation_budget)
+            .context("building the DigitalOcean API client")?;
         let federation = dir.load_federation_issuer(&inputs.fleet.campaign)?;
         let operator_agent = dir.load_operator_agent(&inputs.fleet.campaign)?;
         let operator_fpr = std::fs::read_to_string(dir.operator_cert())
@@ -246,6 +265,7 @@ impl Seeder {
             enroll_lock: tokio::sync::Mutex::new(()),
             limiter,
             downloads,
+            digitalocean,
             operator_fpr,
             facts: Mutex::new(None),
             manifests: RwLock::new(manifests),

@@ -380,6 +380,21 @@ impl Store {
         rows.map(|r| r?).collect()
     }
 
+    /// The enrollments of nodes other than `except` bound to droplet `droplet_id`.
+    pub fn enrollments_with_droplet(
+        &self,
+        droplet_id: u64,
+        except: &NodeName,
+    ) -> Result<Vec<Enrollment>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT node, droplet_id, public_ip, private_ip, identity_fpr, key_fpr, token_nonce, enrolled_at
+             FROM enrollments WHERE droplet_id = ?1 AND node != ?2 ORDER BY node",
+        )?;
+        let rows = stmt.query_map(params![droplet_id as i64, except.as_str()], row_enrollment)?;
+        rows.map(|r| r?).collect()
+    }
+
     pub fn enrollments(&self) -> Result<Vec<Enrollment>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(

@@ -40,40 +40,9 @@ fn store(c: &Campaign) -> Store {
     Store::open(&c.dir.join("state.db")).unwrap()
 }
 
-/// Every row of every table of the state database but `events` and `refusals` (which a refusal
-/// is meant to write), each value in its SQLite form: what "changes nothing" is compared on.
+/// The store's logical dump ([`store_dump`]), once P1 enrolled.
 fn dump(c: &Campaign) -> BTreeMap<String, Vec<Vec<String>>> {
-    let conn = rusqlite::Connection::open(c.dir.join("state.db")).unwrap();
-    let tables: Vec<String> = conn
-        .prepare(
-            "SELECT name FROM sqlite_master WHERE type = 'table'
-             AND name NOT IN ('events', 'refusals') AND name NOT LIKE 'sqlite_%' ORDER BY name",
-        )
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    let mut out = BTreeMap::new();
-    for t in tables {
-        let mut stmt = conn
-            .prepare(&format!("SELECT * FROM {t} ORDER BY rowid"))
-            .unwrap();
-        let n = stmt.column_count();
-        let rows: Vec<Vec<String>> = stmt
-            .query_map([], |r| {
-                (0..n)
-                    .map(|i| {
-                        r.get::<_, rusqlite::types::Value>(i)
-                            .map(|v| format!("{v:?}"))
-                    })
-                    .collect()
-            })
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
-        out.insert(t, rows);
-    }
+    let out = store_dump(&c.dir.join("state.db"));
     // The comparison covers what an enrollment writes, not an empty database.
     for t in ["certs", "enrollments", "manifests", "token_uses", "tokens"] {
         assert!(out.contains_key(t), "no table {t} in {:?}", out.keys());

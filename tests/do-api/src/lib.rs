@@ -13,7 +13,7 @@
 use std::collections::VecDeque;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -105,6 +105,11 @@ pub enum Fault {
     Hang,
 }
 
+/// A test that panicked while holding the lock leaves the data as it was; the stand-in goes on.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// Where the droplet table comes from: read on every request, so a table the lab rewrites (a
 /// droplet replaced) is what the next request sees.
 pub type Source = Arc<dyn Fn() -> Result<Vec<Droplet>, String> + Send + Sync>;
@@ -148,6 +153,11 @@ impl StandIn {
     /// The next `faults.len()` authorised requests get these answers, in order.
     pub fn push_faults(&self, faults: impl IntoIterator<Item = Fault>) {
         lock(&self.faults).extend(faults);
+    }
+
+    /// Drops the faults not yet answered.
+    pub fn clear_faults(&self) {
+        lock(&self.faults).clear();
     }
 
     /// Requests received so far.
