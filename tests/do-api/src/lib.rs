@@ -192,11 +192,6 @@ impl Table {
     }
 }
 
-/// A lock whose holder panicked still guards plain data: take it.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 const RATE_LIMIT: u64 = 5000;
 
 /// DigitalOcean's `ratelimit-*` headers: the hourly limit, what is left, and when it resets.

@@ -8,8 +8,8 @@
 //! every request and accepts only the bearer token in the campaign's `secrets/do-api-token`.
 
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -121,13 +121,17 @@ pub fn start_api(lab_dir: &Path, token_file: &Path) -> Result<u32> {
     let pid = child.id();
     std::fs::write(pid_path(lab_dir), pid.to_string()).context("do-api.pid")?;
     let mut exited = None;
-    crate::wait::until("the DO API stand-in to listen", Duration::from_secs(20), || {
-        if let Ok(Some(st)) = child.try_wait() {
-            exited = Some(st);
-            return true;
-        }
-        TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-    })
+    crate::wait::until(
+        "the DO API stand-in to listen",
+        Duration::from_secs(20),
+        || {
+            if let Ok(Some(st)) = child.try_wait() {
+                exited = Some(st);
+                return true;
+            }
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        },
+    )
     .map_err(|e| anyhow::anyhow!("lab do-api: {e}"))?;
     match exited {
         None => Ok(pid),
@@ -171,7 +175,10 @@ pub fn serve(lab_dir: &Path, token_file: &Path) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(DO_API_LISTEN)
             .await
             .with_context(|| format!("binding {DO_API_LISTEN}"))?;
-        tracing::info!(listen = DO_API_LISTEN, "DO API stand-in serving the lab's droplet table");
+        tracing::info!(
+            listen = DO_API_LISTEN,
+            "DO API stand-in serving the lab's droplet table"
+        );
         standin.serve(listener).await.context("serving")
     })
 }
