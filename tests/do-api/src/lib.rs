@@ -121,6 +121,8 @@ pub struct StandIn {
     source: Source,
     faults: Mutex<VecDeque<Fault>>,
     requests: AtomicU64,
+    /// Print one line per answer to stdout (`lab do-api`'s log).
+    log: bool,
 }
 
 impl std::fmt::Debug for StandIn {
@@ -139,6 +141,18 @@ impl StandIn {
             source,
             faults: Mutex::new(VecDeque::new()),
             requests: AtomicU64::new(0),
+            log: false,
+        })
+    }
+
+    /// A stand-in that prints `GET /v2/droplets/<id> <status>` for every answer it gives.
+    pub fn logged(token: impl Into<String>, source: Source) -> Arc<Self> {
+        Arc::new(Self {
+            token: token.into(),
+            source,
+            faults: Mutex::new(VecDeque::new()),
+            requests: AtomicU64::new(0),
+            log: true,
         })
     }
 
@@ -230,6 +244,16 @@ async fn get_droplet(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
+    let log = s.log;
+    let shown: String = id.chars().take(24).filter(char::is_ascii_graphic).collect();
+    let answer = answer_droplet(s, id, headers).await;
+    if log {
+        println!("GET /v2/droplets/{shown} {}", answer.status().as_u16());
+    }
+    answer
+}
+
+async fn answer_droplet(s: Arc<StandIn>, id: String, headers: HeaderMap) -> Response {
     let n = s.requests.fetch_add(1, Ordering::SeqCst) + 1;
     let remaining = RATE_LIMIT.saturating_sub(n);
     let authorised = headers

@@ -167,7 +167,7 @@ pub fn serve(lab_dir: &Path, token_file: &Path) -> Result<()> {
     let dir = lab_dir.to_path_buf();
     let source: hiveseed_do_api::Source =
         std::sync::Arc::new(move || droplets(&dir).map_err(|e| format!("{e:#}")));
-    let standin = hiveseed_do_api::StandIn::new(token, source);
+    let standin = hiveseed_do_api::StandIn::logged(token, source);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -279,6 +279,7 @@ pub fn bring_up(cfg: &UpConfig, rec: &mut Record, timeout: Duration) -> Result<F
         f.cmdlines.stats()
     ));
     pg_without_packaged_cluster(&f, rec);
+    stolen_token::every_enrollment_attested(&f, rec)?;
     Ok(f)
 }
 

@@ -156,6 +156,54 @@ fn fresh_token(f: &Fleet, node: &str, out: &Path) -> Result<String> {
     join_token(url).with_context(|| format!("no token in {node}'s join_url"))
 }
 
+/// Bring-up: the seeder asked the cloud's API for every node's droplet and got it (the lab fleet
+/// has `[attestation]`; without it, or with a seeder that never asks, this fails).
+pub fn every_enrollment_attested(f: &Fleet, rec: &mut Record) -> Result<()> {
+    let attested = hiveseed_seeder::fleet::Fleet::load(&f.fleet_file)?
+        .attestation
+        .is_some();
+    let log = std::fs::read_to_string(f.lab.dir().join("do-api.log")).unwrap_or_default();
+    let answered: std::collections::BTreeSet<String> = log
+        .lines()
+        .filter_map(|l| l.strip_prefix("GET /v2/droplets/"))
+        .filter_map(|rest| rest.strip_suffix(" 200"))
+        .map(str::to_owned)
+        .collect();
+    let missing: Vec<&str> = f
+        .nodes
+        .iter()
+        .filter(|n| !answered.contains(&n.facts["droplet_id"].to_string()))
+        .map(|n| n.name.as_str())
+        .collect();
+    rec.check(
+        "bring-up",
+        "every node's droplet looked up in the cloud's API at enrollment",
+        format!(
+            "{} of {} droplets answered 200",
+            f.nodes.len(),
+            f.nodes.len()
+        ),
+        if !attested {
+            "the fleet has no [attestation]: no look-up".to_owned()
+        } else if missing.is_empty() {
+            format!(
+                "{} of {} droplets answered 200",
+                f.nodes.len(),
+                f.nodes.len()
+            )
+        } else {
+            format!(
+                "{} of {} droplets answered 200; never looked up: {}",
+                f.nodes.len() - missing.len(),
+                f.nodes.len(),
+                missing.join(", ")
+            )
+        },
+        attested && missing.is_empty(),
+    );
+    Ok(())
+}
+
 pub fn stolen_token(f: &Fleet, rec: &mut Record) -> Result<()> {
     let victim = f
         .with_role("agent")
