@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use hiveseed_bootstrap::supervisor::{ServiceStatus, StartOutcome, State};
+use hiveseed_bootstrap::supervisor::{StartOutcome, State};
 use hiveseed_bootstrap::{Host, RealHost, Supervisor, SupervisorSettings};
 
 const DEADLINE: Duration = Duration::from_secs(15);
@@ -222,31 +222,6 @@ fn proc_uid(pid: u32) -> Option<u32> {
         .ok()
 }
 
-async fn read_when_written(path: &Path) -> String {
-    let p = path.to_owned();
-    eventually(&format!("{}", p.display()), DEADLINE, || {
-        let p = p.clone();
-        async move { std::fs::read_to_string(&p).is_ok_and(|s| s.ends_with('\n')) }
-    })
-    .await;
-    std::fs::read_to_string(path).unwrap()
-}
-
-async fn wait_status(
-    sup: &Supervisor,
-    unit: &str,
-    what: &str,
-    cond: impl Fn(&ServiceStatus) -> bool,
-) -> ServiceStatus {
-    let mut rx = sup.watch(unit).expect("unit is supervised");
-    let got = tokio::time::timeout(DEADLINE, rx.wait_for(|s| cond(s)))
-        .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}: {:?}", sup.status(unit)))
-        .expect("status channel open")
-        .clone();
-    got
-}
-
 /// The unit `escape.service`: its main process sleeps; one grandchild stays in the unit's
 /// process group (pid in out/stayer.pid), another leaves the unit's session and process group
 /// (`setsid -f` forks, then setsid), is reparented to init when its parent exits, and records its
@@ -276,7 +251,7 @@ async fn a_process_that_double_forks_into_its_own_session_is_killed_on_stop() {
     let main = sup.status("escape.service").unwrap().pid.unwrap();
     reaper.watch(main);
     let marker = fx.path("out/escapee.pid");
-    let escapee: u32 = read_when_written(&marker).await.trim().parse().unwrap();
+    let escapee: u32 = wait_file(&marker, DEADLINE).await.trim().parse().unwrap();
     reaper.watch(escapee);
     // The unit's processes are in its own cgroup (what makes the kill complete).
     let cg = std::fs::read_to_string(format!("/proc/{escapee}/cgroup")).unwrap();
@@ -326,13 +301,13 @@ async fn without_cgroups_a_stop_kills_the_process_group_and_a_setsid_escapee_rem
     sup.start("escape.service").await.unwrap();
     let main = sup.status("escape.service").unwrap().pid.unwrap();
     reaper.watch(main);
-    let escapee: u32 = read_when_written(&fx.path("out/escapee.pid"))
+    let escapee: u32 = wait_file(&fx.path("out/escapee.pid"), DEADLINE)
         .await
         .trim()
         .parse()
         .unwrap();
     reaper.watch(escapee);
-    let stayer: u32 = read_when_written(&fx.path("out/stayer.pid"))
+    let stayer: u32 = wait_file(&fx.path("out/stayer.pid"), DEADLINE)
         .await
         .trim()
         .parse()
@@ -443,7 +418,7 @@ async fn a_flooding_unit_cannot_grow_its_log_past_the_cap() {
     fx.unit("flood.service", &format!("/bin/sh {script}"));
     let sup = fx.supervisor();
     sup.start("flood.service").await.unwrap();
-    wait_status(&sup, "flood.service", "the flood to end", |s| {
+    wait_status(&sup, "flood.service", "the flood to end", DEADLINE, |s| {
         s.state == State::Exited
     })
     .await;
@@ -499,7 +474,7 @@ async fn a_unit_runs_with_its_users_supplementary_groups() {
     );
     let sup = fx.supervisor();
     sup.start("groups.service").await.unwrap();
-    let got = read_when_written(&out).await;
+    let got = wait_file(&out, DEADLINE).await;
     sup.stop("groups.service").await.unwrap();
     let gids: Vec<u32> = got.split_whitespace().map(|g| g.parse().unwrap()).collect();
     assert!(

@@ -5,14 +5,13 @@
 
 mod common;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
 use hiveseed_bootstrap::host::fake::FakeHost;
 use hiveseed_bootstrap::resources::service::restart_counts;
-use hiveseed_bootstrap::supervisor::{Exit, ServiceStatus, StartOutcome, State};
+use hiveseed_bootstrap::supervisor::{Exit, StartOutcome, State};
 use hiveseed_bootstrap::{Host, RealHost, ServiceManager, Supervisor, SupervisorSettings};
 use hiveseed_proto::ServiceRestarts;
 use serde_json::json;
@@ -58,31 +57,6 @@ impl Fixture {
             },
         )
     }
-}
-
-async fn wait_status(
-    sup: &Supervisor,
-    unit: &str,
-    what: &str,
-    cond: impl Fn(&ServiceStatus) -> bool,
-) -> ServiceStatus {
-    let mut rx = sup.watch(unit).expect("unit is supervised");
-    let got = tokio::time::timeout(DEADLINE, rx.wait_for(|s| cond(s)))
-        .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}: {:?}", sup.status(unit)))
-        .expect("status channel open")
-        .clone();
-    got
-}
-
-async fn wait_file(path: &Path) -> String {
-    let p = path.to_owned();
-    eventually(&format!("{}", p.display()), DEADLINE, || {
-        let p = p.clone();
-        async move { std::fs::read_to_string(&p).is_ok_and(|s| s.ends_with('\n')) }
-    })
-    .await;
-    std::fs::read_to_string(path).unwrap()
 }
 
 fn alive(pid: u32) -> bool {
@@ -146,7 +120,10 @@ async fn crash_loop_restarts_with_exponential_backoff_and_respects_prevent_statu
         StartOutcome::Started { .. }
     ));
     // The 5th start follows the 4th run's exit, so 4 runs have written their line.
-    let s = wait_status(&sup, "crash.service", "5 starts", |s| s.starts >= 5).await;
+    let s = wait_status(&sup, "crash.service", "5 starts", DEADLINE, |s| {
+        s.starts >= 5
+    })
+    .await;
     let ms: Vec<u128> = s.restart_delays.iter().map(Duration::as_millis).collect();
     assert_eq!(&ms[..3], [20, 40, 80], "{ms:?}");
     assert_eq!(s.last_exit, Some(Exit::Code(1)));
@@ -161,7 +138,7 @@ async fn crash_loop_restarts_with_exponential_backoff_and_respects_prevent_statu
         &format!("[Service]\nExecStart=/bin/sh {script}\nRestart=on-failure\nRestartSec=10ms\nRestartPreventExitStatus=75\n"),
     );
     sup.start("tempfail.service").await.unwrap();
-    let s = wait_status(&sup, "tempfail.service", "exited", |s| {
+    let s = wait_status(&sup, "tempfail.service", "exited", DEADLINE, |s| {
         s.state == State::Exited
     })
     .await;
@@ -189,13 +166,13 @@ async fn stop_uses_the_units_kill_signal_and_escalates_to_sigkill() {
     );
     let sup = fx.supervisor();
     sup.start("graceful.service").await.unwrap();
-    wait_file(&ready).await;
+    wait_file(&ready, DEADLINE).await;
     let pid = sup.status("graceful.service").unwrap().pid.unwrap();
     let pidfile = std::fs::read_to_string(fx.path("run/hiveseed/graceful.service.pid")).unwrap();
     let rec: serde_json::Value = serde_json::from_str(&pidfile).unwrap();
     assert_eq!(rec["pid"], pid, "{pidfile}");
     sup.stop("graceful.service").await.unwrap();
-    assert_eq!(wait_file(&marker).await, "stopped-by-sigint\n");
+    assert_eq!(wait_file(&marker, DEADLINE).await, "stopped-by-sigint\n");
     let s = sup.status("graceful.service").unwrap();
     assert_eq!(
         (s.state, s.last_exit, s.starts),
@@ -220,7 +197,7 @@ async fn stop_uses_the_units_kill_signal_and_escalates_to_sigkill() {
         ),
     );
     sup.start("stubborn.service").await.unwrap();
-    wait_file(&ready2).await;
+    wait_file(&ready2, DEADLINE).await;
     sup.stop("stubborn.service").await.unwrap();
     assert_eq!(
         sup.status("stubborn.service").unwrap().last_exit,
@@ -255,7 +232,7 @@ async fn environment_file_expands_into_argv_and_secrets_stay_out_of_cmdline() {
     );
     let sup = fx.supervisor();
     sup.start("args.service").await.unwrap();
-    let got = wait_file(&out).await;
+    let got = wait_file(&out, DEADLINE).await;
     assert_eq!(
         got, "[hello world]\n[-a]\n[-b]\n[from-unit]\nsecret-len=19\n",
         "argv as systemd expands it; the secret arrives through the environment"
@@ -299,7 +276,7 @@ async fn a_restarted_agent_adopts_the_running_child_instead_of_starting_another(
         env.supervisor = Some(&first);
         env.converge(&m).await;
     }
-    wait_file(&ready).await;
+    wait_file(&ready, DEADLINE).await;
     let pid = first.status("app.service").unwrap().pid.unwrap();
     eventually("1 instance(s)", DEADLINE, || async {
         count_cmdline(&needle) == 1
@@ -340,6 +317,7 @@ async fn a_restarted_agent_adopts_the_running_child_instead_of_starting_another(
         &second,
         "app.service",
         "restart after the adopted child died",
+        DEADLINE,
         |s| s.starts == 1 && s.pid.is_some_and(|p| p != pid),
     )
     .await;
@@ -432,9 +410,12 @@ async fn a_crash_loops_restart_count_grows_is_reported_and_survives_an_agent_res
     let first = fx.supervisor();
     first.start("steady.service").await.unwrap();
     first.start("flaky.service").await.unwrap();
-    wait_status(&first, "flaky.service", "5 restarts", |s| s.restarts >= 5).await;
+    wait_status(&first, "flaky.service", "5 restarts", DEADLINE, |s| {
+        s.restarts >= 5
+    })
+    .await;
     std::fs::write(&stable, "").unwrap();
-    wait_file(&ready).await;
+    wait_file(&ready, DEADLINE).await;
     let s = first.status("flaky.service").unwrap();
     assert_eq!(s.state, State::Running);
     let n = s.restarts;

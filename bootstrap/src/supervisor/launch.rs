@@ -124,6 +124,14 @@ pub fn launch(spec: &LaunchSpec) -> std::io::Error {
     std::process::Command::new(program).args(args).exec()
 }
 
+/// This process's session id, 0 where the session's leader is outside this pid namespace (a
+/// container's shell). libc's getsid, not rustix's: rustix answers a session id of 0 with a panic.
+#[allow(unsafe_code)]
+fn own_session_id() -> i32 {
+    // SAFETY: getsid(0) reads the caller's session id; it takes no pointers.
+    unsafe { libc::getsid(0) }
+}
+
 fn prepare_self(spec: &LaunchSpec) -> std::io::Result<()> {
     let ctx = |what: &str, e: std::io::Error| std::io::Error::new(e.kind(), format!("{what}: {e}"));
     if let Some(cg) = &spec.cgroup {
@@ -131,7 +139,7 @@ fn prepare_self(spec: &LaunchSpec) -> std::io::Result<()> {
             .map_err(|e| ctx(&format!("joining cgroup {}", cg.display()), e))?;
     }
     // spawn::command made us a session leader already; run by hand, become one.
-    if rustix::process::getsid(None).ok() != Some(rustix::process::getpid()) {
+    if own_session_id() != rustix::process::getpid().as_raw_nonzero().get() {
         rustix::process::setsid().map_err(|e| ctx("setsid", e.into()))?;
     }
     if let Some(l) = spec.nofile {

@@ -385,6 +385,36 @@ where
     }
 }
 
+/// The text of the file at `path` once it exists and ends with a newline (a unit's marker
+/// written whole), within `deadline`.
+pub async fn wait_file(path: &std::path::Path, deadline: Duration) -> String {
+    let p = path.to_owned();
+    eventually(&format!("{}", p.display()), deadline, || {
+        let p = p.clone();
+        async move { std::fs::read_to_string(&p).is_ok_and(|s| s.ends_with('\n')) }
+    })
+    .await;
+    std::fs::read_to_string(path).unwrap()
+}
+
+/// The first status of `unit` that satisfies `cond`, within `deadline`; the panic names `what`
+/// and the status last seen.
+pub async fn wait_status(
+    sup: &Supervisor,
+    unit: &str,
+    what: &str,
+    deadline: Duration,
+    cond: impl Fn(&hiveseed_bootstrap::supervisor::ServiceStatus) -> bool,
+) -> hiveseed_bootstrap::supervisor::ServiceStatus {
+    let mut rx = sup.watch(unit).expect("unit is supervised");
+    let got = tokio::time::timeout(deadline, rx.wait_for(|s| cond(s)))
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}: {:?}", sup.status(unit)))
+        .expect("status channel open")
+        .clone();
+    got
+}
+
 /// A throwaway PostgreSQL cluster run by the `postgres` account; stopped (fast shutdown) on drop.
 pub struct Pg {
     _dir: tempfile::TempDir,

@@ -1106,9 +1106,10 @@ fn tree_diff(before: &BTreeMap<String, String>, after: &BTreeMap<String, String>
         .collect()
 }
 
-/// SIGKILL a node's agent and wait until it is gone.
-fn kill_agent(f: &Fleet, node: &str) {
-    if let Some(pid) = f.agent_pid(node) {
+/// SIGKILL a node's agent and wait until it is gone; its pid, if it had one running.
+fn kill_agent(f: &Fleet, node: &str) -> Option<i32> {
+    let pid = f.agent_pid(node);
+    if let Some(pid) = pid {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGKILL,
@@ -1122,6 +1123,7 @@ fn kill_agent(f: &Fleet, node: &str) {
             Duration::from_secs(10),
         );
     }
+    pid
 }
 
 /// A node's latest report as the seeder stored it, with when it arrived (Unix seconds).
@@ -1542,21 +1544,7 @@ pub fn agent_killed(f: &Fleet, rec: &mut Record) -> Result<()> {
         new.contains("phase=applying").then_some(())
     })
     .is_some();
-    let pid = f.agent_pid(&victim);
-    if let Some(pid) = pid {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        crate::procs::wait_gone(
-            &[crate::procs::Target {
-                pid,
-                start_time: None,
-                group: false,
-            }],
-            Duration::from_secs(10),
-        );
-    }
+    let pid = kill_agent(f, &victim);
     let mid = generations(&f.status()?);
     let phase_at_kill = mid.get(&victim).map(|m| m.2.clone()).unwrap_or_default();
     rec.check(
