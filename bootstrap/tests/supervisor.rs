@@ -242,8 +242,14 @@ async fn environment_file_expands_into_argv_and_secrets_stay_out_of_cmdline() {
     assert!(!String::from_utf8_lossy(&cmdline).contains("hunter2"));
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
     assert!(String::from_utf8_lossy(&environ).contains("APP_SECRET=hunter2-very-secret"));
-    let log = std::fs::read_to_string(fx.path("var/log/hiveseed/args.service.log")).unwrap();
-    assert!(log.contains("log-line-from-child"), "{log}");
+    // The unit's logger copies the child's output to the log file on its own task: the line
+    // reaches the file some time after the child wrote it, so wait for it with a deadline.
+    let log_path = fx.path("var/log/hiveseed/args.service.log");
+    common::eventually("the child's line in args.service.log", DEADLINE, || {
+        let p = log_path.clone();
+        async move { std::fs::read_to_string(&p).is_ok_and(|l| l.contains("log-line-from-child")) }
+    })
+    .await;
     sup.stop("args.service").await.unwrap();
 }
 
