@@ -144,18 +144,7 @@ pub fn start_api(lab_dir: &Path, token_file: &Path) -> Result<u32> {
 
 /// Stops the stand-in if one runs.
 pub fn stop_api(lab_dir: &Path) {
-    let pid_file = pid_path(lab_dir);
-    if let Ok(pid) = std::fs::read_to_string(&pid_file) {
-        if let Ok(pid) = pid.trim().parse::<i32>() {
-            let target = crate::procs::Target {
-                pid,
-                start_time: crate::procs::start_time(pid),
-                group: true,
-            };
-            crate::procs::stop(&[target], Duration::from_secs(10));
-        }
-        let _ = std::fs::remove_file(&pid_file);
-    }
+    crate::procs::stop_recorded(&pid_path(lab_dir), Duration::from_secs(10));
 }
 
 /// `lab do-api`: serves the stand-in from the lab's droplet table until killed.

@@ -628,18 +628,7 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
 /// Stops the seeder and every node process, unmounts everything. Safe to run twice.
 pub fn down(lab_dir: &Path) -> Result<crate::node::DownReport> {
     let lab = Lab::open(lab_dir)?;
-    let pid_file = lab.dir().join("seeder.pid");
-    if let Ok(pid) = std::fs::read_to_string(&pid_file) {
-        if let Ok(pid) = pid.trim().parse::<i32>() {
-            let target = crate::procs::Target {
-                pid,
-                start_time: crate::procs::start_time(pid),
-                group: true,
-            };
-            crate::procs::stop(&[target], Duration::from_secs(10));
-        }
-        let _ = std::fs::remove_file(&pid_file);
-    }
+    crate::procs::stop_recorded(&lab.dir().join("seeder.pid"), Duration::from_secs(10));
     crate::cloud::stop_api(lab.dir());
     let report = lab.down()?;
     crate::route::teardown(lab.dir())?;

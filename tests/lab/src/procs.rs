@@ -192,6 +192,22 @@ pub fn wait_gone(targets: &[Target], deadline: Duration) -> Vec<i32> {
         .collect()
 }
 
+/// Stops the process group whose leader's pid `pid_file` holds (a daemon the lab started in its
+/// own group: the seeder, the DO API stand-in), then removes the file. No file: nothing to do.
+pub fn stop_recorded(pid_file: &Path, term_deadline: Duration) {
+    if let Ok(pid) = std::fs::read_to_string(pid_file) {
+        if let Ok(pid) = pid.trim().parse::<i32>() {
+            let target = Target {
+                pid,
+                start_time: start_time(pid),
+                group: true,
+            };
+            stop(&[target], term_deadline);
+        }
+        let _ = std::fs::remove_file(pid_file);
+    }
+}
+
 /// What stopping a set of processes took.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Stopped {
@@ -278,5 +294,55 @@ mod tests {
         assert_eq!(s.terminated, vec![pid]);
         assert!(s.killed.is_empty() && s.survivors.is_empty());
         reaper.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn stop_recorded_stops_the_recorded_group_and_removes_its_pid_file() {
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("daemon.pid");
+        // No pid file: nothing to stop, nothing created.
+        stop_recorded(&pid_file, Duration::from_secs(5));
+        assert!(!pid_file.exists());
+        // A leader and its child in a group of their own, as the lab starts the seeder.
+        let mut leader = std::process::Command::new("sh")
+            .args(["-c", "sleep 1000 & echo $!; wait"])
+            .process_group(0)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = leader.id() as i32;
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(leader.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let child: i32 = line.trim().parse().unwrap();
+        let child_start = start_time(child);
+        assert!(is_alive(child, child_start));
+        std::fs::write(&pid_file, format!("{pid}\n")).unwrap();
+        let reaper = std::thread::spawn(move || leader.wait());
+        stop_recorded(&pid_file, Duration::from_secs(5));
+        let status = reaper.join().unwrap().unwrap();
+        assert!(!status.success(), "{status}");
+        assert!(!pid_file.exists());
+        assert!(!is_alive(pid, None));
+        // The group went, not just its leader (the child is not ours to reap: gone or a zombie
+        // of init's, either way not alive).
+        let gone = crate::wait::until("the group's child to go", Duration::from_secs(5), || {
+            !is_alive(child, child_start)
+        });
+        if gone.is_err() {
+            let _ = stop(
+                &[Target {
+                    pid: child,
+                    start_time: child_start,
+                    group: false,
+                }],
+                Duration::from_secs(1),
+            );
+        }
+        assert_eq!(gone, Ok(()), "the leader's child outlived its group");
     }
 }
