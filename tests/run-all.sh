@@ -10,6 +10,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# No incremental caches: CI builds each crate once, and they would double target/'s size.
+export CARGO_INCREMENTAL=0
+
 log() { printf '\n== %s\n' "$*"; }
 
 # Every test runs against its real dependency here: a HIVESEED_SKIP_* variable is refused
